@@ -1,0 +1,234 @@
+//! The aggregator's one typed configuration: flags, then environment, then an optional TOML
+//! file, then defaults (CONTRACT.md §1). Only [`Config::from_args`] reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use shared::Keyspace;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub redis_url: String,
+    pub keyspace: Keyspace,
+    pub group: String,
+    pub consumer: String,
+    /// `None`: the bundled LiteLLM snapshot.
+    pub pricing_file: Option<PathBuf>,
+    pub admin_token: Option<String>,
+    pub batch_size: usize,
+    pub claim_idle: Duration,
+    pub dedupe_window_secs: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    ParseFile {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid {name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "aggregator",
+    version,
+    about = "Consumes usage events, prices them, serves stats"
+)]
+pub struct Args {
+    /// TOML file with any of the settings below (flags and environment win over it).
+    #[arg(long, env = "AGGREGATOR_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "AGGREGATOR_LISTEN")]
+    pub listen: Option<String>,
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    #[arg(long, env = "METER_STREAM")]
+    pub stream: Option<String>,
+    #[arg(long, env = "METER_GROUP")]
+    pub group: Option<String>,
+    /// Consumer name within the group; default hostname + pid.
+    #[arg(long, env = "METER_CONSUMER")]
+    pub consumer: Option<String>,
+    /// LiteLLM-format price file; default the bundled snapshot.
+    #[arg(long = "pricing", env = "PRICING_FILE")]
+    pub pricing: Option<PathBuf>,
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Stream entries read per batch.
+    #[arg(long, env = "METER_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+    /// Entries pending this long on another consumer are taken over, milliseconds.
+    #[arg(long, env = "METER_CLAIM_IDLE_MS")]
+    pub claim_idle_ms: Option<u64>,
+    /// Copies of an event id arriving within this many seconds of each other count once.
+    #[arg(long, env = "METER_DEDUPE_WINDOW_SECS")]
+    pub dedupe_window_secs: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    redis_url: Option<String>,
+    stream: Option<String>,
+    group: Option<String>,
+    consumer: Option<String>,
+    pricing: Option<PathBuf>,
+    admin_token: Option<String>,
+    batch_size: Option<usize>,
+    claim_idle_ms: Option<u64>,
+    dedupe_window_secs: Option<i64>,
+}
+
+impl Config {
+    pub fn from_args() -> Result<Self, ConfigError> {
+        Self::build(Args::parse())
+    }
+
+    pub fn build(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:8081".into());
+        let listen = listen.parse().map_err(|e| ConfigError::Invalid {
+            name: "listen address",
+            reason: format!("{listen:?}: {e}"),
+        })?;
+        let redis_url = args
+            .redis_url
+            .or(file.redis_url)
+            .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+        redis::Client::open(redis_url.as_str()).map_err(|e| ConfigError::Invalid {
+            name: "REDIS_URL",
+            reason: format!("{redis_url:?}: {e}"),
+        })?;
+        let stream = args
+            .stream
+            .or(file.stream)
+            .unwrap_or_else(|| shared::DEFAULT_STREAM.into());
+        let keyspace = Keyspace::new(&stream).map_err(|e| ConfigError::Invalid {
+            name: "stream",
+            reason: e.to_string(),
+        })?;
+        let pricing_file = args.pricing.or(file.pricing);
+        if let Some(path) = &pricing_file
+            && !path.is_file()
+        {
+            return Err(ConfigError::Invalid {
+                name: "pricing file",
+                reason: format!("{} does not exist", path.display()),
+            });
+        }
+        let batch_size = args.batch_size.or(file.batch_size).unwrap_or(1000);
+        if batch_size == 0 {
+            return Err(ConfigError::Invalid {
+                name: "batch size",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let dedupe_window_secs = args
+            .dedupe_window_secs
+            .or(file.dedupe_window_secs)
+            .unwrap_or(3600);
+        if dedupe_window_secs < 1 {
+            return Err(ConfigError::Invalid {
+                name: "dedupe window",
+                reason: "must be at least 1 second".into(),
+            });
+        }
+        Ok(Self {
+            listen,
+            redis_url,
+            keyspace,
+            group: args
+                .group
+                .or(file.group)
+                .unwrap_or_else(|| "aggregator".into()),
+            consumer: args
+                .consumer
+                .or(file.consumer)
+                .unwrap_or_else(default_consumer),
+            pricing_file,
+            admin_token: args
+                .admin_token
+                .or(file.admin_token)
+                .filter(|t| !t.is_empty()),
+            batch_size,
+            claim_idle: Duration::from_millis(
+                args.claim_idle_ms.or(file.claim_idle_ms).unwrap_or(30_000),
+            ),
+            dedupe_window_secs,
+        })
+    }
+
+    /// A configuration for tests: free port, given Redis and stream.
+    pub fn for_test(redis_url: &str, stream: &str) -> Result<Self, ConfigError> {
+        Self::build(Args {
+            listen: Some("127.0.0.1:0".into()),
+            redis_url: Some(redis_url.into()),
+            stream: Some(stream.into()),
+            ..Args::default()
+        })
+    }
+}
+
+fn default_consumer() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "aggregator".into());
+    format!("{host}-{}", std::process::id())
+}
+
+fn read_file(path: &PathBuf) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.clone(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::ParseFile {
+        path: path.clone(),
+        source: Box::new(source),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = Config::build(Args::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.group, "aggregator");
+        assert_eq!(c.keyspace.stream(), "meter:events");
+        assert!(c.consumer.ends_with(&format!("-{}", std::process::id())));
+    }
+
+    #[test]
+    fn a_missing_pricing_file_is_refused() {
+        let err = Config::build(Args {
+            pricing: Some("/nonexistent/prices.json".into()),
+            ..Args::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("pricing file"), "{err}");
+    }
+}

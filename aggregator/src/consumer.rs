@@ -1,0 +1,345 @@
+//! Reads the usage stream as a member of a consumer group and commits each batch.
+//!
+//! Flow per batch: read → decode (undecodable entries go to the dead-letter stream) → drop
+//! in-batch duplicate ids → price → sum into a [`Delta`] → one atomic commit that also acks.
+//! Entries that a crashed consumer had read but not committed stay pending in the group; on
+//! start a consumer first re-reads its own pending entries, and every `claim_interval` it takes
+//! over entries other consumers left idle for longer than `claim_idle` (`XAUTOCLAIM`). Since
+//! commits are atomic and idempotent, any number of consumers, crashes and re-deliveries
+//! produce the same figures.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use redis::Value;
+use redis::aio::ConnectionManager;
+use shared::{EVENT_FIELD, Keyspace, UsageEvent};
+use tokio::sync::watch;
+
+use crate::commit::{Committer, Seen};
+use crate::metrics::Metrics;
+use crate::pricing::{Pricing, Usage};
+use crate::stats::Delta;
+
+pub struct ConsumerConfig {
+    pub keyspace: Keyspace,
+    pub group: String,
+    pub consumer: String,
+    pub batch_size: usize,
+    pub block: Duration,
+    pub claim_interval: Duration,
+    pub claim_idle: Duration,
+    pub dedupe_window_secs: i64,
+}
+
+/// One stream entry as read: its id and the raw `e` field, if any.
+struct Entry {
+    id: String,
+    payload: Option<Vec<u8>>,
+}
+
+pub struct Consumer {
+    config: ConsumerConfig,
+    conn: ConnectionManager,
+    pricing: Arc<Pricing>,
+    committer: Committer,
+    metrics: Arc<Metrics>,
+}
+
+impl Consumer {
+    pub fn new(
+        config: ConsumerConfig,
+        conn: ConnectionManager,
+        pricing: Arc<Pricing>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let committer = Committer::new(
+            config.keyspace.clone(),
+            config.group.clone(),
+            config.dedupe_window_secs,
+        );
+        Self {
+            config,
+            conn,
+            pricing,
+            committer,
+            metrics,
+        }
+    }
+
+    /// Creates the group at the start of the stream (so events written before the first
+    /// aggregator ran are counted), unless it exists.
+    pub async fn ensure_group(&mut self) -> redis::RedisResult<()> {
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.config.keyspace.stream())
+            .arg(&self.config.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn)
+            .await;
+        match created {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Consumes until `shutdown` flips; a batch being committed is finished first.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut own_pending_done = false;
+        let mut last_claim = tokio::time::Instant::now();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let step = async {
+                self.ensure_group().await?;
+                if !own_pending_done {
+                    let entries = self.read("0").await?;
+                    own_pending_done = entries.is_empty();
+                    return self.process(entries).await;
+                }
+                if last_claim.elapsed() >= self.config.claim_interval {
+                    last_claim = tokio::time::Instant::now();
+                    let claimed = self.claim().await?;
+                    if !claimed.is_empty() {
+                        return self.process(claimed).await;
+                    }
+                }
+                let entries = self.read(">").await?;
+                self.process(entries).await
+            };
+            let result = tokio::select! {
+                r = step => r,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            match result {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %e, "consuming the usage stream failed; retrying");
+                    self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait_for(|stop| *stop) => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn read(&mut self, from: &str) -> redis::RedisResult<Vec<Entry>> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.config.group)
+            .arg(&self.config.consumer)
+            .arg("COUNT")
+            .arg(self.config.batch_size);
+        if from == ">" {
+            cmd.arg("BLOCK").arg(self.config.block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS")
+            .arg(self.config.keyspace.stream())
+            .arg(from);
+        let reply: Value = cmd.query_async(&mut self.conn).await?;
+        // Reply: [[stream, [entry, ...]]] or nil on timeout.
+        let Some(streams) = as_array(&reply) else {
+            return Ok(Vec::new());
+        };
+        Ok(streams
+            .iter()
+            .filter_map(as_array)
+            .filter_map(|pair| pair.get(1).and_then(as_array))
+            .flat_map(|entries| entries.iter().filter_map(parse_entry))
+            .collect())
+    }
+
+    /// Takes over entries that other (presumably dead) consumers left pending too long.
+    async fn claim(&mut self) -> redis::RedisResult<Vec<Entry>> {
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(self.config.keyspace.stream())
+            .arg(&self.config.group)
+            .arg(&self.config.consumer)
+            .arg(self.config.claim_idle.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(self.config.batch_size)
+            .query_async(&mut self.conn)
+            .await?;
+        // Reply: [next cursor, [entry, ...], [deleted ids]]; entries deleted by trimming are
+        // already gone from the pending list, so there is nothing to do for them.
+        Ok(as_array(&reply)
+            .and_then(|parts| parts.get(1))
+            .and_then(as_array)
+            .map(|entries| entries.iter().filter_map(parse_entry).collect())
+            .unwrap_or_default())
+    }
+
+    async fn process(&mut self, entries: Vec<Entry>) -> redis::RedisResult<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let acks: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+        let mut events: Vec<(i64, UsageEvent)> = Vec::with_capacity(entries.len());
+        let mut dead: Vec<(&Entry, String)> = Vec::new();
+        for entry in &entries {
+            let decoded = match &entry.payload {
+                Some(bytes) => shared::decode(bytes).map_err(|e| e.to_string()),
+                None => Err(format!("entry has no `{EVENT_FIELD}` field")),
+            };
+            match decoded {
+                Ok(event) => events.push((arrival_ms(&entry.id), event)),
+                Err(reason) => dead.push((entry, reason)),
+            }
+        }
+        if !dead.is_empty() {
+            self.dead_letter(&dead).await?;
+        }
+
+        // Within a batch, the first copy of an id wins; the commit deduplicates across batches.
+        let mut ids = HashSet::with_capacity(events.len());
+        let before = events.len();
+        events.retain(|(_, e)| ids.insert(e.id.clone()));
+        let mut duplicates = before - events.len();
+
+        loop {
+            let mut delta = Delta::default();
+            let mut unpriced = 0;
+            for (_, event) in &events {
+                let cost = self.pricing.price(&usage_of(event));
+                unpriced += usize::from(cost.is_none());
+                delta.add(event, cost);
+            }
+            let seen: Vec<Seen> = events
+                .iter()
+                .map(|(arrival, e)| Seen {
+                    id: &e.id,
+                    slot: self.committer.slot_of(*arrival),
+                })
+                .collect();
+            let dups = self
+                .committer
+                .commit(&mut self.conn, &seen, &delta, &acks)
+                .await?;
+            if dups.is_empty() {
+                let m = &self.metrics;
+                m.applied.fetch_add(events.len() as u64, Ordering::Relaxed);
+                m.unpriced.fetch_add(unpriced as u64, Ordering::Relaxed);
+                m.duplicates.fetch_add(duplicates as u64, Ordering::Relaxed);
+                m.dead_lettered
+                    .fetch_add(dead.len() as u64, Ordering::Relaxed);
+                m.batches.fetch_add(1, Ordering::Relaxed);
+                m.record_apply_time(started.elapsed());
+                return Ok(());
+            }
+            let dups: HashSet<String> = dups.into_iter().collect();
+            duplicates += dups.len();
+            events.retain(|(_, e)| !dups.contains(&e.id));
+        }
+    }
+
+    async fn dead_letter(&mut self, dead: &[(&Entry, String)]) -> redis::RedisResult<()> {
+        let stream = self.config.keyspace.dead_letter_stream();
+        let mut pipe = redis::pipe();
+        for (entry, reason) in dead {
+            tracing::warn!(entry = %entry.id, %reason, "dead-lettering an undecodable stream entry");
+            pipe.cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("source_id")
+                .arg(&entry.id)
+                .arg("reason")
+                .arg(reason)
+                .arg("e")
+                .arg(entry.payload.as_deref().unwrap_or_default())
+                .ignore();
+        }
+        pipe.query_async(&mut self.conn).await
+    }
+}
+
+pub fn usage_of(event: &UsageEvent) -> Usage<'_> {
+    Usage {
+        model: &event.model,
+        service_tier: event.service_tier.as_deref(),
+        input_tokens: event.input_tokens,
+        output_tokens: event.output_tokens,
+        cache_creation_input_tokens: event.cache_creation_input_tokens,
+        cache_creation_1h_input_tokens: event.cache_creation_1h_input_tokens,
+        cache_read_input_tokens: event.cache_read_input_tokens,
+    }
+}
+
+/// The millisecond part of a stream entry id: when Redis accepted the entry.
+fn arrival_ms(entry_id: &str) -> i64 {
+    entry_id
+        .split_once('-')
+        .map_or(entry_id, |(ms, _)| ms)
+        .parse()
+        .unwrap_or(0)
+}
+
+fn as_array(value: &Value) -> Option<&Vec<Value>> {
+    match value {
+        Value::Array(items) => Some(items),
+        _ => None,
+    }
+}
+
+fn as_bytes(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+/// `[id, [field, value, ...]]`; the field list is nil for an entry deleted while pending.
+fn parse_entry(value: &Value) -> Option<Entry> {
+    let parts = as_array(value)?;
+    let id = String::from_utf8(as_bytes(parts.first()?)?.to_vec()).ok()?;
+    let payload = parts.get(1).and_then(as_array).and_then(|fields| {
+        fields
+            .chunks(2)
+            .find(|pair| pair.first().and_then(as_bytes) == Some(EVENT_FIELD.as_bytes()))
+            .and_then(|pair| pair.get(1))
+            .and_then(as_bytes)
+            .map(<[u8]>::to_vec)
+    });
+    Some(Entry { id, payload })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrival_time_is_the_id_millisecond_part() {
+        assert_eq!(arrival_ms("1700000000123-7"), 1_700_000_000_123);
+        assert_eq!(arrival_ms("garbage"), 0);
+    }
+
+    #[test]
+    fn entries_are_parsed_with_and_without_payload() {
+        let entry = Value::Array(vec![
+            Value::BulkString(b"1-0".to_vec()),
+            Value::Array(vec![
+                Value::BulkString(b"x".to_vec()),
+                Value::BulkString(b"y".to_vec()),
+                Value::BulkString(b"e".to_vec()),
+                Value::BulkString(vec![1, 2, 3]),
+            ]),
+        ]);
+        let parsed = parse_entry(&entry).unwrap();
+        assert_eq!(
+            (parsed.id.as_str(), parsed.payload),
+            ("1-0", Some(vec![1, 2, 3]))
+        );
+        let deleted = Value::Array(vec![Value::BulkString(b"2-0".to_vec()), Value::Nil]);
+        assert_eq!(parse_entry(&deleted).unwrap().payload, None);
+    }
+}

@@ -1,0 +1,124 @@
+//! Aggregator: the pipeline's source of truth. stream → decode → price → apply.
+//!
+//! It consumes usage events from the Redis stream as a member of a consumer group, prices each
+//! one exactly, and commits a batch's effect on the stats together with its acknowledgement in
+//! one atomic script, so crashes and redeliveries never change a figure. It also serves the
+//! stats API over the same Redis state.
+//!
+//! Reading order: [`config`], [`pricing`], `stats` (the data model), `commit` (the atomic
+//! apply), `consumer` (the loop), `query` and `api` (reading), `metrics`.
+
+pub mod config;
+pub mod pricing;
+
+mod stats;
+
+mod commit;
+mod consumer;
+
+mod api;
+mod query;
+
+mod metrics;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::{Args, Config, ConfigError};
+
+use consumer::{Consumer, ConsumerConfig};
+use metrics::Metrics;
+use pricing::{Pricing, PricingError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot connect to Redis at {url}: {source}")]
+    Redis {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("cannot load pricing: {0}")]
+    Pricing(#[from] PricingError),
+    #[error("server failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Consumes and serves until `shutdown` resolves; the batch being committed then finishes.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let pricing = Arc::new(match &config.pricing_file {
+        Some(path) => Pricing::load(path)?,
+        None => Pricing::bundled(),
+    });
+    tracing::info!(models = pricing.model_count(), "pricing loaded");
+
+    // The consumer blocks in XREADGROUP, so it gets a connection of its own.
+    let consumer_conn = connect_redis(&config.redis_url).await?;
+    let api_conn = connect_redis(&config.redis_url).await?;
+    let metrics = Arc::new(Metrics::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let mut consumer = Consumer::new(
+        ConsumerConfig {
+            keyspace: config.keyspace.clone(),
+            group: config.group.clone(),
+            consumer: config.consumer.clone(),
+            batch_size: config.batch_size,
+            block: Duration::from_millis(500),
+            claim_interval: Duration::from_secs(5),
+            claim_idle: config.claim_idle,
+            dedupe_window_secs: config.dedupe_window_secs,
+        },
+        consumer_conn,
+        pricing,
+        Arc::clone(&metrics),
+    );
+    if let Err(e) = consumer.ensure_group().await {
+        tracing::warn!(error = %e, "could not create the consumer group yet; will retry");
+    }
+    let consumer = tokio::spawn(consumer.run(stop_rx));
+
+    let app = api::router(api::ApiState {
+        conn: api_conn,
+        keyspace: config.keyspace.clone(),
+        group: config.group.clone(),
+        metrics,
+    });
+    tracing::info!(addr = %listener.local_addr()?, consumer = %config.consumer, "aggregator listening");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    if let Err(e) = consumer.await {
+        tracing::error!(error = %e, "consumer panicked");
+    }
+    served?;
+    Ok(())
+}
+
+async fn connect_redis(url: &str) -> Result<ConnectionManager, StartError> {
+    let err = |source| StartError::Redis {
+        url: url.to_owned(),
+        source,
+    };
+    let client = redis::Client::open(url).map_err(err)?;
+    // The response timeout must outlast the consumer's blocking read (500 ms).
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(1);
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(err)
+}

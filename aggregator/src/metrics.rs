@@ -1,0 +1,90 @@
+//! Process counters, rendered as Prometheus text on `/metrics`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub applied: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub unpriced: AtomicU64,
+    pub batches: AtomicU64,
+    pub errors: AtomicU64,
+    apply_micros_total: AtomicU64,
+}
+
+impl Metrics {
+    pub fn record_apply_time(&self, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.apply_micros_total.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Renders counters plus the stream-side gauges read at scrape time.
+    pub fn render(&self, lag: Option<u64>, pending: Option<u64>) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        counter(
+            "meter_events_applied_total",
+            "Usage events applied to the stats.",
+            get(&self.applied),
+        );
+        counter(
+            "meter_events_duplicate_total",
+            "Events dropped as duplicates of an id already counted.",
+            get(&self.duplicates),
+        );
+        counter(
+            "meter_events_dead_lettered_total",
+            "Stream entries moved to the dead-letter stream.",
+            get(&self.dead_lettered),
+        );
+        counter(
+            "meter_events_unpriced_total",
+            "Applied events whose model has no price.",
+            get(&self.unpriced),
+        );
+        counter(
+            "meter_batches_total",
+            "Batches committed.",
+            get(&self.batches),
+        );
+        counter(
+            "meter_consumer_errors_total",
+            "Failed consume or commit attempts (retried).",
+            get(&self.errors),
+        );
+        let seconds = get(&self.apply_micros_total) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "# HELP meter_batch_apply_seconds_total Time spent decoding, pricing and committing batches.\n# TYPE meter_batch_apply_seconds_total counter\nmeter_batch_apply_seconds_total {seconds}"
+        );
+        for (name, help, value) in [
+            (
+                "meter_consumer_lag",
+                "Stream entries not yet delivered to the group.",
+                lag,
+            ),
+            (
+                "meter_consumer_pending",
+                "Entries delivered but not yet committed.",
+                pending,
+            ),
+        ] {
+            if let Some(value) = value {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+                );
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,161 @@
+//! Client keys: minting secrets, and finding the key record behind a presented secret.
+//!
+//! Secrets carry 256 random bits, so a single fast SHA-256 is a safe at-rest form (slow password
+//! hashes defend low-entropy secrets). Records are cached per replica for `cache_ttl`, which
+//! bounds how long a PATCH or DELETE made on another replica takes to apply here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::GatewayError;
+use crate::store::{KeyRecord, Store};
+
+/// Recognisable prefix, so leaked keys are easy to grep for and to report.
+pub const SECRET_PREFIX: &str = "mk-";
+/// Cache entries beyond this are dropped wholesale rather than tracked for LRU: an attacker
+/// cycling random keys cannot grow memory without bound.
+const MAX_CACHED: usize = 100_000;
+
+/// A new random secret: the prefix and 64 hex digits (256 bits).
+pub fn new_secret() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    Ok(format!("{SECRET_PREFIX}{}", hex(&bytes)))
+}
+
+pub fn hash_secret(secret: &str) -> String {
+    hex(&Sha256::digest(secret.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// The secret a client presented: `x-api-key`, else `Authorization: Bearer`.
+pub fn presented_secret(headers: &HeaderMap) -> Option<&str> {
+    if let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(key.trim());
+    }
+    let auth = headers.get("authorization")?.to_str().ok()?;
+    let (scheme, token) = auth.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A looked-up key (None: no such key, cached too) and when it was fetched.
+type CacheEntry = (Option<Arc<KeyRecord>>, Instant);
+
+pub struct KeyCache {
+    store: Store,
+    ttl: Duration,
+    entries: Mutex<HashMap<String, CacheEntry>>,
+}
+
+impl KeyCache {
+    pub fn new(store: Store, ttl: Duration) -> Self {
+        Self {
+            store,
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The active key record for a presented secret.
+    pub async fn authenticate(
+        &self,
+        secret: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Arc<KeyRecord>, GatewayError> {
+        let secret = secret
+            .filter(|s| !s.is_empty())
+            .ok_or(GatewayError::MissingKey)?;
+        let hash = hash_secret(secret);
+        let record = match self.cached(&hash) {
+            Some(hit) => hit,
+            None => {
+                let fetched = self.store.key_by_hash(&hash).await?.map(Arc::new);
+                self.insert(hash.clone(), fetched.clone());
+                fetched
+            }
+        };
+        let record = record.ok_or(GatewayError::InvalidKey)?;
+        // The lookup was by hash already; comparing in constant time as well keeps timing
+        // independent of how much of a forged hash matched, should lookups ever change.
+        if !bool::from(record.hash.as_bytes().ct_eq(hash.as_bytes())) || record.disabled {
+            return Err(GatewayError::InvalidKey);
+        }
+        if record.expires_at_ms.is_some_and(|at| at <= now_ms) {
+            return Err(GatewayError::ExpiredKey);
+        }
+        Ok(record)
+    }
+
+    /// Forgets a key at once on this replica (after PATCH or DELETE).
+    pub fn invalidate(&self, hash: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.remove(hash);
+        }
+    }
+
+    fn cached(&self, hash: &str) -> Option<Option<Arc<KeyRecord>>> {
+        let entries = self.entries.lock().ok()?;
+        let (record, fetched) = entries.get(hash)?;
+        (fetched.elapsed() < self.ttl).then(|| record.clone())
+    }
+
+    fn insert(&self, hash: String, record: Option<Arc<KeyRecord>>) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= MAX_CACHED {
+                entries.clear();
+            }
+            entries.insert(hash, (record, Instant::now()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn secrets_are_prefixed_and_carry_256_bits() {
+        let secret = new_secret().unwrap();
+        assert!(secret.starts_with(SECRET_PREFIX));
+        assert_eq!(secret.len(), SECRET_PREFIX.len() + 64);
+        assert_ne!(secret, new_secret().unwrap());
+    }
+
+    #[test]
+    fn the_hash_is_hex_sha256() {
+        assert_eq!(
+            hash_secret("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[track_caller]
+    fn check(name: &'static str, value: &'static str, want: Option<&str>) {
+        let mut headers = HeaderMap::new();
+        headers.insert(name, HeaderValue::from_static(value));
+        assert_eq!(presented_secret(&headers), want);
+    }
+
+    #[test]
+    fn the_secret_comes_from_either_header() {
+        check("x-api-key", "mk-1", Some("mk-1"));
+        check("authorization", "Bearer mk-2", Some("mk-2"));
+        check("authorization", "bearer  mk-3", Some("mk-3"));
+        check("authorization", "Basic abc", None);
+    }
+}

@@ -1,0 +1,223 @@
+//! The gateway's one typed configuration: flags, then environment, then an optional TOML file,
+//! then defaults (CONTRACT.md §1). Only [`Config::from_args`] reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use shared::Keyspace;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub redis_url: String,
+    pub keyspace: Keyspace,
+    /// `None` disables the admin API.
+    pub admin_token: Option<String>,
+    pub max_body_bytes: usize,
+    pub upstream_connect_timeout: Duration,
+    /// How long a cached key record or account list may be used before it is re-read.
+    pub cache_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    ParseFile {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid {name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+/// Command line; every flag also reads the environment variable of the same meaning.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "gateway",
+    version,
+    about = "LLM API gateway: auth, limits, relay, usage events"
+)]
+pub struct Args {
+    /// TOML file with any of the settings below (flags and environment win over it).
+    #[arg(long, env = "GATEWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "GATEWAY_LISTEN")]
+    pub listen: Option<String>,
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    #[arg(long, env = "METER_STREAM")]
+    pub stream: Option<String>,
+    /// Bearer token for /admin; unset disables the admin API.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Largest accepted request body, bytes.
+    #[arg(long, env = "GATEWAY_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    #[arg(long, env = "GATEWAY_UPSTREAM_CONNECT_TIMEOUT_MS")]
+    pub upstream_connect_timeout_ms: Option<u64>,
+    #[arg(long, env = "GATEWAY_CACHE_TTL_MS")]
+    pub cache_ttl_ms: Option<u64>,
+}
+
+/// The same settings as a TOML file spells them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    redis_url: Option<String>,
+    stream: Option<String>,
+    admin_token: Option<String>,
+    max_body_bytes: Option<usize>,
+    upstream_connect_timeout_ms: Option<u64>,
+    cache_ttl_ms: Option<u64>,
+}
+
+impl Config {
+    /// Parses the process's flags and environment.
+    pub fn from_args() -> Result<Self, ConfigError> {
+        Self::build(Args::parse())
+    }
+
+    pub fn build(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen = listen.parse().map_err(|e| ConfigError::Invalid {
+            name: "listen address",
+            reason: format!("{listen:?}: {e}"),
+        })?;
+        let redis_url = args
+            .redis_url
+            .or(file.redis_url)
+            .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+        check_redis_url(&redis_url)?;
+        let stream = args
+            .stream
+            .or(file.stream)
+            .unwrap_or_else(|| shared::DEFAULT_STREAM.into());
+        let keyspace = Keyspace::new(&stream).map_err(|e| ConfigError::Invalid {
+            name: "stream",
+            reason: e.to_string(),
+        })?;
+        let admin_token = args
+            .admin_token
+            .or(file.admin_token)
+            .filter(|t| !t.is_empty());
+        Ok(Self {
+            listen,
+            redis_url,
+            keyspace,
+            admin_token,
+            max_body_bytes: args
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(32 * 1024 * 1024),
+            upstream_connect_timeout: Duration::from_millis(
+                args.upstream_connect_timeout_ms
+                    .or(file.upstream_connect_timeout_ms)
+                    .unwrap_or(10_000),
+            ),
+            cache_ttl: Duration::from_millis(
+                args.cache_ttl_ms.or(file.cache_ttl_ms).unwrap_or(1_000),
+            ),
+        })
+    }
+
+    /// A configuration for tests: free port, given Redis and stream, admin token "admin".
+    pub fn for_test(redis_url: &str, stream: &str) -> Result<Self, ConfigError> {
+        Self::build(Args {
+            listen: Some("127.0.0.1:0".into()),
+            redis_url: Some(redis_url.into()),
+            stream: Some(stream.into()),
+            admin_token: Some("admin".into()),
+            ..Args::default()
+        })
+    }
+}
+
+fn read_file(path: &PathBuf) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.clone(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::ParseFile {
+        path: path.clone(),
+        source: Box::new(source),
+    })
+}
+
+fn check_redis_url(url: &str) -> Result<(), ConfigError> {
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| ConfigError::Invalid {
+            name: "REDIS_URL",
+            reason: format!("{url:?}: {e}"),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let config = Config::build(Args::default()).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(config.keyspace.stream(), "meter:events");
+        assert_eq!(config.admin_token, None);
+    }
+
+    #[test]
+    fn an_unparsable_redis_url_is_refused() {
+        let args = Args {
+            redis_url: Some("http://nope".into()),
+            ..Args::default()
+        };
+        let err = Config::build(args).unwrap_err().to_string();
+        assert!(err.contains("REDIS_URL"), "{err}");
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = std::env::temp_dir().join(format!("gw-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:9999\"\nstream = \"s:file\"\n").unwrap();
+        let config = Config::build(Args {
+            config: Some(path),
+            stream: Some("s:flag".into()),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:9999");
+        assert_eq!(config.keyspace.stream(), "s:flag");
+    }
+
+    #[test]
+    fn an_unknown_file_setting_is_refused() {
+        let dir = std::env::temp_dir().join(format!("gw-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, "listne = \"127.0.0.1:9999\"\n").unwrap();
+        let err = Config::build(Args {
+            config: Some(path),
+            ..Args::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::ParseFile { .. }));
+    }
+}

@@ -1,0 +1,157 @@
+//! Gateway: authenticate → admit → relay to an upstream account → emit one usage event.
+//!
+//! The gateway never prices or aggregates anything; it observes each request and publishes what
+//! it saw to the Redis stream, off the request path. Keys and accounts live in Redis so that any
+//! number of replicas serve the same configuration.
+//!
+//! Reading order: [`config`], then `state` and `error` (plumbing), `auth`, `accounts` and
+//! `store` (admission), `proxy` → `relay` with `sse` and `usage` (proxying and accounting),
+//! `publisher` (the stream), `admin` (the admin API).
+
+pub mod config;
+mod error;
+mod provider;
+mod state;
+mod store;
+
+mod accounts;
+mod auth;
+
+mod proxy;
+mod relay;
+mod sse;
+mod usage;
+
+mod publisher;
+
+mod admin;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::{Args, Config, ConfigError};
+
+use accounts::Accounts;
+use auth::KeyCache;
+use state::AppState;
+use store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot connect to Redis at {url}: {source}")]
+    Redis {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("server failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Serves until `shutdown` resolves, then finishes in-flight requests and streams, flushes the
+/// queued usage events and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let conn = connect_redis(&config.redis_url).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let store = Store::new(conn.clone(), config.keyspace.clone());
+    let (events, publisher) = publisher::channel(conn, &config.keyspace, stop_rx.clone());
+    let publisher = tokio::spawn(publisher.run());
+
+    let accounts = Arc::new(Accounts::new(store.clone()));
+    if let Err(e) = accounts.refresh().await {
+        tracing::warn!(error = %e, "could not load upstream accounts at startup");
+    }
+    let refresher =
+        tokio::spawn(Arc::clone(&accounts).run_refresher(config.cache_ttl, stop_rx.clone()));
+
+    let http = reqwest::Client::builder()
+        .connect_timeout(config.upstream_connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .build()?;
+    let state = AppState {
+        keys: Arc::new(KeyCache::new(store.clone(), config.cache_ttl)),
+        config: Arc::new(config),
+        http,
+        store,
+        accounts,
+        events,
+    };
+
+    let app = router(state);
+    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        let _ = stop_tx.send(true);
+    });
+    let served = serve.await;
+
+    // Every request and stream is done, so the router (and with it every `Publisher`) is gone:
+    // the publisher drains what is queued and returns.
+    if let Err(e) = refresher.await {
+        tracing::error!(error = %e, "account refresher panicked");
+    }
+    if let Err(e) = publisher.await {
+        tracing::error!(error = %e, "usage publisher panicked");
+    }
+    served?;
+    Ok(())
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/messages", post(proxy::messages))
+        .route("/v1/messages/count_tokens", post(proxy::count_tokens))
+        .merge(admin::router(state.clone()))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn connect_redis(url: &str) -> Result<ConnectionManager, StartError> {
+    let err = |source| StartError::Redis {
+        url: url.to_owned(),
+        source,
+    };
+    let client = redis::Client::open(url).map_err(err)?;
+    // Bounded timeouts: a stalled Redis must surface as an error the publisher retries, never
+    // as a request that hangs.
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(1);
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(err)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let mut conn = state.store.connection();
+    match redis::cmd("PING").query_async::<String>(&mut conn).await {
+        Ok(_) => (StatusCode::OK, Json(serde_json::json!({"status": "ready"}))),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "redis unreachable", "error": e.to_string()})),
+        ),
+    }
+}

@@ -1,0 +1,127 @@
+//! What one client request consumed, gathered while it is served, and the usage event it becomes.
+
+use std::time::Instant;
+
+use shared::{SCHEMA_VERSION, UsageEvent};
+
+use crate::provider::Endpoint;
+
+/// Token counts in the event's normalized meaning (CONTRACT.md §3), whatever the provider's
+/// format: `input_tokens` excludes cache reads and writes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub model: Option<String>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub cache_creation_1h_input_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    pub service_tier: Option<String>,
+}
+
+/// One request in flight: what is known about it so far.
+#[derive(Debug)]
+pub struct Call {
+    id: uuid::Uuid,
+    ts_ms: i64,
+    started: Instant,
+    pub endpoint: Endpoint,
+    pub key_id: Option<String>,
+    pub account_id: Option<String>,
+    /// The model the client asked for; the upstream's report wins when there is one.
+    pub requested_model: Option<String>,
+    pub stream: bool,
+    ttft_us: Option<u64>,
+}
+
+impl Call {
+    pub fn start(endpoint: Endpoint) -> Self {
+        Self {
+            id: uuid::Uuid::now_v7(),
+            ts_ms: chrono::Utc::now().timestamp_millis(),
+            started: Instant::now(),
+            endpoint,
+            key_id: None,
+            account_id: None,
+            requested_model: None,
+            stream: false,
+            ttft_us: None,
+        }
+    }
+
+    fn elapsed_us(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Records the first body byte going to the client; later calls keep the first.
+    pub fn first_byte_sent(&mut self) {
+        if self.ttft_us.is_none() {
+            self.ttft_us = Some(self.elapsed_us());
+        }
+    }
+
+    /// The event for this request, finished now.
+    pub fn finish(&self, status: u16, usage: &Usage, error: Option<&str>) -> UsageEvent {
+        let model = usage
+            .model
+            .clone()
+            .or_else(|| self.requested_model.clone())
+            .unwrap_or_default();
+        UsageEvent {
+            v: SCHEMA_VERSION,
+            id: self.id.to_string(),
+            ts: self.ts_ms,
+            key_id: self.key_id.clone(),
+            account_id: self.account_id.clone(),
+            provider: self.endpoint.provider().as_str().to_owned(),
+            endpoint: self.endpoint.as_str().to_owned(),
+            model,
+            status,
+            stream: self.stream,
+            latency_us: self.elapsed_us(),
+            ttft_us: self.ttft_us,
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+            cache_creation_input_tokens: usage.cache_creation_input_tokens,
+            cache_creation_1h_input_tokens: usage.cache_creation_1h_input_tokens,
+            cache_read_input_tokens: usage.cache_read_input_tokens,
+            service_tier: usage.service_tier.clone(),
+            error: error.map(str::to_owned),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_upstream_model_wins_over_the_requested_one() {
+        let mut call = Call::start(Endpoint::Messages);
+        call.requested_model = Some("claude-sonnet-4-5".into());
+        let usage = Usage {
+            model: Some("claude-sonnet-4-5-20250929".into()),
+            ..Usage::default()
+        };
+        assert_eq!(
+            call.finish(200, &usage, None).model,
+            "claude-sonnet-4-5-20250929"
+        );
+        assert_eq!(
+            call.finish(401, &Usage::default(), Some("unauthorized"))
+                .model,
+            "claude-sonnet-4-5"
+        );
+    }
+
+    #[test]
+    fn time_to_first_byte_keeps_the_first_measurement() {
+        let mut call = Call::start(Endpoint::Messages);
+        call.first_byte_sent();
+        let first = call.ttft_us;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        call.first_byte_sent();
+        assert_eq!(call.ttft_us, first);
+        assert!(call.finish(200, &Usage::default(), None).latency_us >= first.unwrap_or(0));
+    }
+}

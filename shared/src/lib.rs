@@ -1,0 +1,13 @@
+//! What the gateway and the aggregator must agree on, and nothing else.
+//!
+//! The two processes share no memory and no code paths at run time: they meet only in Redis.
+//! This crate fixes that meeting point: the usage event and its MessagePack wire form
+//! ([`event`]), and the names of every Redis key either side reads or writes ([`keyspace`]).
+//! Changing anything here changes the wire contract (CONTRACT.md §3), so it is guarded by
+//! golden-bytes tests.
+
+pub mod event;
+pub mod keyspace;
+
+pub use event::{DecodeError, SCHEMA_VERSION, UsageEvent, decode, encode};
+pub use keyspace::{DEFAULT_STREAM, EVENT_FIELD, InvalidStreamName, Keyspace};

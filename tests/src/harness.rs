@@ -1,0 +1,280 @@
+//! Starts the pipeline for one test: a private Redis (or `REDIS_URL`), the mock upstream, the
+//! gateway and the aggregator in-process on port 0, all under a stream name no other test uses,
+//! which gives each test its own keyspace. Dropping the [`Pipeline`] shuts the servers down.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test support: failing loudly is the point
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::mock_upstream::MockUpstream;
+
+pub const ADMIN_TOKEN: &str = "admin";
+
+/// The Redis all tests of this process share (keyspaces keep them apart): `REDIS_URL` when set,
+/// else a private `redis-server` on a free port that dies with this process.
+pub fn redis_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("REDIS_URL") {
+            return url;
+        }
+        let port = free_port();
+        // The shell keeps reading our stdin; when this process exits the pipe closes, `read`
+        // returns and the private Redis is stopped, so no server outlives the test run.
+        let script = format!(
+            "redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no --logfile '' --loglevel warning & pid=$!; read _; kill $pid"
+        );
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (or set REDIS_URL)");
+        // Leak the handle on purpose: its stdin must stay open for the life of the process.
+        std::mem::forget(child);
+        let url = format!("redis://127.0.0.1:{port}");
+        wait_for_redis(&url);
+        url
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_for_redis(url: &str) {
+    let client = redis::Client::open(url).expect("valid url");
+    for _ in 0..200 {
+        if let Ok(mut conn) = client.get_connection()
+            && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("redis-server at {url} did not start");
+}
+
+/// A stream name, and so a keyspace, that no other test uses.
+pub fn unique_stream() -> String {
+    format!("test:{}", uuid::Uuid::new_v4().simple())
+}
+
+/// An `XRANGE` entry: id and field/value pairs.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
+pub struct Pipeline {
+    pub redis_url: String,
+    pub stream: String,
+    pub upstream: MockUpstream,
+    pub gateway: SocketAddr,
+    pub aggregator: SocketAddr,
+    pub http: reqwest::Client,
+    stops: Vec<oneshot::Sender<()>>,
+}
+
+impl Pipeline {
+    /// Redis, mock upstream, gateway and aggregator, ready to serve.
+    pub async fn start() -> Self {
+        let redis_url = redis_url().to_owned();
+        let stream = unique_stream();
+        let upstream = MockUpstream::spawn().await;
+        let mut stops = Vec::new();
+
+        let gateway = {
+            let config = gateway::Config::for_test(&redis_url, &stream).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (tx, rx) = oneshot::channel::<()>();
+            stops.push(tx);
+            tokio::spawn(async move {
+                gateway::run(listener, config, async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("gateway failed")
+            });
+            addr
+        };
+        let aggregator = {
+            let config = aggregator::Config::for_test(&redis_url, &stream).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (tx, rx) = oneshot::channel::<()>();
+            stops.push(tx);
+            tokio::spawn(async move {
+                aggregator::run(listener, config, async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("aggregator failed")
+            });
+            addr
+        };
+        let pipeline = Self {
+            redis_url,
+            stream,
+            upstream,
+            gateway,
+            aggregator,
+            http: reqwest::Client::new(),
+            stops,
+        };
+        pipeline.wait_ready().await;
+        pipeline
+    }
+
+    async fn wait_ready(&self) {
+        eventually(Duration::from_secs(10), || async {
+            let gw = self
+                .http
+                .get(format!("http://{}/readyz", self.gateway))
+                .send()
+                .await;
+            let agg = self
+                .http
+                .get(format!("http://{}/healthz", self.aggregator))
+                .send()
+                .await;
+            matches!((gw, agg), (Ok(a), Ok(b)) if a.status() == 200 && b.status() == 200)
+                .then_some(())
+        })
+        .await;
+    }
+
+    pub fn gateway_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gateway)
+    }
+
+    pub fn aggregator_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.aggregator)
+    }
+
+    /// POSTs an admin request; returns status and JSON body.
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, self.gateway_url(path))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// An upstream account on the mock for `provider`; returns its id.
+    pub async fn add_account(&self, provider: &str) -> String {
+        let (status, body) = self
+            .admin(
+                reqwest::Method::POST,
+                "/admin/accounts",
+                Some(json!({
+                    "name": format!("mock-{provider}"),
+                    "provider": provider,
+                    "base_url": format!("{}/v1", self.upstream.base_url()),
+                    "api_key": format!("sk-upstream-{provider}"),
+                })),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// A client key; returns (id, secret).
+    pub async fn add_key(&self, body: Value) -> (String, String) {
+        let (status, body) = self
+            .admin(reqwest::Method::POST, "/admin/keys", Some(body))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        (
+            body["id"].as_str().unwrap().to_owned(),
+            body["key"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Every event on this pipeline's stream, decoded, in stream order.
+    pub async fn events(&self) -> Vec<shared::UsageEvent> {
+        let client = redis::Client::open(self.redis_url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+            .arg(&self.stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        entries
+            .into_iter()
+            .flat_map(|(_, fields)| fields)
+            .filter(|(name, _)| name == shared::EVENT_FIELD)
+            .map(|(_, bytes)| shared::decode(&bytes).unwrap())
+            .collect()
+    }
+
+    /// Waits until the stream holds `n` events and returns them.
+    pub async fn wait_for_events(&self, n: usize) -> Vec<shared::UsageEvent> {
+        eventually(Duration::from_secs(10), || async {
+            let events = self.events().await;
+            (events.len() >= n).then_some(events)
+        })
+        .await
+    }
+
+    /// `GET /v1/usage?<query>` on the aggregator.
+    pub async fn usage(&self, query: &str) -> Value {
+        let response = self
+            .http
+            .get(self.aggregator_url(&format!("/v1/usage?{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Polls `probe` until it returns `Some`, or panics after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "condition not met within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
