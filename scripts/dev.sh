@@ -13,7 +13,9 @@ RUN_DIR=.meter
 mkdir -p "$RUN_DIR"
 pids=()
 
+stopping=""
 stop() {
+  stopping=1
   trap - INT TERM EXIT
   if ((${#pids[@]})); then
     echo
@@ -95,4 +97,4 @@ Ctrl-C stops everything.
 INFO
 
 wait -n "${pids[@]}" || true
-echo "a process exited; see $RUN_DIR/*.log"
+[ -n "$stopping" ] || echo "a process exited unexpectedly; see $RUN_DIR/*.log"
