@@ -26,7 +26,8 @@ pub struct SseParser {
 impl SseParser {
     pub fn feed<H: SseHandler + ?Sized>(&mut self, chunk: &[u8], handler: &mut H) {
         let mut rest = chunk;
-        if self.pending_cr {
+        // An empty chunk must not consume the pending `\r`: the `\n` may still come next.
+        if self.pending_cr && !rest.is_empty() {
             self.pending_cr = false;
             if let [b'\n', tail @ ..] = rest {
                 rest = tail;
