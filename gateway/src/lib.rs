@@ -23,6 +23,7 @@ mod sse;
 mod usage;
 
 mod publisher;
+mod spool;
 
 mod admin;
 

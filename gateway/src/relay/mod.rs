@@ -7,6 +7,7 @@
 //! publishes exactly one.
 
 mod anthropic;
+mod openai;
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -29,6 +30,11 @@ pub trait StreamUsage: SseHandler + Send {
     fn usage(&self) -> &Usage;
     /// The provider's terminal event was seen; a stream ending without it was cut short.
     fn completed(&self) -> bool;
+    /// The error kind a completed stream still reports (e.g. a Responses stream that ended
+    /// with `response.failed`); `None` for a normal end.
+    fn error(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -256,7 +262,11 @@ impl Stream for Metered {
                 Poll::Ready(Some(Err(std::io::Error::other(e))))
             }
             None => {
-                let error = (!this.usage.completed()).then_some("stream_incomplete");
+                let error = if this.usage.completed() {
+                    this.usage.error()
+                } else {
+                    Some("stream_incomplete")
+                };
                 this.finish(error);
                 Poll::Ready(None)
             }

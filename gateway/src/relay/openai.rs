@@ -1,0 +1,1 @@
+//! Usage in OpenAI Chat Completions and Responses answers, JSON and SSE.

@@ -1,0 +1,1 @@
+//! The local append-only spool for usage events that cannot reach Redis.
