@@ -115,6 +115,16 @@ struct AccountView {
     cooling_down_until: Option<String>,
 }
 
+impl AccountView {
+    fn with_cooldown(r: &AccountRecord, cooling_until_ms: Option<i64>) -> Self {
+        let mut view = Self::from(r);
+        view.cooling_down_until = cooling_until_ms
+            .filter(|until| *until > now_ms())
+            .and_then(rfc3339);
+        view
+    }
+}
+
 impl From<&AccountRecord> for AccountView {
     fn from(r: &AccountRecord) -> Self {
         Self {
@@ -187,7 +197,13 @@ async fn create_account(
 
 async fn list_accounts(State(state): State<AppState>) -> Result<Response, GatewayError> {
     let accounts = state.store.accounts().await?;
-    let views: Vec<AccountView> = accounts.iter().map(AccountView::from).collect();
+    let ids: Vec<&str> = accounts.iter().map(|a| a.id.as_str()).collect();
+    let cooldowns = state.store.cooldowns(&ids).await?;
+    let views: Vec<AccountView> = accounts
+        .iter()
+        .zip(cooldowns)
+        .map(|(a, until)| AccountView::with_cooldown(a, until))
+        .collect();
     Ok(Json(serde_json::json!({ "data": views })).into_response())
 }
 
@@ -200,7 +216,13 @@ async fn get_account(
         .account(&id)
         .await?
         .ok_or(GatewayError::NotFound("account"))?;
-    Ok(Json(AccountView::from(&record)).into_response())
+    let until = state
+        .store
+        .cooldowns(&[record.id.as_str()])
+        .await?
+        .pop()
+        .flatten();
+    Ok(Json(AccountView::with_cooldown(&record, until)).into_response())
 }
 
 async fn patch_account(

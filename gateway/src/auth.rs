@@ -13,10 +13,15 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::GatewayError;
+use crate::metrics::Metrics;
 use crate::store::{KeyRecord, Store};
 
 /// Recognisable prefix, so leaked keys are easy to grep for and to report.
 pub const SECRET_PREFIX: &str = "mk-";
+/// While Redis is unreachable, a key seen this recently keeps working (CONTRACT.md §7.3: the
+/// gateway keeps relaying for keys it has seen recently). A key disabled during an outage is
+/// therefore honoured up to this long after it was last read.
+const STALE_GRACE: Duration = Duration::from_secs(15 * 60);
 /// Cache entries beyond this are dropped wholesale rather than tracked for LRU: an attacker
 /// cycling random keys cannot grow memory without bound.
 const MAX_CACHED: usize = 100_000;
@@ -59,14 +64,16 @@ pub struct KeyCache {
     store: Store,
     ttl: Duration,
     entries: Mutex<HashMap<String, CacheEntry>>,
+    metrics: Arc<Metrics>,
 }
 
 impl KeyCache {
-    pub fn new(store: Store, ttl: Duration) -> Self {
+    pub fn new(store: Store, ttl: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             store,
             ttl,
             entries: Mutex::new(HashMap::new()),
+            metrics,
         }
     }
 
@@ -80,13 +87,22 @@ impl KeyCache {
             .filter(|s| !s.is_empty())
             .ok_or(GatewayError::MissingKey)?;
         let hash = hash_secret(secret);
-        let record = match self.cached(&hash) {
+        let record = match self.cached(&hash, self.ttl) {
             Some(hit) => hit,
-            None => {
-                let fetched = self.store.key_by_hash(&hash).await?.map(Arc::new);
-                self.insert(hash.clone(), fetched.clone());
-                fetched
-            }
+            None => match self.store.key_by_hash(&hash).await {
+                Ok(fetched) => {
+                    let fetched = fetched.map(Arc::new);
+                    self.insert(hash.clone(), fetched.clone());
+                    fetched
+                }
+                Err(e) => match self.cached(&hash, STALE_GRACE) {
+                    Some(stale) => {
+                        self.metrics.auth_served_stale.inc();
+                        stale
+                    }
+                    None => return Err(e),
+                },
+            },
         };
         let record = record.ok_or(GatewayError::InvalidKey)?;
         // The lookup was by hash already; comparing in constant time as well keeps timing
@@ -107,10 +123,10 @@ impl KeyCache {
         }
     }
 
-    fn cached(&self, hash: &str) -> Option<Option<Arc<KeyRecord>>> {
+    fn cached(&self, hash: &str, max_age: Duration) -> Option<Option<Arc<KeyRecord>>> {
         let entries = self.entries.lock().ok()?;
         let (record, fetched) = entries.get(hash)?;
-        (fetched.elapsed() < self.ttl).then(|| record.clone())
+        (fetched.elapsed() < max_age).then(|| record.clone())
     }
 
     fn insert(&self, hash: String, record: Option<Arc<KeyRecord>>) {

@@ -18,6 +18,12 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub max_body_bytes: usize,
     pub upstream_connect_timeout: Duration,
+    /// From sending a request to the upstream's response headers.
+    pub upstream_first_byte_timeout: Duration,
+    /// Longest silence between two chunks of an upstream body.
+    pub upstream_idle_timeout: Duration,
+    /// How long an account rests after a 429/5xx without `retry-after`, or a connection failure.
+    pub default_cooldown: Duration,
     /// How long a cached key record or account list may be used before it is re-read.
     pub cache_ttl: Duration,
 }
@@ -63,6 +69,12 @@ pub struct Args {
     pub max_body_bytes: Option<usize>,
     #[arg(long, env = "GATEWAY_UPSTREAM_CONNECT_TIMEOUT_MS")]
     pub upstream_connect_timeout_ms: Option<u64>,
+    #[arg(long, env = "GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT_MS")]
+    pub upstream_first_byte_timeout_ms: Option<u64>,
+    #[arg(long, env = "GATEWAY_UPSTREAM_IDLE_TIMEOUT_MS")]
+    pub upstream_idle_timeout_ms: Option<u64>,
+    #[arg(long, env = "GATEWAY_DEFAULT_COOLDOWN_MS")]
+    pub default_cooldown_ms: Option<u64>,
     #[arg(long, env = "GATEWAY_CACHE_TTL_MS")]
     pub cache_ttl_ms: Option<u64>,
 }
@@ -77,6 +89,9 @@ struct FileConfig {
     admin_token: Option<String>,
     max_body_bytes: Option<usize>,
     upstream_connect_timeout_ms: Option<u64>,
+    upstream_first_byte_timeout_ms: Option<u64>,
+    upstream_idle_timeout_ms: Option<u64>,
+    default_cooldown_ms: Option<u64>,
     cache_ttl_ms: Option<u64>,
 }
 
@@ -129,6 +144,23 @@ impl Config {
                 args.upstream_connect_timeout_ms
                     .or(file.upstream_connect_timeout_ms)
                     .unwrap_or(10_000),
+            ),
+            // Non-streaming answers of long generations arrive whole after minutes; the official
+            // SDKs wait up to 10 minutes, and so do we.
+            upstream_first_byte_timeout: Duration::from_millis(
+                args.upstream_first_byte_timeout_ms
+                    .or(file.upstream_first_byte_timeout_ms)
+                    .unwrap_or(600_000),
+            ),
+            upstream_idle_timeout: Duration::from_millis(
+                args.upstream_idle_timeout_ms
+                    .or(file.upstream_idle_timeout_ms)
+                    .unwrap_or(300_000),
+            ),
+            default_cooldown: Duration::from_millis(
+                args.default_cooldown_ms
+                    .or(file.default_cooldown_ms)
+                    .unwrap_or(60_000),
             ),
             cache_ttl: Duration::from_millis(
                 args.cache_ttl_ms.or(file.cache_ttl_ms).unwrap_or(1_000),

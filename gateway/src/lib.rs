@@ -25,6 +25,8 @@ mod usage;
 mod publisher;
 mod spool;
 
+mod metrics;
+
 mod admin;
 
 use std::future::Future;
@@ -68,9 +70,15 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let conn = connect_redis(&config.redis_url).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = Arc::new(metrics::Metrics::default());
 
-    let store = Store::new(conn.clone(), config.keyspace.clone());
-    let (events, publisher) = publisher::channel(conn, &config.keyspace, stop_rx.clone());
+    let store = Store::new(conn.clone(), config.keyspace.clone(), Arc::clone(&metrics));
+    let (events, publisher) = publisher::channel(
+        conn,
+        &config.keyspace,
+        stop_rx.clone(),
+        Arc::clone(&metrics),
+    );
     let publisher = tokio::spawn(publisher.run());
 
     let accounts = Arc::new(Accounts::new(store.clone()));
@@ -86,7 +94,12 @@ pub async fn run(
         .tcp_nodelay(true)
         .build()?;
     let state = AppState {
-        keys: Arc::new(KeyCache::new(store.clone(), config.cache_ttl)),
+        metrics: Arc::clone(&metrics),
+        keys: Arc::new(KeyCache::new(
+            store.clone(),
+            config.cache_ttl,
+            Arc::clone(&metrics),
+        )),
         config: Arc::new(config),
         http,
         store,
@@ -119,9 +132,13 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/messages", post(proxy::messages))
         .route("/v1/messages/count_tokens", post(proxy::count_tokens))
+        .route("/v1/chat/completions", post(proxy::chat_completions))
+        .route("/v1/responses", post(proxy::responses))
+        .route("/v1/models", get(proxy::models))
         .merge(admin::router(state.clone()))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
         .with_state(state)
 }
 
@@ -140,6 +157,16 @@ async fn connect_redis(url: &str) -> Result<ConnectionManager, StartError> {
     ConnectionManager::new_with_config(client, config)
         .await
         .map_err(err)
+}
+
+async fn render_metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
 }
 
 async fn healthz() -> Json<serde_json::Value> {

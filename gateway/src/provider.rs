@@ -36,12 +36,15 @@ impl fmt::Display for Provider {
 pub enum Endpoint {
     Messages,
     CountTokens,
+    ChatCompletions,
+    Responses,
 }
 
 impl Endpoint {
     pub fn provider(self) -> Provider {
         match self {
             Self::Messages | Self::CountTokens => Provider::Anthropic,
+            Self::ChatCompletions | Self::Responses => Provider::OpenAi,
         }
     }
 
@@ -50,6 +53,8 @@ impl Endpoint {
         match self {
             Self::Messages => "messages",
             Self::CountTokens => "count_tokens",
+            Self::ChatCompletions => "chat_completions",
+            Self::Responses => "responses",
         }
     }
 
@@ -58,6 +63,8 @@ impl Endpoint {
         match self {
             Self::Messages => "/v1/messages",
             Self::CountTokens => "/v1/messages/count_tokens",
+            Self::ChatCompletions => "/v1/chat/completions",
+            Self::Responses => "/v1/responses",
         }
     }
 }

@@ -1,16 +1,17 @@
 //! The client routes: admit (authenticate, read, check), then hand over to the relay.
 
+use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use crate::accounts::Lease;
+use crate::accounts::{Lease, Want};
 use crate::auth::presented_secret;
 use crate::error::GatewayError;
-use crate::provider::Endpoint;
-use crate::relay;
+use crate::provider::{Endpoint, Provider};
+use crate::relay::{self, Outbound};
 use crate::state::AppState;
 use crate::usage::Call;
 
@@ -26,17 +27,44 @@ pub async fn count_tokens(
     handle(state, Endpoint::CountTokens, headers, body).await
 }
 
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(state, Endpoint::ChatCompletions, headers, body).await
+}
+
+pub async fn responses(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    handle(state, Endpoint::Responses, headers, body).await
+}
+
 async fn handle(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    state.metrics.in_flight.inc();
     let mut call = Call::start(endpoint);
-    match admit(&state, &mut call, &headers, body).await {
-        Ok((lease, body)) => relay::forward(&state, call, lease, &headers, body).await,
+    let response = match admit(&state, &mut call, &headers, body).await {
+        Ok(admitted) => {
+            let out = Outbound {
+                client_headers: &headers,
+                body: admitted.body,
+                model: &admitted.model,
+                session: admitted.session.as_deref(),
+                hide_usage: admitted.hide_usage,
+            };
+            relay::forward(&state, call, admitted.lease, out).await
+        }
         Err(err) => {
             if let GatewayError::Store(e) = &err {
                 tracing::error!(error = %e, "store unavailable while admitting a request");
             }
             relay::reject(&state.events, &call, err)
         }
-    }
+    };
+    state.metrics.in_flight.dec();
+    state
+        .metrics
+        .request_done(endpoint.as_str(), response.status().as_u16());
+    response
 }
 
 /// The parts of a request body the gateway looks at; everything else passes through unread.
@@ -44,6 +72,23 @@ async fn handle(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: B
 struct RequestMeta {
     model: Option<String>,
     stream: Option<bool>,
+    /// Anthropic: Claude Code puts a per-session id here.
+    metadata: Option<Metadata>,
+    /// OpenAI Responses: the client's own prompt-cache routing key.
+    prompt_cache_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Metadata {
+    user_id: Option<String>,
+}
+
+struct Admitted {
+    lease: Lease,
+    body: Bytes,
+    model: String,
+    session: Option<String>,
+    hide_usage: bool,
 }
 
 async fn admit(
@@ -51,7 +96,7 @@ async fn admit(
     call: &mut Call,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Lease, Bytes), GatewayError> {
+) -> Result<Admitted, GatewayError> {
     let now_ms = chrono::Utc::now().timestamp_millis();
     let key = state
         .keys
@@ -74,9 +119,44 @@ async fn admit(
     {
         return Err(GatewayError::ModelNotAllowed(model));
     }
-    let lease = state.accounts.pick(call.endpoint.provider(), &model)?;
+
+    // A conversation stays on one account so the provider's prompt cache keeps hitting.
+    let session = headers
+        .get("x-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| meta.metadata.and_then(|m| m.user_id))
+        .or(meta.prompt_cache_key)
+        .filter(|s| !s.is_empty());
+
+    // An OpenAI chat stream reports usage only when asked; ask, and hide the answer.
+    let (body, hide_usage) = match endpoint_injects_usage(call.endpoint)
+        .then(|| relay::inject_include_usage(&body))
+        .flatten()
+    {
+        Some(injected) => (Bytes::from(injected), true),
+        None => (body, false),
+    };
+
+    let want = Want {
+        provider: call.endpoint.provider(),
+        model: &model,
+        session: session.as_deref(),
+        exclude: None,
+    };
+    let lease = state.accounts.pick(&want, now_ms)?;
     call.account_id = Some(lease.account.record.id.clone());
-    Ok((lease, body))
+    Ok(Admitted {
+        lease,
+        body,
+        model,
+        session,
+        hide_usage,
+    })
+}
+
+fn endpoint_injects_usage(endpoint: Endpoint) -> bool {
+    endpoint == Endpoint::ChatCompletions
 }
 
 /// Reads the whole body, refusing early on a declared length over the limit.
@@ -102,4 +182,50 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
             GatewayError::InvalidRequest(format!("reading the body failed: {e}"))
         }
     })
+}
+
+/// `GET /v1/models`: the models the key may use, in the shape of the provider the client
+/// speaks (Anthropic clients send `anthropic-version` or `x-api-key`).
+pub async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let provider = if headers.contains_key("anthropic-version") || headers.contains_key("x-api-key")
+    {
+        Provider::Anthropic
+    } else {
+        Provider::OpenAi
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let key = match state
+        .keys
+        .authenticate(presented_secret(&headers), now_ms)
+        .await
+    {
+        Ok(key) => key,
+        Err(err) => return err.into_response_for(provider),
+    };
+    let mut names: Vec<String> = match &key.models {
+        Some(models) => models.clone(),
+        // No allowlist: whatever the configured accounts declare they serve.
+        None => state
+            .accounts
+            .snapshot()
+            .iter()
+            .filter(|a| a.provider == provider)
+            .flat_map(|a| a.record.models.clone().unwrap_or_default())
+            .collect(),
+    };
+    names.sort();
+    names.dedup();
+    let body = match provider {
+        Provider::Anthropic => serde_json::json!({
+            "data": names.iter().map(|id| serde_json::json!({"type": "model", "id": id, "display_name": id})).collect::<Vec<_>>(),
+            "has_more": false,
+            "first_id": names.first(),
+            "last_id": names.last(),
+        }),
+        Provider::OpenAi => serde_json::json!({
+            "object": "list",
+            "data": names.iter().map(|id| serde_json::json!({"id": id, "object": "model", "owned_by": "meter"})).collect::<Vec<_>>(),
+        }),
+    };
+    Json(body).into_response()
 }

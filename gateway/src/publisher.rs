@@ -8,9 +8,13 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use redis::aio::ConnectionManager;
 use shared::{EVENT_FIELD, Keyspace, UsageEvent};
 use tokio::sync::{mpsc, watch};
+
+use crate::metrics::Metrics;
 
 /// Most events per pipeline: bounds one round trip's size.
 const MAX_BATCH: usize = 512;
@@ -20,11 +24,13 @@ const SHUTDOWN_FLUSH_DEADLINE: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct Publisher {
     tx: mpsc::UnboundedSender<UsageEvent>,
+    metrics: Arc<Metrics>,
 }
 
 impl Publisher {
     /// Queues an event; never blocks. Returns false only when the publisher has stopped.
     pub fn publish(&self, event: UsageEvent) -> bool {
+        self.metrics.events_pending.inc();
         self.tx.send(event).is_ok()
     }
 }
@@ -34,12 +40,14 @@ pub struct PublisherTask {
     conn: ConnectionManager,
     stream: String,
     shutdown: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
 }
 
 pub fn channel(
     conn: ConnectionManager,
     keyspace: &Keyspace,
     shutdown: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
 ) -> (Publisher, PublisherTask) {
     let (tx, rx) = mpsc::unbounded_channel();
     let task = PublisherTask {
@@ -47,8 +55,9 @@ pub fn channel(
         conn,
         stream: keyspace.stream().to_owned(),
         shutdown,
+        metrics: Arc::clone(&metrics),
     };
-    (Publisher { tx }, task)
+    (Publisher { tx, metrics }, task)
 }
 
 impl PublisherTask {
@@ -78,8 +87,16 @@ impl PublisherTask {
         let mut backoff = Duration::from_millis(50);
         let mut gave_up_at = None;
         loop {
+            self.metrics.redis_round_trips.inc();
             match pipe.query_async::<()>(&mut self.conn).await {
-                Ok(()) => return,
+                Ok(()) => {
+                    let n = batch.len() as u64;
+                    self.metrics.events_published.add(n);
+                    self.metrics
+                        .events_pending
+                        .set(self.metrics.events_pending.get() - n as i64);
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, events = batch.len(), "publishing usage events failed; retrying");
                 }

@@ -3,7 +3,8 @@
 //! Layout (all under the deployment's hash tag, see `shared::keyspace`):
 //! - `{t}:key:<id>` — JSON [`KeyRecord`]; `{t}:keyhash:<sha256 of secret>` — the key's id;
 //!   `{t}:keys` — set of key ids.
-//! - `{t}:account:<id>` — JSON [`AccountRecord`]; `{t}:accounts` — set of account ids.
+//! - `{t}:account:<id>` — JSON [`AccountRecord`]; `{t}:accounts` — set of account ids;
+//!   `{t}:cooldown:<id>` — Unix ms until which the account rests after an upstream 429/5xx.
 //!
 //! These records are a storage format read by other replicas, which is why they, unlike other
 //! internal types, derive serde.
@@ -13,6 +14,9 @@ use redis::aio::ConnectionManager;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use shared::Keyspace;
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
 
 use crate::error::GatewayError;
 
@@ -63,14 +67,25 @@ pub struct AccountRecord {
 pub struct Store {
     conn: ConnectionManager,
     keyspace: Keyspace,
+    metrics: Arc<Metrics>,
 }
 
 impl Store {
-    pub fn new(conn: ConnectionManager, keyspace: Keyspace) -> Self {
-        Self { conn, keyspace }
+    pub fn new(conn: ConnectionManager, keyspace: Keyspace, metrics: Arc<Metrics>) -> Self {
+        Self {
+            conn,
+            keyspace,
+            metrics,
+        }
     }
 
     pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// A connection for one round trip, counted for `/metrics`.
+    fn conn(&self) -> ConnectionManager {
+        self.metrics.redis_round_trips.inc();
         self.conn.clone()
     }
 
@@ -87,7 +102,7 @@ impl Store {
     }
 
     pub async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, GatewayError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let id: Option<String> = conn.get(self.hash_key(hash)).await?;
         match id {
             Some(id) => self.key(&id).await,
@@ -105,7 +120,7 @@ impl Store {
 
     /// Writes a new or changed key. All three keys share the hash tag, so one MULTI covers them.
     pub async fn put_key(&self, record: &KeyRecord) -> Result<(), GatewayError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         redis::pipe()
             .atomic()
             .set(self.key_key(&record.id), to_json(record))
@@ -125,7 +140,7 @@ impl Store {
     }
 
     pub async fn put_account(&self, record: &AccountRecord) -> Result<(), GatewayError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         redis::pipe()
             .atomic()
             .set(self.account_key(&record.id), to_json(record))
@@ -136,7 +151,7 @@ impl Store {
     }
 
     pub async fn delete_account(&self, id: &str) -> Result<bool, GatewayError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let (deleted,): (u32,) = redis::pipe()
             .atomic()
             .del(self.account_key(id))
@@ -147,8 +162,42 @@ impl Store {
         Ok(deleted > 0)
     }
 
+    fn cooldown_key(&self, id: &str) -> String {
+        self.keyspace.key(&format!("cooldown:{id}"))
+    }
+
+    /// Records that an account should not be used until `until_ms`, for every replica. The key
+    /// expires by itself when the cool-down ends.
+    pub async fn set_cooldown(
+        &self,
+        id: &str,
+        until_ms: i64,
+        ttl: std::time::Duration,
+    ) -> Result<(), GatewayError> {
+        let mut conn = self.conn();
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let _: () = redis::cmd("SET")
+            .arg(self.cooldown_key(id))
+            .arg(until_ms)
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Cool-down ends (Unix ms) of the given accounts, `None` where none is active.
+    pub async fn cooldowns(&self, ids: &[&str]) -> Result<Vec<Option<i64>>, GatewayError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn();
+        let keys: Vec<String> = ids.iter().map(|id| self.cooldown_key(id)).collect();
+        Ok(redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?)
+    }
+
     async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, GatewayError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let raw: Option<String> = conn.get(key).await?;
         Ok(raw.and_then(|raw| parse_json(key, &raw)))
     }
@@ -159,13 +208,14 @@ impl Store {
         set: &str,
         key_of: impl Fn(&Self, &str) -> String,
     ) -> Result<Vec<T>, GatewayError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut ids: Vec<String> = conn.smembers(self.keyspace.key(set)).await?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         ids.sort();
         let keys: Vec<String> = ids.iter().map(|id| key_of(self, id)).collect();
+        self.metrics.redis_round_trips.inc();
         let raws: Vec<Option<String>> =
             redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
         Ok(keys

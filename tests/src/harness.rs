@@ -87,13 +87,26 @@ pub struct Pipeline {
 impl Pipeline {
     /// Redis, mock upstream, gateway and aggregator, ready to serve.
     pub async fn start() -> Self {
-        let redis_url = redis_url().to_owned();
+        Self::start_with(redis_url(), |_| {}).await
+    }
+
+    /// The same on a given Redis, with the gateway's settings adjusted by `tweak`.
+    pub async fn start_with(redis_url: &str, tweak: impl FnOnce(&mut gateway::Args)) -> Self {
+        let redis_url = redis_url.to_owned();
         let stream = unique_stream();
         let upstream = MockUpstream::spawn().await;
         let mut stops = Vec::new();
 
         let gateway = {
-            let config = gateway::Config::for_test(&redis_url, &stream).unwrap();
+            let mut args = gateway::Args {
+                listen: Some("127.0.0.1:0".into()),
+                redis_url: Some(redis_url.clone()),
+                stream: Some(stream.clone()),
+                admin_token: Some(ADMIN_TOKEN.into()),
+                ..gateway::Args::default()
+            };
+            tweak(&mut args);
+            let config = gateway::Config::build(args).unwrap();
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let (tx, rx) = oneshot::channel::<()>();
@@ -183,17 +196,23 @@ impl Pipeline {
 
     /// An upstream account on the mock for `provider`; returns its id.
     pub async fn add_account(&self, provider: &str) -> String {
+        self.add_account_at(provider, &self.upstream.base_url(), json!({}))
+            .await
+    }
+
+    /// An upstream account at `base_url`, with extra fields (priority, models, ...) merged in.
+    pub async fn add_account_at(&self, provider: &str, base_url: &str, extra: Value) -> String {
+        let mut body = json!({
+            "name": format!("mock-{provider}"),
+            "provider": provider,
+            "base_url": format!("{base_url}/v1"),
+            "api_key": format!("sk-upstream-{provider}"),
+        });
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
         let (status, body) = self
-            .admin(
-                reqwest::Method::POST,
-                "/admin/accounts",
-                Some(json!({
-                    "name": format!("mock-{provider}"),
-                    "provider": provider,
-                    "base_url": format!("{}/v1", self.upstream.base_url()),
-                    "api_key": format!("sk-upstream-{provider}"),
-                })),
-            )
+            .admin(reqwest::Method::POST, "/admin/accounts", Some(body))
             .await;
         assert_eq!(status, 201, "{body}");
         body["id"].as_str().unwrap().to_owned()
@@ -239,6 +258,21 @@ impl Pipeline {
         .await
     }
 
+    /// `GET /v1/usage?<query>`, or `None` while the aggregator cannot answer (e.g. its Redis
+    /// connection is being re-established).
+    pub async fn try_usage(&self, query: &str) -> Option<Value> {
+        let response = self
+            .http
+            .get(self.aggregator_url(&format!("/v1/usage?{query}")))
+            .send()
+            .await
+            .ok()?;
+        if response.status() != 200 {
+            return None;
+        }
+        response.json().await.ok()
+    }
+
     /// `GET /v1/usage?<query>` on the aggregator.
     pub async fn usage(&self, query: &str) -> Value {
         let response = self
@@ -276,5 +310,78 @@ where
             "condition not met within {deadline:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `redis-server` of one test's own, with an append-only file, so the test can stop and
+/// restart it without losing what it held (as a production Redis with persistence would).
+pub struct RedisServer {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "meter-redis-{port}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = Self {
+            port,
+            dir,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server again on the same port and data directory.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--logfile", ""])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        self.child = Some(child);
+        wait_for_redis(&self.url());
+    }
+
+    /// SIGTERM: Redis flushes its append-only file and exits.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

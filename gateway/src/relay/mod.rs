@@ -9,21 +9,25 @@
 mod anthropic;
 mod openai;
 
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+mod metered;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
-use futures_util::stream::{BoxStream, Stream, StreamExt};
+use futures_util::stream::StreamExt;
 
-use crate::accounts::Lease;
+use crate::accounts::{Lease, Want};
 use crate::error::GatewayError;
 use crate::provider::{Endpoint, Provider};
 use crate::publisher::Publisher;
-use crate::sse::{SseHandler, SseParser};
+use crate::sse::SseHandler;
 use crate::state::AppState;
+use crate::store::AccountRecord;
 use crate::usage::{Call, Usage};
+use metered::{ChunkFilter, Metered, MeteredParts};
 
 /// Accumulates usage from a provider's stream events.
 pub trait StreamUsage: SseHandler + Send {
@@ -39,37 +43,136 @@ pub trait StreamUsage: SseHandler + Send {
 
 const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
+/// What the relay needs to know about an admitted request beyond its [`Call`].
+pub struct Outbound<'a> {
+    pub client_headers: &'a HeaderMap,
+    /// The body to send upstream: the client's bytes, unchanged unless `hide_usage`.
+    pub body: Bytes,
+    pub model: &'a str,
+    pub session: Option<&'a str>,
+    /// We asked an OpenAI chat stream for usage the client did not request: hide it.
+    pub hide_usage: bool,
+}
+
+/// Sends the request to `lease`'s account and relays the answer. An upstream 429, 529, 5xx or
+/// connection failure rests the account and — since no byte has reached the client yet — is
+/// retried once on another account that is not resting.
 pub async fn forward(
     state: &AppState,
-    call: Call,
-    lease: Lease,
-    client_headers: &HeaderMap,
-    body: Bytes,
+    mut call: Call,
+    mut lease: Lease,
+    out: Outbound<'_>,
 ) -> Response {
     let endpoint = call.endpoint;
-    let account = &lease.account.record;
+    let provider = endpoint.provider();
+    let mut failed_over = false;
+    loop {
+        let account = Arc::clone(&lease.account);
+        let sent_at = std::time::Instant::now();
+        let attempt = send(state, endpoint, &account.record, &out).await;
+        let rest = match &attempt {
+            Ok(upstream) => {
+                state.metrics.upstream_latency(provider, sent_at.elapsed());
+                rests_account(upstream.status()).then(|| {
+                    retry_after(upstream.headers()).unwrap_or(state.config.default_cooldown)
+                })
+            }
+            Err(_) => Some(state.config.default_cooldown),
+        };
+        if let Some(rest) = rest {
+            let now = now_ms();
+            state.metrics.cooldown(&account.record.id);
+            state.accounts.cool_down(&account, rest, now).await;
+            if !failed_over {
+                let want = Want {
+                    provider,
+                    model: out.model,
+                    session: out.session,
+                    exclude: Some(&account.record.id),
+                };
+                if let Ok(next) = state.accounts.pick(&want, now)
+                    && next.account.cooling_until(now).is_none()
+                {
+                    tracing::info!(from = %account.record.id, to = %next.account.record.id, "failing over to another account");
+                    failed_over = true;
+                    call.account_id = Some(next.account.record.id.clone());
+                    lease = next;
+                    continue;
+                }
+            }
+        }
+        return match attempt {
+            Err(err) => reject(&state.events, &call, err),
+            Ok(upstream) => relay_answer(state, call, lease, upstream, out.hide_usage).await,
+        };
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Statuses after which an account should rest and the request may go elsewhere.
+fn rests_account(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.as_u16() == 529 || status.is_server_error()
+}
+
+/// `retry-after` in seconds (HTTP dates are not used by the providers).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let secs: f64 = headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
+/// One upstream attempt, up to the response headers.
+async fn send(
+    state: &AppState,
+    endpoint: Endpoint,
+    account: &AccountRecord,
+    out: &Outbound<'_>,
+) -> Result<reqwest::Response, GatewayError> {
     let url = format!("{}{}", account.base_url, endpoint.upstream_path());
     let request = state
         .http
         .post(url)
         .headers(upstream_headers(
             endpoint.provider(),
-            client_headers,
+            out.client_headers,
             &account.api_key,
         ))
-        .body(body);
-    let upstream = match request.send().await {
-        Ok(upstream) => upstream,
-        Err(e) => {
+        .body(out.body.clone())
+        .send();
+    match tokio::time::timeout(state.config.upstream_first_byte_timeout, request).await {
+        Err(_) => {
+            tracing::warn!(account = %account.id, "upstream did not answer in time");
+            Err(GatewayError::UpstreamTimeout)
+        }
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, account = %account.id, "upstream request failed");
-            let err = if e.is_timeout() {
+            Err(if e.is_timeout() {
                 GatewayError::UpstreamTimeout
             } else {
                 GatewayError::UpstreamUnreachable(e.to_string())
-            };
-            return reject(&state.events, &call, err);
+            })
         }
-    };
+        Ok(Ok(response)) => Ok(response),
+    }
+}
+
+/// Relays an upstream answer (streamed or whole) and publishes its event.
+async fn relay_answer(
+    state: &AppState,
+    mut call: Call,
+    lease: Lease,
+    upstream: reqwest::Response,
+    hide_usage: bool,
+) -> Response {
+    let endpoint = call.endpoint;
     let status = upstream.status();
     let headers = client_response_headers(upstream.headers());
     let is_sse = upstream
@@ -79,30 +182,33 @@ pub async fn forward(
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
 
     if is_sse && status.is_success() {
-        let metered = Metered {
+        let metered = Metered::new(MeteredParts {
             upstream: upstream.bytes_stream().boxed(),
-            parser: SseParser::default(),
             usage: stream_usage(endpoint),
+            filter: hide_usage.then(chunk_filter),
             call,
             status: status.as_u16(),
             events: state.events.clone(),
-            _lease: lease,
-            finished: false,
-        };
+            metrics: Arc::clone(&state.metrics),
+            lease,
+            idle: state.config.upstream_idle_timeout,
+        });
         return respond(status, headers, Body::from_stream(metered));
     }
 
-    let mut call = call;
-    let body = match upstream.bytes().await {
-        Ok(body) => body,
-        Err(e) => {
-            tracing::warn!(error = %e, account = %account.id, "reading the upstream body failed");
+    let body = match tokio::time::timeout(state.config.upstream_idle_timeout, upstream.bytes())
+        .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, account = %lease.account.record.id, "reading the upstream body failed");
             return reject(
                 &state.events,
                 &call,
                 GatewayError::UpstreamUnreachable(e.to_string()),
             );
         }
+        Err(_) => return reject(&state.events, &call, GatewayError::UpstreamTimeout),
     };
     let usage = if status.is_success() {
         json_usage(endpoint, &body).unwrap_or_default()
@@ -130,9 +236,13 @@ fn respond(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
     response
 }
 
+pub use openai::inject_include_usage;
+
 fn stream_usage(endpoint: Endpoint) -> Box<dyn StreamUsage> {
     match endpoint {
         Endpoint::Messages | Endpoint::CountTokens => Box::<anthropic::MessagesStream>::default(),
+        Endpoint::ChatCompletions => Box::<openai::ChatStream>::default(),
+        Endpoint::Responses => Box::<openai::ResponsesStream>::default(),
     }
 }
 
@@ -141,6 +251,21 @@ fn json_usage(endpoint: Endpoint, body: &[u8]) -> Option<Usage> {
         Endpoint::Messages => anthropic::usage_from_json(body),
         // Counting tokens consumes none (CONTRACT.md §3).
         Endpoint::CountTokens => None,
+        Endpoint::ChatCompletions => openai::chat_usage_from_json(body),
+        Endpoint::Responses => openai::responses_usage_from_json(body),
+    }
+}
+
+fn chunk_filter() -> Box<dyn ChunkFilter> {
+    Box::<openai::UsageChunkHider>::default()
+}
+
+impl ChunkFilter for openai::UsageChunkHider {
+    fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        openai::UsageChunkHider::push(self, chunk)
+    }
+    fn finish(&mut self) -> Vec<u8> {
+        openai::UsageChunkHider::finish(self)
     }
 }
 
@@ -215,70 +340,6 @@ fn passes_to_client(name: &HeaderName) -> bool {
         "content-type" | "request-id" | "x-request-id" | "retry-after" | "cache-control"
     ) || name.starts_with("anthropic-")
         || name.starts_with("openai-")
-}
-
-/// The client's view of an upstream SSE stream, metering it on the way through.
-struct Metered {
-    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
-    parser: SseParser,
-    usage: Box<dyn StreamUsage>,
-    call: Call,
-    status: u16,
-    events: Publisher,
-    /// Held so the account's in-flight slot is freed exactly when the stream ends.
-    _lease: Lease,
-    finished: bool,
-}
-
-impl Metered {
-    fn finish(&mut self, error: Option<&str>) {
-        if !self.finished {
-            self.finished = true;
-            self.events
-                .publish(self.call.finish(self.status, self.usage.usage(), error));
-        }
-    }
-}
-
-impl Stream for Metered {
-    type Item = Result<Bytes, std::io::Error>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        if this.finished {
-            return Poll::Ready(None);
-        }
-        match ready!(this.upstream.poll_next_unpin(cx)) {
-            Some(Ok(chunk)) => {
-                this.call.first_byte_sent();
-                this.parser.feed(&chunk, this.usage.as_mut());
-                Poll::Ready(Some(Ok(chunk)))
-            }
-            Some(Err(e)) => {
-                // Bytes already reached the client, so there is no retrying: bill what was seen
-                // and cut the client's stream so it knows the answer is incomplete.
-                tracing::warn!(error = %e, "upstream stream failed");
-                this.finish(Some("upstream_error"));
-                Poll::Ready(Some(Err(std::io::Error::other(e))))
-            }
-            None => {
-                let error = if this.usage.completed() {
-                    this.usage.error()
-                } else {
-                    Some("stream_incomplete")
-                };
-                this.finish(error);
-                Poll::Ready(None)
-            }
-        }
-    }
-}
-
-impl Drop for Metered {
-    /// Dropped before the end: the client went away. Bill what was observed.
-    fn drop(&mut self) {
-        self.finish(Some("client_disconnected"));
-    }
 }
 
 #[cfg(test)]

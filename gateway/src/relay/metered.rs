@@ -1,0 +1,153 @@
+//! The client's view of an upstream SSE stream, metered on the way through.
+//!
+//! Each upstream chunk is forwarded as soon as it arrives (optionally through a filter that
+//! hides events we asked for but the client did not) while a copy feeds the usage parser. The
+//! usage event is published exactly once: at the end of the stream, on an upstream error or
+//! idle timeout, or — through `Drop` — when the client goes away. Dropping the stream also drops
+//! the upstream response, which closes that connection and so cancels the upstream request.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use futures_util::stream::{BoxStream, Stream, StreamExt};
+use tokio::time::{Instant, Sleep};
+
+use super::StreamUsage;
+use crate::accounts::Lease;
+use crate::metrics::Metrics;
+use crate::publisher::Publisher;
+use crate::sse::SseParser;
+use crate::usage::Call;
+use std::sync::Arc;
+
+/// Rewrites the byte stream on its way to the client; see `openai::UsageChunkHider`.
+pub trait ChunkFilter: Send {
+    fn push(&mut self, chunk: &[u8]) -> Vec<u8>;
+    fn finish(&mut self) -> Vec<u8>;
+}
+
+pub struct Metered {
+    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    parser: SseParser,
+    usage: Box<dyn StreamUsage>,
+    filter: Option<Box<dyn ChunkFilter>>,
+    call: Call,
+    status: u16,
+    events: Publisher,
+    metrics: Arc<Metrics>,
+    /// Held so the account's in-flight slot is freed exactly when the stream ends.
+    _lease: Lease,
+    idle: Duration,
+    idle_deadline: Pin<Box<Sleep>>,
+    finished: bool,
+}
+
+pub struct MeteredParts {
+    pub upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    pub usage: Box<dyn StreamUsage>,
+    pub filter: Option<Box<dyn ChunkFilter>>,
+    pub call: Call,
+    pub status: u16,
+    pub events: Publisher,
+    pub metrics: Arc<Metrics>,
+    pub lease: Lease,
+    pub idle: Duration,
+}
+
+impl Metered {
+    pub fn new(parts: MeteredParts) -> Self {
+        parts.metrics.streams_open.inc();
+        Self {
+            upstream: parts.upstream,
+            parser: SseParser::default(),
+            usage: parts.usage,
+            filter: parts.filter,
+            call: parts.call,
+            status: parts.status,
+            events: parts.events,
+            metrics: parts.metrics,
+            _lease: parts.lease,
+            idle: parts.idle,
+            idle_deadline: Box::pin(tokio::time::sleep(parts.idle)),
+            finished: false,
+        }
+    }
+
+    fn finish(&mut self, error: Option<&str>) {
+        if !self.finished {
+            self.finished = true;
+            self.metrics.streams_open.dec();
+            self.events
+                .publish(self.call.finish(self.status, self.usage.usage(), error));
+        }
+    }
+}
+
+impl Stream for Metered {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            match this.upstream.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let idle = this.idle;
+                    this.idle_deadline.as_mut().reset(Instant::now() + idle);
+                    this.parser.feed(&chunk, this.usage.as_mut());
+                    let out = match this.filter.as_mut() {
+                        Some(filter) => Bytes::from(filter.push(&chunk)),
+                        None => chunk,
+                    };
+                    if out.is_empty() {
+                        continue;
+                    }
+                    this.call.first_byte_sent();
+                    return Poll::Ready(Some(Ok(out)));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    // Bytes already reached the client, so there is no retrying: bill what was
+                    // seen and cut the client's stream so it knows the answer is incomplete.
+                    tracing::warn!(error = %e, "upstream stream failed");
+                    this.finish(Some("upstream_error"));
+                    return Poll::Ready(Some(Err(std::io::Error::other(e))));
+                }
+                Poll::Ready(None) => {
+                    let rest = this.filter.as_mut().map(|f| f.finish()).unwrap_or_default();
+                    let error = if this.usage.completed() {
+                        this.usage.error()
+                    } else {
+                        Some("stream_incomplete")
+                    };
+                    this.finish(error);
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Bytes::from(rest))));
+                }
+                Poll::Pending => {
+                    if this.idle_deadline.as_mut().poll(cx).is_ready() {
+                        tracing::warn!(
+                            idle_secs = this.idle.as_secs_f64(),
+                            "upstream stream went idle"
+                        );
+                        this.finish(Some("upstream_timeout"));
+                        return Poll::Ready(Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "upstream stream idle timeout",
+                        ))));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Metered {
+    /// Dropped before the end: the client went away. Bill what was observed.
+    fn drop(&mut self) {
+        self.finish(Some("client_disconnected"));
+    }
+}
