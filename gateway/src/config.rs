@@ -24,6 +24,10 @@ pub struct Config {
     pub upstream_idle_timeout: Duration,
     /// How long an account rests after a 429/5xx without `retry-after`, or a connection failure.
     pub default_cooldown: Duration,
+    /// Where usage events wait while Redis is unreachable. One directory per gateway process.
+    pub spool_dir: PathBuf,
+    /// Approximate cap on the stream's length (`XADD MAXLEN ~`); `None`: the aggregator trims.
+    pub stream_maxlen: Option<u64>,
     /// How long a cached key record or account list may be used before it is re-read.
     pub cache_ttl: Duration,
 }
@@ -77,6 +81,12 @@ pub struct Args {
     pub default_cooldown_ms: Option<u64>,
     #[arg(long, env = "GATEWAY_CACHE_TTL_MS")]
     pub cache_ttl_ms: Option<u64>,
+    /// Directory of the local event spool (default `./spool`); one per gateway process.
+    #[arg(long, env = "GATEWAY_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Cap the stream at about this many entries (default: no cap; the aggregator trims).
+    #[arg(long, env = "METER_STREAM_MAXLEN")]
+    pub stream_maxlen: Option<u64>,
 }
 
 /// The same settings as a TOML file spells them.
@@ -93,6 +103,8 @@ struct FileConfig {
     upstream_idle_timeout_ms: Option<u64>,
     default_cooldown_ms: Option<u64>,
     cache_ttl_ms: Option<u64>,
+    spool_dir: Option<PathBuf>,
+    stream_maxlen: Option<u64>,
 }
 
 impl Config {
@@ -162,6 +174,11 @@ impl Config {
                     .or(file.default_cooldown_ms)
                     .unwrap_or(60_000),
             ),
+            spool_dir: args
+                .spool_dir
+                .or(file.spool_dir)
+                .unwrap_or_else(|| PathBuf::from("spool")),
+            stream_maxlen: args.stream_maxlen.or(file.stream_maxlen).filter(|n| *n > 0),
             cache_ttl: Duration::from_millis(
                 args.cache_ttl_ms.or(file.cache_ttl_ms).unwrap_or(1_000),
             ),
@@ -175,6 +192,7 @@ impl Config {
             redis_url: Some(redis_url.into()),
             stream: Some(stream.into()),
             admin_token: Some("admin".into()),
+            spool_dir: Some(std::env::temp_dir().join(format!("meter-spool-{stream}"))),
             ..Args::default()
         })
     }

@@ -57,6 +57,8 @@ pub enum StartError {
     },
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("cannot open the event spool: {0}")]
+    Spool(#[from] spool::SpoolError),
     #[error("server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -73,10 +75,15 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::default());
 
     let store = Store::new(conn.clone(), config.keyspace.clone(), Arc::clone(&metrics));
+    let spool = spool::Spool::open(&config.spool_dir)?;
+    if !spool.is_empty() {
+        tracing::info!(events = spool.len(), dir = %config.spool_dir.display(), "re-publishing spooled usage events");
+    }
     let (events, publisher) = publisher::channel(
         conn,
         &config.keyspace,
-        stop_rx.clone(),
+        config.stream_maxlen,
+        spool,
         Arc::clone(&metrics),
     );
     let publisher = tokio::spawn(publisher.run());

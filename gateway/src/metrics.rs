@@ -89,6 +89,7 @@ pub struct Metrics {
     pub events_spooled: Counter,
     pub events_pending: Gauge,
     pub spool_bytes: Gauge,
+    pub spool_skipped: Gauge,
     pub redis_round_trips: Counter,
     pub auth_served_stale: Counter,
     cooldowns: Mutex<Vec<(String, u64)>>,
@@ -150,6 +151,11 @@ impl Metrics {
                 "meter_gateway_events_pending",
                 "Usage events queued in memory, not yet in Redis.",
                 self.events_pending.get(),
+            ),
+            (
+                "meter_gateway_spool_skipped_records",
+                "Damaged spool records skipped (lost events) since start.",
+                self.spool_skipped.get(),
             ),
             (
                 "meter_gateway_spool_bytes",

@@ -103,6 +103,7 @@ impl Pipeline {
                 redis_url: Some(redis_url.clone()),
                 stream: Some(stream.clone()),
                 admin_token: Some(ADMIN_TOKEN.into()),
+                spool_dir: Some(std::env::temp_dir().join(format!("meter-spool-{stream}"))),
                 ..gateway::Args::default()
             };
             tweak(&mut args);
@@ -120,21 +121,8 @@ impl Pipeline {
             });
             addr
         };
-        let aggregator = {
-            let config = aggregator::Config::for_test(&redis_url, &stream).unwrap();
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let (tx, rx) = oneshot::channel::<()>();
-            stops.push(tx);
-            tokio::spawn(async move {
-                aggregator::run(listener, config, async {
-                    let _ = rx.await;
-                })
-                .await
-                .expect("aggregator failed")
-            });
-            addr
-        };
+        let (aggregator, stop) = spawn_aggregator(&redis_url, &stream).await;
+        stops.push(stop);
         let pipeline = Self {
             redis_url,
             stream,
@@ -292,6 +280,22 @@ impl Drop for Pipeline {
             let _ = stop.send(());
         }
     }
+}
+
+/// An in-process aggregator on a free port; it stops when the returned sender is sent or dropped.
+pub async fn spawn_aggregator(redis_url: &str, stream: &str) -> (SocketAddr, oneshot::Sender<()>) {
+    let config = aggregator::Config::for_test(redis_url, stream).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        aggregator::run(listener, config, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("aggregator failed")
+    });
+    (addr, tx)
 }
 
 /// Polls `probe` until it returns `Some`, or panics after `deadline`.

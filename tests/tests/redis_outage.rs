@@ -23,7 +23,7 @@ async fn redis_stopped_while_200_requests_are_served_loses_no_event() {
                 .post(p.gateway_url("/v1/messages"))
                 .header("x-api-key", secret)
                 .json(
-                    &json!({"model": "claude-haiku-4-5", "max_tokens": 5, "stream": i % 2 == 0,
+                    &json!({"model": "claude-haiku-4-5", "max_tokens": 5, "stream": i.is_multiple_of(2),
                               "messages": [], "mock": {"input_tokens": 10, "output_tokens": 2}}),
                 )
                 .send()

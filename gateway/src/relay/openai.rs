@@ -9,9 +9,6 @@
 //! the client did not ask for ([`UsageChunkHider`]). A Responses stream always reports usage, in
 //! its terminal event.
 
-// Wired up by relay/mod.rs.
-#![allow(dead_code)]
-
 use serde::Deserialize;
 use serde_json::{Map, Value};
 

@@ -1,0 +1,130 @@
+//! A gateway that dies while Redis is down loses nothing: its events wait in the spool file and
+//! the next gateway process on that spool re-publishes them (CONTRACT.md §7.3).
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tests::harness::{
+    ADMIN_TOKEN, RedisServer, eventually, free_port, spawn_aggregator, unique_stream,
+};
+use tests::mock_upstream::MockUpstream;
+use tests::process::Process;
+
+fn spawn_gateway(redis: &RedisServer, stream: &str, port: u16, spool: &std::path::Path) -> Process {
+    Process::spawn(
+        "gateway",
+        "gateway",
+        &[
+            ("REDIS_URL", redis.url()),
+            ("METER_STREAM", stream.to_owned()),
+            ("GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
+            ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+            ("GATEWAY_SPOOL_DIR", spool.display().to_string()),
+        ],
+    )
+}
+
+async fn metric(http: &reqwest::Client, port: u16, name: &str) -> Option<f64> {
+    let text = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_spooled_by_a_killed_gateway_are_published_by_the_next_one() {
+    let mut redis = RedisServer::start();
+    let stream = unique_stream();
+    let spool = std::env::temp_dir().join(format!("meter-crash-spool-{stream}"));
+    let upstream = MockUpstream::spawn().await;
+    let (aggregator, _stop) = spawn_aggregator(&redis.url(), &stream).await;
+    let http = reqwest::Client::new();
+    let port = free_port();
+    let gateway = spawn_gateway(&redis, &stream, port, &spool);
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(20), || async {
+        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+
+    let admin = |path: &str, body: Value| {
+        http.post(format!("{base}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+    let created = admin(
+        "/admin/accounts",
+        json!({"name": "m", "provider": "anthropic",
+        "base_url": upstream.base_url(), "api_key": "sk-m"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.status(), 201);
+    let key: Value = admin("/admin/keys", json!({"name": "k"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let send = || async {
+        let response = http
+            .post(format!("{base}/v1/messages"))
+            .header("x-api-key", &secret)
+            .json(
+                &json!({"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [],
+                          "mock": {"input_tokens": 7, "output_tokens": 3}}),
+            )
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        response.bytes().await.unwrap();
+        status
+    };
+    assert_eq!(send().await, 200);
+
+    redis.stop();
+    for _ in 0..50 {
+        assert_eq!(send().await, 200);
+    }
+    // Everything has left memory for the spool file.
+    eventually(Duration::from_secs(20), || async {
+        let pending = metric(&http, port, "meter_gateway_events_pending").await?;
+        let spooled = metric(&http, port, "meter_gateway_spool_bytes").await?;
+        (pending == 0.0 && spooled > 0.0).then_some(())
+    })
+    .await;
+    gateway.kill();
+
+    redis.restart();
+    let _next = spawn_gateway(&redis, &stream, port, &spool);
+    let usage_url = format!("http://{aggregator}/v1/usage");
+    let row = eventually(Duration::from_secs(30), || async {
+        let usage: Value = http.get(&usage_url).send().await.ok()?.json().await.ok()?;
+        let row = usage["rows"][0].clone();
+        (row["requests"].as_i64()? >= 51).then_some(row)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let usage: Value = http
+        .get(&usage_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["rows"][0]["requests"], 51, "{row}");
+    assert_eq!(usage["rows"][0]["input_tokens"], 51 * 7);
+    let _ = std::fs::remove_dir_all(&spool);
+}
