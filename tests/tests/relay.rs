@@ -476,3 +476,105 @@ async fn a_client_that_disconnects_mid_stream_is_billed_for_what_was_seen() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn anthropic_stream_traps_are_billed_from_what_the_stream_said() {
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    let (_, secret) = p.add_key(json!({"name": "t"})).await;
+    // message_delta carries final input and cache counts: they win over message_start's.
+    let response = post(
+        &p,
+        "/v1/messages",
+        &secret,
+        json!({
+        "model": "claude-haiku-4-5", "max_tokens": 50, "stream": true, "messages": [],
+        "mock": {"input_tokens": 10, "cache_read": 5, "output_tokens": 6, "delta_usage_full": true,
+                 "delta_input_tokens": 12, "delta_cache_read": 9}}),
+    )
+    .await;
+    response.text().await.unwrap();
+    // A stream that ends cleanly but without message_stop: billed, and marked incomplete.
+    let response = post(
+        &p,
+        "/v1/messages",
+        &secret,
+        json!({
+        "model": "claude-haiku-4-5", "max_tokens": 50, "stream": true, "messages": [],
+        "mock": {"input_tokens": 10, "output_tokens": 6, "omit_terminator": true}}),
+    )
+    .await;
+    let text = response.text().await.unwrap();
+    assert!(!text.contains("message_stop"));
+    // An OpenAI chat stream without [DONE].
+    p.add_account("openai").await;
+    let response = post(
+        &p,
+        "/v1/chat/completions",
+        &secret,
+        json!({
+        "model": "gpt-4o", "stream": true, "messages": [],
+        "mock": {"input_tokens": 10, "output_tokens": 6, "omit_terminator": true}}),
+    )
+    .await;
+    response.text().await.unwrap();
+
+    let events = p.wait_for_events(3).await;
+    check_tokens(&events[0], 12, 6, 0, 9);
+    assert_eq!(events[0].error, None);
+    check_tokens(&events[1], 10, 6, 0, 0);
+    assert_eq!(events[1].error.as_deref(), Some("stream_incomplete"));
+    assert_eq!(events[2].error.as_deref(), Some("stream_incomplete"));
+}
+
+#[tokio::test]
+async fn an_account_at_its_concurrency_limit_is_skipped() {
+    let p = Pipeline::start().await;
+    let busy = p
+        .add_account_at(
+            "anthropic",
+            &p.upstream.base_url(),
+            json!({"name": "one-at-a-time", "max_concurrency": 1}),
+        )
+        .await;
+    let spare = p
+        .add_account_at(
+            "anthropic",
+            &p.upstream.base_url(),
+            json!({"name": "spare", "priority": 5}),
+        )
+        .await;
+    let (_, secret) = p.add_key(json!({"name": "c"})).await;
+    let slow = post(
+        &p,
+        "/v1/messages",
+        &secret,
+        json!({
+        "model": "claude-haiku-4-5", "max_tokens": 5, "stream": true, "messages": [],
+        "mock": {"chunk_delay_ms": 100}}),
+    )
+    .await;
+    let quick = post(
+        &p,
+        "/v1/messages",
+        &secret,
+        json!({
+        "model": "claude-haiku-4-5", "max_tokens": 5, "messages": [], "mock": {}}),
+    )
+    .await;
+    assert_eq!(quick.status(), 200);
+    slow.text().await.unwrap();
+    let events = p.wait_for_events(2).await;
+    let by_stream: Vec<(bool, Option<&str>)> = events
+        .iter()
+        .map(|e| (e.stream, e.account_id.as_deref()))
+        .collect();
+    assert!(
+        by_stream.contains(&(true, Some(busy.as_str()))),
+        "{by_stream:?}"
+    );
+    assert!(
+        by_stream.contains(&(false, Some(spare.as_str()))),
+        "{by_stream:?}"
+    );
+}
