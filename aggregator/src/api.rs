@@ -13,8 +13,12 @@ use serde_json::{Map, Value, json};
 use shared::Keyspace;
 
 use crate::metrics::Metrics;
-use crate::query::{ParamError, Query, group, rfc3339};
-use crate::stats::{DIMENSIONS, Totals, hour_key};
+use crate::query::{
+    ParamError, Query, group, group_latency, parse_quantiles, quantile_label, rfc3339,
+};
+use crate::rollup::Resolution;
+use crate::sketch::Sketch;
+use crate::stats::{DIMENSIONS, Totals};
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -27,6 +31,7 @@ pub struct ApiState {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/usage", get(usage))
+        .route("/v1/latency", get(latency))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -69,7 +74,7 @@ async fn usage(
     let mut pipe = redis::pipe();
     for hour in &hours {
         pipe.cmd("HGETALL")
-            .arg(state.keyspace.key(&hour_key(*hour)));
+            .arg(state.keyspace.key(&Resolution::Hour.key(*hour)));
     }
     let mut conn = state.conn.clone();
     let hashes: Vec<Vec<(String, i64)>> = if hours.is_empty() {
@@ -89,7 +94,59 @@ async fn usage(
     })))
 }
 
-fn row(query: &Query, bucket: Option<i64>, values: &[String], t: &Totals) -> Value {
+/// Every hour hash of the query's range, in one pipeline.
+async fn read_hours(
+    state: &ApiState,
+    query: &Query,
+) -> Result<Vec<(i64, Vec<(String, i64)>)>, ApiError> {
+    let hours: Vec<i64> = query.hours().collect();
+    if hours.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for hour in &hours {
+        pipe.cmd("HGETALL")
+            .arg(state.keyspace.key(&Resolution::Hour.key(*hour)));
+    }
+    let mut conn = state.conn.clone();
+    let hashes: Vec<Vec<(String, i64)>> = pipe.query_async(&mut conn).await?;
+    Ok(hours.into_iter().zip(hashes).collect())
+}
+
+async fn latency(
+    State(state): State<ApiState>,
+    QueryParams(params): QueryParams<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let query = Query::parse(&params, chrono::Utc::now().timestamp_millis())?;
+    let quantiles = parse_quantiles(&params)?;
+    let cells = read_hours(&state, &query).await?;
+    let quantiles_ms = |sketch: &Sketch| -> Value {
+        let mut out = Map::new();
+        for q in &quantiles {
+            let ms = sketch.quantile(*q).map(|us| us / 1000.0);
+            out.insert(quantile_label(*q), ms.map_or(Value::Null, Value::from));
+        }
+        Value::Object(out)
+    };
+    let rows: Vec<Value> = group_latency(&query, &cells)
+        .into_iter()
+        .map(|((bucket, values), sketches)| {
+            let mut row = dimension_fields(&query, bucket, &values);
+            row.insert("count".into(), sketches.latency.count().into());
+            row.insert("latency_ms".into(), quantiles_ms(&sketches.latency));
+            row.insert("ttft_ms".into(), quantiles_ms(&sketches.ttft));
+            Value::Object(row)
+        })
+        .collect();
+    Ok(Json(json!({
+        "from": rfc3339(query.from_ms),
+        "to": rfc3339(query.to_ms),
+        "rows": rows,
+    })))
+}
+
+/// The bucket and group-by fields that identify a row.
+fn dimension_fields(query: &Query, bucket: Option<i64>, values: &[String]) -> Map<String, Value> {
     let mut row = Map::new();
     if let Some(start) = bucket {
         row.insert("bucket_start".into(), rfc3339(start).into());
@@ -104,6 +161,11 @@ fn row(query: &Query, bucket: Option<i64>, values: &[String], t: &Totals) -> Val
         };
         row.insert(name.into(), value);
     }
+    row
+}
+
+fn row(query: &Query, bucket: Option<i64>, values: &[String], t: &Totals) -> Value {
+    let mut row = dimension_fields(query, bucket, values);
     for (name, n) in [
         ("requests", t.requests),
         ("errors", t.errors),

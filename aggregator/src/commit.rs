@@ -19,10 +19,7 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 use shared::Keyspace;
 
-use crate::stats::{Delta, hour_key};
-
-/// Hour buckets are kept this long; CONTRACT.md §5 and the rollup plan keep 90 days of hours.
-pub const HOUR_RETENTION_SECS: i64 = 90 * 24 * 3600;
+use crate::stats::Delta;
 
 const SCRIPT: &str = r#"
 local pos = 1
@@ -146,13 +143,15 @@ impl Committer {
             let k = key_index(self.seen_key(*slot), &mut keys);
             invocation.arg(k).arg(ids.len()).arg(ids);
         }
-        let increments = delta.increments();
-        invocation.arg(increments.len());
-        for (hour, fields) in &increments {
-            let k = key_index(self.keyspace.key(&hour_key(*hour)), &mut keys);
-            let expire_at = hour / 1000 + HOUR_RETENTION_SECS;
-            invocation.arg(k).arg(expire_at).arg(fields.len());
-            for (field, n) in fields {
+        let writes = delta.writes();
+        invocation.arg(writes.len());
+        for write in &writes {
+            let k = key_index(self.keyspace.key(&write.key), &mut keys);
+            invocation
+                .arg(k)
+                .arg(write.expire_at.unwrap_or(0))
+                .arg(write.fields.len());
+            for (field, n) in &write.fields {
                 invocation.arg(field).arg(*n);
             }
         }

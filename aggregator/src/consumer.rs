@@ -90,13 +90,19 @@ impl Consumer {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
         let mut own_pending_done = false;
+        // Created once; again only if the stream (and with it the group) disappeared, e.g. a
+        // Redis restarted without persistence.
+        let mut group_ready = false;
         let mut last_claim = tokio::time::Instant::now();
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let step = async {
-                self.ensure_group().await?;
+                if !group_ready {
+                    self.ensure_group().await?;
+                    group_ready = true;
+                }
                 if !own_pending_done {
                     let entries = self.read("0").await?;
                     own_pending_done = entries.is_empty();
@@ -119,6 +125,9 @@ impl Consumer {
             match result {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
+                    if e.code() == Some("NOGROUP") {
+                        group_ready = false;
+                    }
                     tracing::warn!(error = %e, "consuming the usage stream failed; retrying");
                     self.metrics.errors.fetch_add(1, Ordering::Relaxed);
                     tokio::select! {
@@ -209,10 +218,11 @@ impl Consumer {
         loop {
             let mut delta = Delta::default();
             let mut unpriced = 0;
+            let now_ms = chrono::Utc::now().timestamp_millis();
             for (_, event) in &events {
                 let cost = self.pricing.price(&usage_of(event));
                 unpriced += usize::from(cost.is_none());
-                delta.add(event, cost);
+                delta.add(event, cost, now_ms);
             }
             let seen: Vec<Seen> = events
                 .iter()

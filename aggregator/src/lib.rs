@@ -11,6 +11,8 @@
 pub mod config;
 pub mod pricing;
 
+mod rollup;
+pub mod sketch;
 mod stats;
 
 mod commit;

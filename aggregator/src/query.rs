@@ -5,7 +5,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use crate::stats::{DIMENSIONS, Dims, HOUR_MS, Totals, hour_of, read_field};
+use crate::rollup::{HOUR_MS, Resolution};
+use crate::sketch::Sketch;
+use crate::stats::{DIMENSIONS, Dims, Field, Totals, read_field};
+
+fn hour_of(ts_ms: i64) -> i64 {
+    Resolution::Hour.start_of(ts_ms)
+}
 
 /// Longest range one query may scan, in hour buckets: bounds the work of a request.
 pub const MAX_HOURS: i64 = 24 * 93;
@@ -155,7 +161,7 @@ pub fn group(query: &Query, hours: &[(i64, Vec<(String, i64)>)]) -> BTreeMap<Row
             Bucket::Hour => Some(*hour),
         };
         for (field, value) in fields {
-            let Some((dims, totals)) = read_field(field, *value) else {
+            let Some((dims, Field::Counter(totals))) = read_field(field, *value) else {
                 continue;
             };
             if !query.matches(&dims) {
@@ -166,6 +172,76 @@ pub fn group(query: &Query, hours: &[(i64, Vec<(String, i64)>)]) -> BTreeMap<Row
         }
     }
     rows
+}
+
+/// Latency and time-to-first-token sketches of one result row.
+#[derive(Debug, Default)]
+pub struct LatencyRow {
+    pub latency: Sketch,
+    pub ttft: Sketch,
+}
+
+/// Merges stored sketch bins into rows, like [`group`] does for counters.
+pub fn group_latency(
+    query: &Query,
+    hours: &[(i64, Vec<(String, i64)>)],
+) -> BTreeMap<RowKey, LatencyRow> {
+    let mut rows: BTreeMap<RowKey, LatencyRow> = BTreeMap::new();
+    for (hour, fields) in hours {
+        let bucket = match query.bucket {
+            Bucket::All => None,
+            Bucket::Hour => Some(*hour),
+        };
+        for (field, value) in fields {
+            let Some((dims, field)) = read_field(field, *value) else {
+                continue;
+            };
+            if matches!(field, Field::Counter(_)) || !query.matches(&dims) {
+                continue;
+            }
+            let values = query.group_by.iter().map(|i| dims.0[*i].clone()).collect();
+            let row = rows.entry((bucket, values)).or_default();
+            match field {
+                Field::Latency(bin, n) => row.latency.add_bin(bin, n),
+                Field::Ttft(bin, n) => row.ttft.add_bin(bin, n),
+                Field::Counter(_) => {}
+            }
+        }
+    }
+    rows
+}
+
+/// `quantiles=0.5,0.9,0.99` (the default).
+pub fn parse_quantiles(params: &HashMap<String, String>) -> Result<Vec<f64>, ParamError> {
+    let Some(raw) = params.get("quantiles") else {
+        return Ok(vec![0.5, 0.9, 0.99]);
+    };
+    let quantiles: Vec<f64> = raw
+        .split(',')
+        .map(|q| {
+            q.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|q| (0.0..=1.0).contains(q))
+                .ok_or_else(|| {
+                    bad(
+                        "quantiles",
+                        format!("{q:?} is not a number between 0 and 1"),
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    if quantiles.is_empty() || quantiles.len() > 20 {
+        return Err(bad("quantiles", "give between 1 and 20 quantiles"));
+    }
+    Ok(quantiles)
+}
+
+/// `0.5` → `p50`, `0.999` → `p99.9`.
+pub fn quantile_label(q: f64) -> String {
+    let percent = q * 100.0;
+    let rounded = (percent * 1e6).round() / 1e6;
+    format!("p{rounded}")
 }
 
 pub fn rfc3339(ms: i64) -> String {
@@ -212,6 +288,24 @@ mod tests {
         check_err(&[("limit", "3")], "limit");
         check_err(&[("from", "7200000"), ("to", "0")], "from");
         check_err(&[("tz", "+08:00")], "tz");
+    }
+
+    #[test]
+    fn quantiles_are_parsed_and_labelled() {
+        assert_eq!(parse_quantiles(&params(&[])).unwrap(), [0.5, 0.9, 0.99]);
+        assert_eq!(
+            parse_quantiles(&params(&[("quantiles", "0.999, 1")])).unwrap(),
+            [0.999, 1.0]
+        );
+        assert_eq!(
+            parse_quantiles(&params(&[("quantiles", "1.5")]))
+                .unwrap_err()
+                .param,
+            "quantiles"
+        );
+        assert_eq!(quantile_label(0.5), "p50");
+        assert_eq!(quantile_label(0.999), "p99.9");
+        assert_eq!(quantile_label(0.99), "p99");
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The stats data model: dimensions, totals, time buckets, and how they are laid out in Redis.
 //!
-//! Every event lands in one cell: (hour bucket of its `ts`) × (key, model, account, provider,
-//! endpoint, status). A cell is a set of counters in the bucket's Redis hash, one hash field per
-//! counter: `<metric>:<tuple>`. Group-by and filters are applied when reading, so any grouping
-//! of the six dimensions is answered from the same cells and always sums to the same totals.
+//! Every event lands in one cell per resolution (see `rollup`): (bucket of its `ts`) × (key,
+//! model, account, provider, endpoint, status). A cell is a set of counters in the bucket's
+//! Redis hash, one hash field per counter: `<metric>:<tuple>`; latency and time-to-first-token
+//! sketches add one field per occupied bin, `l<bin>:<tuple>` and `t<bin>:<tuple>`. Group-by and
+//! filters are applied when reading, so any grouping of the six dimensions is answered from the
+//! same cells and always sums to the same totals.
 //!
 //! Costs are exact: attodollars (1e-18 USD) split into two integer counters, `ch` (whole
 //! nanodollars) and `cl` (the remaining attodollars, < 1e9 per event), because Redis counters
@@ -14,8 +16,9 @@ use std::collections::HashMap;
 use shared::UsageEvent;
 
 use crate::pricing::Cost;
+use crate::rollup::Resolution;
+use crate::sketch;
 
-pub const HOUR_MS: i64 = 3_600_000;
 const ATTO_PER_NANO: i128 = 1_000_000_000;
 /// Separates dimension values inside a field name; values never contain it (see [`clean`]).
 const SEP: char = '\u{1f}';
@@ -142,54 +145,113 @@ impl Totals {
     }
 }
 
-/// Start of the hour containing `ts_ms`.
-pub fn hour_of(ts_ms: i64) -> i64 {
-    ts_ms.div_euclid(HOUR_MS) * HOUR_MS
-}
-
-/// Name (below the keyspace prefix) of the hash holding the hour starting at `start_ms`.
-pub fn hour_key(start_ms: i64) -> String {
-    format!("st:h:{start_ms}")
+/// One cell's change within a batch.
+#[derive(Debug, Default)]
+struct CellDelta {
+    totals: Totals,
+    latency: HashMap<u32, i64>,
+    ttft: HashMap<u32, i64>,
 }
 
 /// A batch's effect on the stats: cells summed in memory, so a batch of many events costs
 /// one increment per touched counter.
 #[derive(Debug, Default)]
 pub struct Delta {
-    cells: HashMap<(i64, Dims), Totals>,
+    cells: HashMap<(Resolution, i64, Dims), CellDelta>,
+}
+
+/// The writes to one bucket hash.
+pub struct BucketWrite {
+    /// Key name below the keyspace prefix.
+    pub key: String,
+    /// Unix seconds; `None`: kept.
+    pub expire_at: Option<i64>,
+    pub fields: Vec<(String, i64)>,
 }
 
 impl Delta {
-    pub fn add(&mut self, event: &UsageEvent, cost: Option<Cost>) {
-        self.cells
-            .entry((hour_of(event.ts), Dims::of(event)))
-            .or_default()
-            .add(&Totals::of(event, cost));
+    /// Adds an event to every resolution whose bucket for it is still retained at `now_ms`
+    /// (a very late event is not written where it would expire at once).
+    pub fn add(&mut self, event: &UsageEvent, cost: Option<Cost>, now_ms: i64) {
+        let dims = Dims::of(event);
+        let totals = Totals::of(event, cost);
+        let latency = sketch::bin_of(event.latency_us);
+        let ttft = event.ttft_us.map(sketch::bin_of);
+        for resolution in Resolution::ALL {
+            let start = resolution.start_of(event.ts);
+            if !resolution.retained(start, now_ms) {
+                continue;
+            }
+            let cell = self
+                .cells
+                .entry((resolution, start, dims.clone()))
+                .or_default();
+            cell.totals.add(&totals);
+            if resolution.has_sketches() {
+                *cell.latency.entry(latency).or_default() += 1;
+                if let Some(bin) = ttft {
+                    *cell.ttft.entry(bin).or_default() += 1;
+                }
+            }
+        }
     }
 
-    /// Per hour bucket, the hash-field increments to apply.
-    pub fn increments(&self) -> HashMap<i64, Vec<(String, i64)>> {
-        let mut out: HashMap<i64, Vec<(String, i64)>> = HashMap::new();
-        for ((hour, dims), totals) in &self.cells {
+    /// The hash-field increments to apply, per bucket hash.
+    pub fn writes(&self) -> Vec<BucketWrite> {
+        let mut out: HashMap<(Resolution, i64), Vec<(String, i64)>> = HashMap::new();
+        for ((resolution, start, dims), cell) in &self.cells {
             let tuple = dims.encode();
-            let fields = out.entry(*hour).or_default();
+            let fields = out.entry((*resolution, *start)).or_default();
             fields.extend(
-                totals
+                cell.totals
                     .increments()
                     .map(|(metric, n)| (format!("{metric}:{tuple}"), n)),
             );
+            fields.extend(
+                cell.latency
+                    .iter()
+                    .map(|(bin, n)| (format!("l{bin}:{tuple}"), *n)),
+            );
+            fields.extend(
+                cell.ttft
+                    .iter()
+                    .map(|(bin, n)| (format!("t{bin}:{tuple}"), *n)),
+            );
         }
-        out
+        out.into_iter()
+            .map(|((resolution, start), fields)| BucketWrite {
+                key: resolution.key(start),
+                expire_at: resolution.expire_at_secs(start),
+                fields,
+            })
+            .collect()
     }
 }
 
-/// Decodes one hash field and its value back into a cell's contribution.
-pub fn read_field(field: &str, value: i64) -> Option<(Dims, Totals)> {
+/// What one stored hash field holds.
+#[derive(Debug, PartialEq)]
+pub enum Field {
+    Counter(Totals),
+    Latency(u32, u64),
+    Ttft(u32, u64),
+}
+
+/// Decodes one hash field and its value.
+pub fn read_field(field: &str, value: i64) -> Option<(Dims, Field)> {
     let (metric, tuple) = field.split_once(':')?;
     let dims = Dims::decode(tuple)?;
-    let mut totals = Totals::default();
-    totals.set(metric, value);
-    Some((dims, totals))
+    let count = || u64::try_from(value).ok();
+    let bin = |digits: &str| digits.parse::<u32>().ok();
+    let field = match metric.split_at_checked(1)? {
+        ("l", digits) if !digits.is_empty() => Field::Latency(bin(digits)?, count()?),
+        ("t", digits) if !digits.is_empty() => Field::Ttft(bin(digits)?, count()?),
+        _ => {
+            let mut totals = Totals::default();
+            totals.set(metric, value);
+            Field::Counter(totals)
+        }
+    };
+    Some((dims, field))
 }
 
 #[cfg(test)]
@@ -220,13 +282,22 @@ mod tests {
         }
     }
 
-    /// Applies a delta's increments to an in-memory "Redis" and reads them back.
+    const HOUR_MS: i64 = crate::rollup::HOUR_MS;
+    /// Late enough that every resolution is still retained.
+    const NOW: i64 = 3 * HOUR_MS;
+
+    /// Applies a delta's hour-bucket increments to an in-memory "Redis" and reads them back.
     fn round_trip(delta: &Delta) -> HashMap<(i64, Dims), Totals> {
         let mut out: HashMap<(i64, Dims), Totals> = HashMap::new();
-        for (hour, fields) in delta.increments() {
-            for (field, n) in fields {
-                let (dims, t) = read_field(&field, n).unwrap();
-                out.entry((hour, dims)).or_default().add(&t);
+        for write in delta.writes() {
+            let Some(hour) = write.key.strip_prefix("st:h:") else {
+                continue;
+            };
+            let hour: i64 = hour.parse().unwrap();
+            for (field, n) in write.fields {
+                if let (dims, Field::Counter(t)) = read_field(&field, n).unwrap() {
+                    out.entry((hour, dims)).or_default().add(&t);
+                }
             }
         }
         out
@@ -236,9 +307,9 @@ mod tests {
     fn events_of_one_cell_are_summed_and_read_back() {
         let mut delta = Delta::default();
         let cost = Cost::from_atto(3 * ATTO_PER_NANO + 7);
-        delta.add(&event(HOUR_MS + 5, "m", 200, 10), Some(cost));
-        delta.add(&event(HOUR_MS + 9, "m", 500, 5), Some(cost));
-        delta.add(&event(2 * HOUR_MS, "m", 200, 1), None);
+        delta.add(&event(HOUR_MS + 5, "m", 200, 10), Some(cost), NOW);
+        delta.add(&event(HOUR_MS + 9, "m", 500, 5), Some(cost), NOW);
+        delta.add(&event(2 * HOUR_MS, "m", 200, 1), None, NOW);
         let cells = round_trip(&delta);
         assert_eq!(cells.len(), 3, "two statuses in hour 1, one cell in hour 2");
         let first = cells[&(HOUR_MS, Dims::of(&event(0, "m", 200, 0)))];
@@ -253,7 +324,7 @@ mod tests {
     #[test]
     fn a_separator_inside_a_value_cannot_shift_dimensions() {
         let mut delta = Delta::default();
-        delta.add(&event(0, "bad\u{1f}model", 200, 1), None);
+        delta.add(&event(0, "bad\u{1f}model", 200, 1), None, NOW);
         let cells = round_trip(&delta);
         let (_, dims) = cells.keys().next().unwrap();
         assert_eq!(dims.0[1], "bad\u{fffd}model");
@@ -261,16 +332,59 @@ mod tests {
     }
 
     #[test]
-    fn hours_align_down_also_before_1970() {
-        assert_eq!(hour_of(HOUR_MS + 1), HOUR_MS);
-        assert_eq!(hour_of(-1), -HOUR_MS);
+    fn every_resolution_gets_the_event_and_sketches_skip_months() {
+        let mut delta = Delta::default();
+        let mut e = event(HOUR_MS + 5, "m", 200, 10);
+        e.ttft_us = Some(1_000);
+        delta.add(&e, None, NOW);
+        let writes = delta.writes();
+        let mut keys: Vec<&str> = writes.iter().map(|w| w.key.as_str()).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["st:M:0", "st:d:0", "st:h:3600000", "st:m:3600000"]);
+        for w in &writes {
+            let sketch_fields = w
+                .fields
+                .iter()
+                .filter(|(f, _)| f.starts_with('l') || f.starts_with('t'))
+                .count();
+            assert_eq!(
+                sketch_fields,
+                if w.key.starts_with("st:M") { 0 } else { 2 },
+                "{}",
+                w.key
+            );
+        }
+    }
+
+    #[test]
+    fn an_event_too_old_for_minutes_skips_them() {
+        let mut delta = Delta::default();
+        delta.add(&event(0, "m", 200, 1), None, 100 * HOUR_MS);
+        assert!(delta.writes().iter().all(|w| !w.key.starts_with("st:m:")));
+    }
+
+    #[test]
+    fn sketch_fields_read_back() {
+        let tuple = ["k", "m", "a", "p", "e", "200"].join("\u{1f}");
+        assert_eq!(
+            read_field(&format!("l17:{tuple}"), 3).unwrap().1,
+            Field::Latency(17, 3)
+        );
+        assert_eq!(
+            read_field(&format!("t9:{tuple}"), 1).unwrap().1,
+            Field::Ttft(9, 1)
+        );
+        assert!(
+            read_field(&format!("l:{tuple}"), 1)
+                .is_some_and(|(_, f)| matches!(f, Field::Counter(_)))
+        );
     }
 
     #[test]
     fn large_costs_split_exactly() {
         let mut delta = Delta::default();
         let cost = Cost::from_atto(123_456_789_012_345_678_901_234);
-        delta.add(&event(0, "m", 200, 1), Some(cost));
+        delta.add(&event(0, "m", 200, 1), Some(cost), NOW);
         let cells = round_trip(&delta);
         assert_eq!(cells.values().next().unwrap().cost, cost);
     }

@@ -36,6 +36,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
@@ -116,6 +117,13 @@ pub async fn run(
 
     let app = router(state);
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    // SSE events go out as separate small writes; with Nagle's algorithm on, each waits for
+    // the client's delayed ACK (~40 ms on Linux). Streams must flow event by event.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!("shutting down: finishing in-flight requests");

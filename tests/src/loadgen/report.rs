@@ -1,0 +1,280 @@
+//! The Markdown report: one row per run, the gateway-versus-direct comparison, memory and the
+//! conservation check. Pure formatting; every number comes from the run that prints it.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::load::LoadResult;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Direct,
+    Gateway,
+}
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Direct => "direct to mock",
+            Self::Gateway => "through gateway",
+        }
+    }
+}
+
+/// What a gateway run cost, over its measured window.
+pub struct GatewayCost {
+    pub cpu_secs: f64,
+    /// `total_commands_processed` delta, all clients.
+    pub redis_commands: u64,
+    /// Delta of the gateway's own round-trip counter, when it exposes one.
+    pub round_trips: Option<f64>,
+    /// `INFO commandstats` calls delta per command, most called first.
+    pub by_command: Vec<(String, u64)>,
+}
+
+pub struct Row {
+    pub concurrency: usize,
+    pub stream: bool,
+    pub target: Target,
+    pub result: LoadResult,
+    /// `Some` for gateway runs.
+    pub cost: Option<GatewayCost>,
+}
+
+impl Row {
+    /// Requests completed in the window, failed ones included: the denominator of costs.
+    fn completed(&self) -> u64 {
+        self.result.latencies_us.len() as u64 + self.result.errors
+    }
+
+    fn per_request(&self, total: f64) -> Option<f64> {
+        let n = self.completed();
+        (n > 0).then(|| total / n as f64)
+    }
+}
+
+pub struct Conservation {
+    /// Responses the gateway sent on `/v1/messages` over all gateway runs.
+    pub served: u64,
+    pub stream_len: u64,
+    pub usage_requests: u64,
+    pub waited: Duration,
+}
+
+pub struct Report {
+    pub measured_at: String,
+    pub cores: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub rows: Vec<Row>,
+    pub rss_before_kib: u64,
+    pub rss_after_kib: u64,
+    pub conservation: Conservation,
+}
+
+impl Report {
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = self.write(&mut out);
+        out
+    }
+
+    fn write(&self, out: &mut String) -> std::fmt::Result {
+        writeln!(out, "## Gateway load — `loadgen`\n")?;
+        writeln!(
+            out,
+            "Measured {} on {} cores: {} s per row after a {} s warm-up that is not measured; \
+             closed loop, HTTP/1.1 keep-alive, one connection per concurrent task. Loadgen, the \
+             mock upstream, Redis, the aggregator and the gateway all share the machine.\n",
+            self.measured_at,
+            self.cores,
+            self.duration.as_secs_f64(),
+            self.warmup.as_secs_f64(),
+        )?;
+        writeln!(
+            out,
+            "| concurrency | stream | target | req/s | p50 ms | p99 ms | errors \
+             | gateway CPU-s / 1k req | Redis cmds / req | gateway Redis round trips / req |"
+        )?;
+        writeln!(out, "|---|---|---|---|---|---|---|---|---|---|")?;
+        for row in &self.rows {
+            let r = &row.result;
+            let (cpu, commands, round_trips) = match &row.cost {
+                Some(cost) => (
+                    fixed(row.per_request(cost.cpu_secs * 1000.0), 3),
+                    fixed(row.per_request(cost.redis_commands as f64), 2),
+                    match cost.round_trips {
+                        Some(trips) => fixed(row.per_request(trips), 2),
+                        None => "n/a".to_owned(),
+                    },
+                ),
+                None => ("–".to_owned(), "–".to_owned(), "–".to_owned()),
+            };
+            writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {cpu} | {commands} | {round_trips} |",
+                row.concurrency,
+                yes_no(row.stream),
+                row.target.label(),
+                thousands(r.requests_per_sec().round() as u64),
+                fixed(r.percentile_ms(0.50), 3),
+                fixed(r.percentile_ms(0.99), 3),
+                r.errors,
+            )?;
+        }
+
+        writeln!(out, "\n### Gateway against direct, same run\n")?;
+        writeln!(
+            out,
+            "| concurrency | stream | throughput gateway / direct | added p50 ms | added p99 ms |"
+        )?;
+        writeln!(out, "|---|---|---|---|---|")?;
+        for direct in self.rows.iter().filter(|r| r.target == Target::Direct) {
+            let Some(gateway) = self.rows.iter().find(|r| {
+                r.target == Target::Gateway
+                    && r.concurrency == direct.concurrency
+                    && r.stream == direct.stream
+            }) else {
+                continue;
+            };
+            let (d, g) = (&direct.result, &gateway.result);
+            let ratio = if d.requests_per_sec() > 0.0 {
+                format!("{:.2}×", g.requests_per_sec() / d.requests_per_sec())
+            } else {
+                "–".to_owned()
+            };
+            let added = |q: f64| {
+                let delta = g
+                    .percentile_ms(q)
+                    .zip(d.percentile_ms(q))
+                    .map(|(g, d)| g - d);
+                fixed(delta, 3)
+            };
+            writeln!(
+                out,
+                "| {} | {} | {ratio} | {} | {} |",
+                direct.concurrency,
+                yes_no(direct.stream),
+                added(0.50),
+                added(0.99),
+            )?;
+        }
+
+        writeln!(out)?;
+        writeln!(
+            out,
+            "- **Gateway memory (VmRSS):** {} before the first run, {} after the last \
+             ({:+.1} MiB).",
+            mib(self.rss_before_kib),
+            mib(self.rss_after_kib),
+            (self.rss_after_kib as f64 - self.rss_before_kib as f64) / 1024.0,
+        )?;
+        let c = &self.conservation;
+        let verdict = if c.served == c.stream_len && c.served == c.usage_requests {
+            "all equal"
+        } else {
+            "**MISMATCH**"
+        };
+        writeln!(
+            out,
+            "- **Conservation:** the gateway answered {} requests (warm-ups and tails included), \
+             the stream holds {} events, and `/v1/usage` reports {} requests: {verdict} \
+             (polled {:.1} s).",
+            thousands(c.served),
+            thousands(c.stream_len),
+            thousands(c.usage_requests),
+            c.waited.as_secs_f64(),
+        )?;
+        writeln!(
+            out,
+            "- **Redis cmds / req** is the `total_commands_processed` delta over the window, \
+             over every client of the private Redis: the gateway and the aggregator consuming at \
+             the same time, less the probe's own `INFO` calls. Commands run inside the \
+             aggregator's Lua scripts count one each; the per-command lines below split them. \
+             The gateway's own count is its `meter_gateway_redis_round_trips_total` counter; \
+             n/a means its `/metrics` has none."
+        )?;
+        writeln!(
+            out,
+            "- **req/s, p50, p99** count 2xx responses completed in the window (streams read \
+             to `message_stop`); **errors** are non-2xx, truncated streams and transport \
+             failures in the window. CPU is the gateway's utime + stime over the window."
+        )?;
+        for row in &self.rows {
+            let Some(cost) = &row.cost else { continue };
+            let parts: Vec<String> = cost
+                .by_command
+                .iter()
+                .filter_map(|(name, calls)| {
+                    let per = row.per_request(*calls as f64)?;
+                    (per >= 0.005).then(|| format!("`{name}` {per:.2}"))
+                })
+                .collect();
+            writeln!(
+                out,
+                "- Redis calls / req by command, concurrency {} stream {}: {}",
+                row.concurrency,
+                yes_no(row.stream),
+                if parts.is_empty() {
+                    "–".to_owned()
+                } else {
+                    parts.join(", ")
+                },
+            )?;
+        }
+        for row in &self.rows {
+            if let Some(error) = &row.result.first_error {
+                writeln!(
+                    out,
+                    "- First error, concurrency {} stream {} {}: {} errors over the whole run; {}",
+                    row.concurrency,
+                    yes_no(row.stream),
+                    row.target.label(),
+                    row.result.errors_total,
+                    error.replace('\n', " "),
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn fixed(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "–".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// `175412` → `175,412`, the style of BENCHMARKS.md.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thousands;
+
+    #[test]
+    fn thousands_are_separated_by_commas() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(175_412), "175,412");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+}
