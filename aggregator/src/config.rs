@@ -22,6 +22,10 @@ pub struct Config {
     pub batch_size: usize,
     pub claim_idle: Duration,
     pub dedupe_window_secs: i64,
+    /// Acknowledged stream entries older than this are trimmed.
+    pub stream_retention: std::time::Duration,
+    /// How often the stream is trimmed.
+    pub trim_interval: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +79,12 @@ pub struct Args {
     /// Copies of an event id arriving within this many seconds of each other count once.
     #[arg(long, env = "METER_DEDUPE_WINDOW_SECS")]
     pub dedupe_window_secs: Option<i64>,
+    /// Keep acknowledged stream entries this many seconds (replay reads them); default 7 days.
+    #[arg(long, env = "METER_STREAM_RETENTION_SECS")]
+    pub stream_retention_secs: Option<u64>,
+    /// Seconds between two trims of the stream; default 60.
+    #[arg(long, env = "METER_TRIM_INTERVAL_SECS")]
+    pub trim_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,6 +100,8 @@ struct FileConfig {
     batch_size: Option<usize>,
     claim_idle_ms: Option<u64>,
     dedupe_window_secs: Option<i64>,
+    stream_retention_secs: Option<u64>,
+    trim_interval_secs: Option<u64>,
 }
 
 impl Config {
@@ -174,6 +186,17 @@ impl Config {
                 args.claim_idle_ms.or(file.claim_idle_ms).unwrap_or(30_000),
             ),
             dedupe_window_secs,
+            stream_retention: Duration::from_secs(
+                args.stream_retention_secs
+                    .or(file.stream_retention_secs)
+                    .unwrap_or(7 * 24 * 3600),
+            ),
+            trim_interval: Duration::from_secs(
+                args.trim_interval_secs
+                    .or(file.trim_interval_secs)
+                    .unwrap_or(60)
+                    .max(1),
+            ),
         })
     }
 

@@ -43,7 +43,7 @@ struct Entry {
 pub struct Consumer {
     config: ConsumerConfig,
     conn: ConnectionManager,
-    pricing: Arc<Pricing>,
+    pricing: watch::Receiver<Arc<Pricing>>,
     committer: Committer,
     metrics: Arc<Metrics>,
 }
@@ -52,7 +52,7 @@ impl Consumer {
     pub fn new(
         config: ConsumerConfig,
         conn: ConnectionManager,
-        pricing: Arc<Pricing>,
+        pricing: watch::Receiver<Arc<Pricing>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let committer = Committer::new(
@@ -216,11 +216,13 @@ impl Consumer {
         let mut duplicates = before - events.len();
 
         loop {
+            // One price table per batch: a reload (SIGHUP) applies from the next batch on.
+            let pricing = Arc::clone(&self.pricing.borrow());
             let mut delta = Delta::default();
             let mut unpriced = 0;
             let now_ms = chrono::Utc::now().timestamp_millis();
             for (_, event) in &events {
-                let cost = self.pricing.price(&usage_of(event));
+                let cost = pricing.price(&usage_of(event));
                 unpriced += usize::from(cost.is_none());
                 delta.add(event, cost, now_ms);
             }

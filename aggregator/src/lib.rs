@@ -17,6 +17,7 @@ mod stats;
 
 mod commit;
 mod consumer;
+mod retention;
 
 mod api;
 mod query;
@@ -56,11 +57,9 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let pricing = Arc::new(match &config.pricing_file {
-        Some(path) => Pricing::load(path)?,
-        None => Pricing::bundled(),
-    });
+    let pricing = load_pricing(config.pricing_file.as_deref())?;
     tracing::info!(models = pricing.model_count(), "pricing loaded");
+    let (pricing_tx, pricing) = watch::channel(Arc::new(pricing));
 
     // The consumer blocks in XREADGROUP, so it gets a connection of its own.
     let consumer_conn = connect_redis(&config.redis_url).await?;
@@ -86,7 +85,19 @@ pub async fn run(
     if let Err(e) = consumer.ensure_group().await {
         tracing::warn!(error = %e, "could not create the consumer group yet; will retry");
     }
-    let consumer = tokio::spawn(consumer.run(stop_rx));
+    let consumer = tokio::spawn(consumer.run(stop_rx.clone()));
+    let reloader = tokio::spawn(reload_on_hangup(
+        config.pricing_file.clone(),
+        pricing_tx,
+        stop_rx.clone(),
+    ));
+    let trimmer = tokio::spawn(retention::run(
+        api_conn.clone(),
+        config.keyspace.stream().to_owned(),
+        config.stream_retention,
+        config.trim_interval,
+        stop_rx,
+    ));
 
     let app = api::router(api::ApiState {
         conn: api_conn,
@@ -102,11 +113,57 @@ pub async fn run(
             let _ = stop_tx.send(true);
         })
         .await;
-    if let Err(e) = consumer.await {
-        tracing::error!(error = %e, "consumer panicked");
+    for (task, name) in [
+        (consumer, "consumer"),
+        (reloader, "pricing reloader"),
+        (trimmer, "stream trimmer"),
+    ] {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, task = name, "background task panicked");
+        }
     }
     served?;
     Ok(())
+}
+
+fn load_pricing(file: Option<&std::path::Path>) -> Result<Pricing, PricingError> {
+    match file {
+        Some(path) => Pricing::load(path),
+        None => Ok(Pricing::bundled()),
+    }
+}
+
+/// SIGHUP re-reads the price file; new prices apply to batches from then on (past events are
+/// re-priced only by `replay`). A file that fails to load leaves the current prices in place.
+async fn reload_on_hangup(
+    file: Option<std::path::PathBuf>,
+    pricing: watch::Sender<Arc<Pricing>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; pricing reload disabled");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            received = hangups.recv() => if received.is_none() { return },
+        }
+        match load_pricing(file.as_deref()) {
+            Ok(fresh) => {
+                tracing::info!(
+                    models = fresh.model_count(),
+                    fingerprint = fresh.fingerprint(),
+                    "pricing reloaded"
+                );
+                pricing.send_replace(Arc::new(fresh));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pricing reload failed; keeping the current prices")
+            }
+        }
+    }
 }
 
 async fn connect_redis(url: &str) -> Result<ConnectionManager, StartError> {

@@ -1,0 +1,211 @@
+//! Operations of the built aggregator binary: stream retention never drops what a group still
+//! needs, and SIGHUP reloads the price file for new events.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use serde_json::Value;
+use shared::UsageEvent;
+use tests::harness::{eventually, free_port, redis_url, unique_stream};
+use tests::process::Process;
+
+fn event(i: usize, model: &str) -> UsageEvent {
+    UsageEvent {
+        v: 1,
+        id: format!("ops-{model}-{i}"),
+        ts: chrono::Utc::now().timestamp_millis(),
+        key_id: Some("key_ops".into()),
+        account_id: None,
+        provider: "anthropic".into(),
+        endpoint: "messages".into(),
+        model: model.into(),
+        status: 200,
+        stream: false,
+        latency_us: 1000,
+        ttft_us: None,
+        input_tokens: 1000,
+        output_tokens: 0,
+        cache_creation_input_tokens: 0,
+        cache_creation_1h_input_tokens: 0,
+        cache_read_input_tokens: 0,
+        service_tier: None,
+        error: None,
+    }
+}
+
+async fn add(conn: &mut redis::aio::MultiplexedConnection, stream: &str, events: &[UsageEvent]) {
+    let mut pipe = redis::pipe();
+    for e in events {
+        pipe.cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("e")
+            .arg(shared::encode(e))
+            .ignore();
+    }
+    pipe.query_async::<()>(conn).await.unwrap();
+}
+
+async fn usage_row(http: &reqwest::Client, port: u16) -> Option<Value> {
+    let usage: Value = http
+        .get(format!("http://127.0.0.1:{port}/v1/usage"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    Some(usage["rows"][0].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimming_keeps_what_any_group_has_not_acknowledged() {
+    let stream = unique_stream();
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let events: Vec<UsageEvent> = (0..50).map(|i| event(i, "claude-haiku-4-5")).collect();
+    add(&mut conn, &stream, &events).await;
+    // Another group has acknowledged the first 10 entries and holds the next 5 unacknowledged.
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("laggard")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let read = |count: usize| {
+        redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("laggard")
+            .arg("c")
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(">")
+            .clone()
+    };
+    let first: Vec<(String, Vec<(String, Vec<(String, Vec<u8>)>)>)> =
+        read(10).query_async(&mut conn).await.unwrap();
+    let ids: Vec<String> = first[0].1.iter().map(|(id, _)| id.clone()).collect();
+    let _: u64 = redis::cmd("XACK")
+        .arg(&stream)
+        .arg("laggard")
+        .arg(&ids)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: redis::Value = read(5).query_async(&mut conn).await.unwrap();
+
+    let port = free_port();
+    let _aggregator = Process::spawn(
+        "aggregator",
+        "aggregator",
+        &[
+            ("REDIS_URL", redis_url().to_owned()),
+            ("METER_STREAM", stream.clone()),
+            ("AGGREGATOR_LISTEN", format!("127.0.0.1:{port}")),
+            ("METER_STREAM_RETENTION_SECS", "0".to_owned()),
+            ("METER_TRIM_INTERVAL_SECS", "1".to_owned()),
+        ],
+    );
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(30), || async {
+        (usage_row(&http, port).await?["requests"].as_u64()? == 50).then_some(())
+    })
+    .await;
+    let xlen = || {
+        let mut conn = conn.clone();
+        let stream = stream.clone();
+        async move {
+            redis::cmd("XLEN")
+                .arg(&stream)
+                .query_async::<u64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    eventually(Duration::from_secs(10), || async {
+        (xlen().await == 40).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        xlen().await,
+        40,
+        "the laggard's pending entries survive later trims"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_prices_for_new_events() {
+    let stream = unique_stream();
+    let dir = std::env::temp_dir().join(format!("meter-prices-{stream}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prices = dir.join("prices.json");
+    std::fs::write(
+        &prices,
+        r#"{"ops-model": {"input_cost_per_token": 1e-06, "output_cost_per_token": 0}}"#,
+    )
+    .unwrap();
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let port = free_port();
+    let aggregator = Process::spawn(
+        "aggregator",
+        "aggregator",
+        &[
+            ("REDIS_URL", redis_url().to_owned()),
+            ("METER_STREAM", stream.clone()),
+            ("AGGREGATOR_LISTEN", format!("127.0.0.1:{port}")),
+            ("PRICING_FILE", prices.display().to_string()),
+        ],
+    );
+    let http = reqwest::Client::new();
+    add(
+        &mut conn,
+        &stream,
+        &(0..10).map(|i| event(i, "ops-model")).collect::<Vec<_>>(),
+    )
+    .await;
+    eventually(Duration::from_secs(30), || async {
+        (usage_row(&http, port).await?["requests"].as_u64()? == 10).then_some(())
+    })
+    .await;
+
+    std::fs::write(
+        &prices,
+        r#"{"ops-model": {"input_cost_per_token": 2e-06, "output_cost_per_token": 0}}"#,
+    )
+    .unwrap();
+    let hup = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(aggregator.pid().to_string())
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    // The reload is asynchronous; give the signal a moment before the new events arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    add(
+        &mut conn,
+        &stream,
+        &(10..20).map(|i| event(i, "ops-model")).collect::<Vec<_>>(),
+    )
+    .await;
+    let row = eventually(Duration::from_secs(30), || async {
+        let row = usage_row(&http, port).await?;
+        (row["requests"].as_u64()? == 20).then_some(row)
+    })
+    .await;
+    // 10 × 1000 × $1e-6 before, 10 × 1000 × $2e-6 after.
+    assert_eq!(row["cost_usd"], "0.03");
+    assert!(aggregator.terminate().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
