@@ -143,7 +143,7 @@ impl Committer {
             let k = key_index(self.seen_key(*slot), &mut keys);
             invocation.arg(k).arg(ids.len()).arg(ids);
         }
-        let writes = delta.writes();
+        let writes = delta.writes(chrono::Utc::now().timestamp_millis());
         invocation.arg(writes.len());
         for write in &writes {
             let k = key_index(self.keyspace.key(&write.key), &mut keys);

@@ -13,6 +13,7 @@ pub mod pricing;
 
 mod rollup;
 pub mod sketch;
+mod spend;
 mod stats;
 
 mod commit;

@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 /// in fact it is within 0.5%, because the exact quantile lies in the bin that is read.
 pub const RELATIVE_ACCURACY: f64 = 0.005;
 
-/// `1 / ln γ` for `γ = 201/199`, to 17 significant digits; only used to guess a bin.
+/// `1 / ln γ` for `γ = 201/199`, to 16 significant digits; only used to guess a bin.
 const INV_LN_GAMMA: f64 = 99.999_166_661_111_04;
 
 /// Bins with `k = 0..=4437`: `γ^4436 < 2^64 ≤ γ^4437`, so the last one reaches `u64::MAX`.

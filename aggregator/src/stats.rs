@@ -18,6 +18,7 @@ use shared::UsageEvent;
 use crate::pricing::Cost;
 use crate::rollup::Resolution;
 use crate::sketch;
+use crate::spend::SpendDelta;
 
 const ATTO_PER_NANO: i128 = 1_000_000_000;
 /// Separates dimension values inside a field name; values never contain it (see [`clean`]).
@@ -158,6 +159,7 @@ struct CellDelta {
 #[derive(Debug, Default)]
 pub struct Delta {
     cells: HashMap<(Resolution, i64, Dims), CellDelta>,
+    spend: SpendDelta,
 }
 
 /// The writes to one bucket hash.
@@ -173,6 +175,7 @@ impl Delta {
     /// Adds an event to every resolution whose bucket for it is still retained at `now_ms`
     /// (a very late event is not written where it would expire at once).
     pub fn add(&mut self, event: &UsageEvent, cost: Option<Cost>, now_ms: i64) {
+        self.spend.add(event, cost);
         let dims = Dims::of(event);
         let totals = Totals::of(event, cost);
         let latency = sketch::bin_of(event.latency_us);
@@ -196,8 +199,8 @@ impl Delta {
         }
     }
 
-    /// The hash-field increments to apply, per bucket hash.
-    pub fn writes(&self) -> Vec<BucketWrite> {
+    /// The hash-field increments to apply, per hash: stats buckets and spend counters.
+    pub fn writes(&self, now_ms: i64) -> Vec<BucketWrite> {
         let mut out: HashMap<(Resolution, i64), Vec<(String, i64)>> = HashMap::new();
         for ((resolution, start, dims), cell) in &self.cells {
             let tuple = dims.encode();
@@ -224,6 +227,7 @@ impl Delta {
                 expire_at: resolution.expire_at_secs(start),
                 fields,
             })
+            .chain(self.spend.writes(now_ms))
             .collect()
     }
 }
@@ -289,7 +293,7 @@ mod tests {
     /// Applies a delta's hour-bucket increments to an in-memory "Redis" and reads them back.
     fn round_trip(delta: &Delta) -> HashMap<(i64, Dims), Totals> {
         let mut out: HashMap<(i64, Dims), Totals> = HashMap::new();
-        for write in delta.writes() {
+        for write in delta.writes(NOW) {
             let Some(hour) = write.key.strip_prefix("st:h:") else {
                 continue;
             };
@@ -337,11 +341,23 @@ mod tests {
         let mut e = event(HOUR_MS + 5, "m", 200, 10);
         e.ttft_us = Some(1_000);
         delta.add(&e, None, NOW);
-        let writes = delta.writes();
+        let writes = delta.writes(NOW);
         let mut keys: Vec<&str> = writes.iter().map(|w| w.key.as_str()).collect();
         keys.sort_unstable();
-        assert_eq!(keys, ["st:M:0", "st:d:0", "st:h:3600000", "st:m:3600000"]);
-        for w in &writes {
+        assert_eq!(
+            keys,
+            [
+                "sp:key_1",
+                "sp:key_1:d",
+                "sp:key_1:h:0",
+                "sp:key_1:m:3600000",
+                "st:M:0",
+                "st:d:0",
+                "st:h:3600000",
+                "st:m:3600000"
+            ]
+        );
+        for w in writes.iter().filter(|w| w.key.starts_with("st:")) {
             let sketch_fields = w
                 .fields
                 .iter()
@@ -360,7 +376,12 @@ mod tests {
     fn an_event_too_old_for_minutes_skips_them() {
         let mut delta = Delta::default();
         delta.add(&event(0, "m", 200, 1), None, 100 * HOUR_MS);
-        assert!(delta.writes().iter().all(|w| !w.key.starts_with("st:m:")));
+        assert!(
+            delta
+                .writes(100 * HOUR_MS)
+                .iter()
+                .all(|w| !w.key.starts_with("st:m:"))
+        );
     }
 
     #[test]

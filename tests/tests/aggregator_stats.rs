@@ -262,6 +262,36 @@ async fn every_grouping_bucket_and_quantile_matches_an_independent_computation()
         .collect();
     assert_eq!(got, by_hour);
 
+    // Spend counters (what cost and token limits read): lifetime exact, day sums complete.
+    let keyspace = shared::Keyspace::new(&stream).unwrap();
+    let of_key: Vec<&UsageEvent> = all
+        .iter()
+        .filter(|e| e.key_id.as_deref() == Some("key_a"))
+        .collect();
+    let lifetime: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg(keyspace.key("sp:key_a"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let tokens: u64 = of_key.iter().map(|e| e.total_tokens()).sum();
+    assert_eq!(lifetime["t"], tokens as i64);
+    // Counters that never moved from zero are not written.
+    let counter = |name: &str| Decimal::from(lifetime.get(name).copied().unwrap_or(0));
+    let exact = counter("ch") / Decimal::from(1_000_000_000u64)
+        + counter("cl") / Decimal::from_str("1000000000000000000").unwrap();
+    assert_eq!(exact, of_key.iter().map(|e| cost(e)).sum::<Decimal>());
+    let days: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg(keyspace.key("sp:key_a:d"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let day_tokens: i64 = days
+        .iter()
+        .filter(|(f, _)| f.starts_with('t'))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(day_tokens, tokens as i64);
+
     // Latency and TTFT quantiles per model within 1% of the exact ones.
     let latency = get(
         &http,
