@@ -72,7 +72,7 @@ pub fn unique_stream() -> String {
 }
 
 /// An `XRANGE` entry: id and field/value pairs.
-type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+pub type StreamEntry = (String, Vec<(String, Vec<u8>)>);
 
 pub struct Pipeline {
     pub redis_url: String,

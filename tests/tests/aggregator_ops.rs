@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use shared::UsageEvent;
-use tests::harness::{eventually, free_port, redis_url, unique_stream};
+use tests::harness::{StreamEntry, eventually, free_port, redis_url, unique_stream};
 use tests::process::Process;
 
 fn event(i: usize, model: &str) -> UsageEvent {
@@ -89,8 +89,7 @@ async fn trimming_keeps_what_any_group_has_not_acknowledged() {
             .arg(">")
             .clone()
     };
-    let first: Vec<(String, Vec<(String, Vec<(String, Vec<u8>)>)>)> =
-        read(10).query_async(&mut conn).await.unwrap();
+    let first: Vec<(String, Vec<StreamEntry>)> = read(10).query_async(&mut conn).await.unwrap();
     let ids: Vec<String> = first[0].1.iter().map(|(id, _)| id.clone()).collect();
     let _: u64 = redis::cmd("XACK")
         .arg(&stream)

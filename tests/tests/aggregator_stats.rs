@@ -10,53 +10,10 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use serde_json::Value;
 use shared::UsageEvent;
+use tests::fixtures::{Lcg, hand_cost, list_price};
 use tests::harness::{eventually, redis_url, spawn_aggregator, unique_stream};
 
 const HOUR: i64 = 3_600_000;
-
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % below
-    }
-}
-
-/// (input, output, 5m write, 1h write, read) USD per token, by hand from the providers' price pages.
-fn rates(model: &str) -> Option<[&'static str; 5]> {
-    match model {
-        "claude-sonnet-4-5" => Some([
-            "0.000003",
-            "0.000015",
-            "0.00000375",
-            "0.000006",
-            "0.0000003",
-        ]),
-        "gpt-4o" => Some([
-            "0.0000025",
-            "0.00001",
-            "0.0000025",
-            "0.0000025",
-            "0.00000125",
-        ]),
-        _ => None,
-    }
-}
-
-fn cost(e: &UsageEvent) -> Decimal {
-    let Some(r) = rates(&e.model) else {
-        return Decimal::ZERO;
-    };
-    let d = |s: &str| Decimal::from_str(s).unwrap();
-    Decimal::from(e.input_tokens) * d(r[0])
-        + Decimal::from(e.output_tokens) * d(r[1])
-        + Decimal::from(e.cache_creation_input_tokens - e.cache_creation_1h_input_tokens) * d(r[2])
-        + Decimal::from(e.cache_creation_1h_input_tokens) * d(r[3])
-        + Decimal::from(e.cache_read_input_tokens) * d(r[4])
-}
 
 fn events(now: i64) -> Vec<UsageEvent> {
     let mut rng = Lcg(2026);
@@ -187,13 +144,17 @@ async fn every_grouping_bucket_and_quantile_matches_an_independent_computation()
         total(rows, "cache_read_input_tokens"),
         sum(|e| e.cache_read_input_tokens)
     );
-    let want_cost: Decimal = all.iter().map(cost).sum();
+    let want_cost: Decimal = all.iter().map(hand_cost).sum();
     assert!(
         (total(rows, "cost_usd") - want_cost).abs() <= Decimal::from_str("0.000000001").unwrap()
     );
     assert_eq!(
         total(rows, "unpriced_requests"),
-        Decimal::from(all.iter().filter(|e| rates(&e.model).is_none()).count())
+        Decimal::from(
+            all.iter()
+                .filter(|e| list_price(&e.model).is_none())
+                .count()
+        )
     );
 
     // Conservation: every grouping sums to the same totals.
@@ -279,7 +240,7 @@ async fn every_grouping_bucket_and_quantile_matches_an_independent_computation()
     let counter = |name: &str| Decimal::from(lifetime.get(name).copied().unwrap_or(0));
     let exact = counter("ch") / Decimal::from(1_000_000_000u64)
         + counter("cl") / Decimal::from_str("1000000000000000000").unwrap();
-    assert_eq!(exact, of_key.iter().map(|e| cost(e)).sum::<Decimal>());
+    assert_eq!(exact, of_key.iter().map(|e| hand_cost(e)).sum::<Decimal>());
     let days: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
         .arg(keyspace.key("sp:key_a:d"))
         .query_async(&mut conn)

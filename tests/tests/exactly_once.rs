@@ -8,53 +8,9 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use serde_json::Value;
 use shared::UsageEvent;
+use tests::fixtures::{Lcg, hand_cost, list_price};
 use tests::harness::{eventually, free_port, redis_url, unique_stream};
 use tests::process::Process;
-
-/// Hand-written list prices per token: (input, output, 5m write, 1h write, cache read).
-fn rates(model: &str) -> Option<[&'static str; 5]> {
-    match model {
-        "claude-sonnet-4-5" => Some([
-            "0.000003",
-            "0.000015",
-            "0.00000375",
-            "0.000006",
-            "0.0000003",
-        ]),
-        "claude-haiku-4-5" => Some([
-            "0.000001",
-            "0.000005",
-            "0.00000125",
-            "0.000002",
-            "0.0000001",
-        ]),
-        _ => None,
-    }
-}
-
-fn cost(e: &UsageEvent) -> Decimal {
-    let Some(r) = rates(&e.model) else {
-        return Decimal::ZERO;
-    };
-    let d = |s: &str| Decimal::from_str(s).unwrap();
-    Decimal::from(e.input_tokens) * d(r[0])
-        + Decimal::from(e.output_tokens) * d(r[1])
-        + Decimal::from(e.cache_creation_input_tokens - e.cache_creation_1h_input_tokens) * d(r[2])
-        + Decimal::from(e.cache_creation_1h_input_tokens) * d(r[3])
-        + Decimal::from(e.cache_read_input_tokens) * d(r[4])
-}
-
-/// A deterministic pseudo-random sequence, so a failure can be reproduced.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % below
-    }
-}
 
 fn events(n: usize, seed: u64) -> Vec<UsageEvent> {
     let mut rng = Lcg(seed);
@@ -195,13 +151,13 @@ async fn sigkill_restarts_duplicates_and_two_consumers_change_no_figure() {
             row["cache_read_input_tokens"],
             sum(|e| e.cache_read_input_tokens)
         );
-        let want_cost: Decimal = of_model.iter().map(|e| cost(e)).sum();
+        let want_cost: Decimal = of_model.iter().map(|e| hand_cost(e)).sum();
         assert_eq!(
             Decimal::from_str(row["cost_usd"].as_str().unwrap()).unwrap(),
             want_cost,
             "{model}"
         );
-        let unpriced = if rates(model).is_some() {
+        let unpriced = if list_price(model).is_some() {
             0
         } else {
             of_model.len() as i64
