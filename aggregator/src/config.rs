@@ -26,6 +26,8 @@ pub struct Config {
     pub stream_retention: std::time::Duration,
     /// How often the stream is trimmed.
     pub trim_interval: std::time::Duration,
+    /// How long a partial batch waits for more events before it is committed.
+    pub linger: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,9 @@ pub struct Args {
     /// Seconds between two trims of the stream; default 60.
     #[arg(long, env = "METER_TRIM_INTERVAL_SECS")]
     pub trim_interval_secs: Option<u64>,
+    /// Milliseconds a partial batch waits for more events (fewer, larger commits); default 50.
+    #[arg(long, env = "METER_LINGER_MS")]
+    pub linger_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +107,7 @@ struct FileConfig {
     dedupe_window_secs: Option<i64>,
     stream_retention_secs: Option<u64>,
     trim_interval_secs: Option<u64>,
+    linger_ms: Option<u64>,
 }
 
 impl Config {
@@ -197,6 +203,7 @@ impl Config {
                     .unwrap_or(60)
                     .max(1),
             ),
+            linger: Duration::from_millis(args.linger_ms.or(file.linger_ms).unwrap_or(50)),
         })
     }
 

@@ -29,6 +29,8 @@ pub struct ConsumerConfig {
     pub consumer: String,
     pub batch_size: usize,
     pub block: Duration,
+    /// How long a partial batch waits for more entries before it is committed.
+    pub linger: Duration,
     pub claim_interval: Duration,
     pub claim_idle: Duration,
     pub dedupe_window_secs: i64,
@@ -115,7 +117,15 @@ impl Consumer {
                         return self.process(claimed).await;
                     }
                 }
-                let entries = self.read(">").await?;
+                let mut entries = self.read(">").await?;
+                // A partial batch means traffic is light: wait a moment for more, so that one
+                // commit covers many events. Events of one key and model then share cells and
+                // Redis does a fraction of the work, at the price of `linger` more stats lag.
+                if !entries.is_empty() && entries.len() < self.config.batch_size / 2 {
+                    tokio::time::sleep(self.config.linger).await;
+                    let more = self.config.batch_size - entries.len();
+                    entries.extend(self.read_now(more).await?);
+                }
                 self.process(entries).await
             };
             let result = tokio::select! {
@@ -141,14 +151,29 @@ impl Consumer {
     }
 
     async fn read(&mut self, from: &str) -> redis::RedisResult<Vec<Entry>> {
+        let block = (from == ">").then_some(self.config.block);
+        self.read_group(from, self.config.batch_size, block).await
+    }
+
+    /// New entries that are already there, without blocking.
+    async fn read_now(&mut self, count: usize) -> redis::RedisResult<Vec<Entry>> {
+        self.read_group(">", count, None).await
+    }
+
+    async fn read_group(
+        &mut self,
+        from: &str,
+        count: usize,
+        block: Option<Duration>,
+    ) -> redis::RedisResult<Vec<Entry>> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.config.group)
             .arg(&self.config.consumer)
             .arg("COUNT")
-            .arg(self.config.batch_size);
-        if from == ">" {
-            cmd.arg("BLOCK").arg(self.config.block.as_millis() as u64);
+            .arg(count);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
         }
         cmd.arg("STREAMS")
             .arg(self.config.keyspace.stream())

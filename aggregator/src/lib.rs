@@ -75,6 +75,7 @@ pub async fn run(
             consumer: config.consumer.clone(),
             batch_size: config.batch_size,
             block: Duration::from_millis(500),
+            linger: config.linger,
             claim_interval: Duration::from_secs(5),
             claim_idle: config.claim_idle,
             dedupe_window_secs: config.dedupe_window_secs,
