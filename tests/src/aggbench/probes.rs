@@ -1,0 +1,223 @@
+//! Readings taken from outside the processes: `/proc` for memory and CPU, Redis `INFO`, and the
+//! aggregator's Prometheus `/metrics`.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use anyhow::Context;
+use redis::aio::MultiplexedConnection;
+
+use crate::servers::info_field;
+
+/// Resident set size of `pid`, in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// User plus system CPU time of `pid` so far, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) may contain spaces, so count fields after its closing paren:
+    // utime and stime are fields 14 and 15, i.e. the 12th and 13th after it.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("malformed /proc/{pid}/stat"))?;
+    let mut fields = after_name.split_whitespace().skip(11);
+    let mut next = || -> anyhow::Result<u64> {
+        fields
+            .next()
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("malformed /proc/{pid}/stat"))
+    };
+    Ok(next()? + next()?)
+}
+
+/// `USER_HZ`, the unit of [`cpu_ticks`]; 100 on every common Linux when `getconf` is missing.
+pub fn clock_ticks_per_sec() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .filter(|&hz| hz > 0)
+        .unwrap_or(100)
+}
+
+/// Redis `used_memory`, in bytes.
+pub async fn redis_used_memory(conn: &mut MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .context("INFO memory")?;
+    info_field(&info, "used_memory")
+        .and_then(|v| v.parse().ok())
+        .context("no used_memory in INFO memory")
+}
+
+/// Keys of one name shape and the memory they take.
+pub struct KeyShape {
+    /// The key name with every run of digits replaced by `#`.
+    pub shape: String,
+    pub keys: u64,
+    pub bytes: u64,
+}
+
+/// Every key in Redis grouped by [`KeyShape::shape`], largest first: shows what the memory
+/// growth consists of (stream, stats hashes, dedupe sets, ...). `MEMORY USAGE .. SAMPLES 0`
+/// walks whole values, so this is exact and is only run once, after the measurements.
+pub async fn memory_by_key_shape(
+    conn: &mut MultiplexedConnection,
+) -> anyhow::Result<Vec<KeyShape>> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .context("SCAN")?;
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut shapes: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for chunk in keys.chunks(500) {
+        let mut pipe = redis::pipe();
+        for key in chunk {
+            pipe.cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .arg("SAMPLES")
+                .arg(0);
+        }
+        let sizes: Vec<Option<u64>> = pipe.query_async(conn).await.context("MEMORY USAGE")?;
+        for (key, size) in chunk.iter().zip(sizes) {
+            let entry = shapes.entry(shape_of(key)).or_default();
+            entry.0 += 1;
+            entry.1 += size.unwrap_or(0);
+        }
+    }
+    let mut out: Vec<KeyShape> = shapes
+        .into_iter()
+        .map(|(shape, (keys, bytes))| KeyShape { shape, keys, bytes })
+        .collect();
+    out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.shape.cmp(&b.shape)));
+    Ok(out)
+}
+
+fn shape_of(key: &str) -> String {
+    let mut shape = String::with_capacity(key.len());
+    for c in key.chars() {
+        if !c.is_ascii_digit() {
+            shape.push(c);
+        } else if !shape.ends_with('#') {
+            shape.push('#');
+        }
+    }
+    shape
+}
+
+/// The aggregator's counters and gauges that the benchmark follows.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AggregatorMetrics {
+    pub applied: u64,
+    pub unpriced: u64,
+    pub duplicates: u64,
+    pub dead_lettered: u64,
+    pub batches: u64,
+    pub errors: u64,
+    /// Absent when the aggregator could not read its group's info.
+    pub lag: Option<u64>,
+    pub pending: Option<u64>,
+}
+
+impl AggregatorMetrics {
+    pub fn parse(text: &str) -> Self {
+        let value = |name: &str| {
+            text.lines()
+                .filter(|line| !line.starts_with('#'))
+                .find_map(|line| {
+                    let (metric, value) = line.split_once(' ')?;
+                    (metric == name).then(|| value.trim().parse::<f64>().ok())?
+                })
+                .map(|v| v as u64)
+        };
+        Self {
+            applied: value("meter_events_applied_total").unwrap_or(0),
+            unpriced: value("meter_events_unpriced_total").unwrap_or(0),
+            duplicates: value("meter_events_duplicate_total").unwrap_or(0),
+            dead_lettered: value("meter_events_dead_lettered_total").unwrap_or(0),
+            batches: value("meter_batches_total").unwrap_or(0),
+            errors: value("meter_consumer_errors_total").unwrap_or(0),
+            lag: value("meter_consumer_lag"),
+            pending: value("meter_consumer_pending"),
+        }
+    }
+}
+
+/// Minimum, maximum and last of a series of samples.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Range {
+    pub min: u64,
+    pub max: u64,
+    pub last: u64,
+    pub count: usize,
+}
+
+impl Range {
+    pub fn add(&mut self, sample: u64) {
+        if self.count == 0 {
+            self.min = sample;
+            self.max = sample;
+        }
+        self.min = self.min.min(sample);
+        self.max = self.max.max(sample);
+        self.last = sample;
+        self.count += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_read_by_exact_name() {
+        let text = "# HELP meter_events_applied_total x\n# TYPE meter_events_applied_total counter\n\
+                    meter_events_applied_total 1200\nmeter_events_unpriced_total 3\n\
+                    meter_batch_apply_seconds_total 1.5\nmeter_consumer_lag 0\n";
+        let m = AggregatorMetrics::parse(text);
+        assert_eq!(
+            (m.applied, m.unpriced, m.lag, m.pending),
+            (1200, 3, Some(0), None)
+        );
+    }
+
+    #[test]
+    fn key_shapes_replace_digit_runs() {
+        assert_eq!(shape_of("{s}:st:h:1767225600000"), "{s}:st:h:#");
+        assert_eq!(shape_of("{s}:seen:g1:42"), "{s}:seen:g#:#");
+    }
+
+    #[test]
+    fn our_own_cpu_time_and_rss_are_readable() {
+        let pid = std::process::id();
+        assert!(rss_kib(pid).unwrap() > 0);
+        cpu_ticks(pid).unwrap();
+    }
+}
