@@ -17,7 +17,7 @@ trap cleanup EXIT
 RPORT=6391; GW=127.0.0.1:18080; AG=127.0.0.1:18081; MOCK=127.0.0.1:19090
 redis-server --port $RPORT --bind 127.0.0.1 --save '' --appendonly no --logfile "$DIR/redis.log" &
 pids+=($!)
-export REDIS_URL=redis://127.0.0.1:$RPORT ADMIN_TOKEN=bench METER_STREAM="bench:$$" RUST_LOG=warn
+export REDIS_URL=redis://127.0.0.1:$RPORT ADMIN_TOKEN=bench METER_STREAM="bench:$$" RUST_LOG=warn GATEWAY_SPOOL_DIR="$DIR/spool"
 sleep 0.3
 "$BIN/mock-upstream" --listen $MOCK >/dev/null 2>&1 & pids+=($!)
 "$BIN/aggregator" --listen $AG >"$DIR/agg.log" 2>&1 & pids+=($!)

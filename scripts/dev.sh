@@ -48,6 +48,7 @@ if [ -z "${REDIS_URL:-}" ]; then
   fi
 fi
 export REDIS_URL ADMIN_TOKEN
+export GATEWAY_SPOOL_DIR="$RUN_DIR/spool"
 
 "$BIN/mock-upstream" --listen "$MOCK" >"$RUN_DIR/mock.log" 2>&1 &
 pids+=($!)

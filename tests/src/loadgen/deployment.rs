@@ -84,7 +84,11 @@ impl Deployment {
         };
         let aggregator_env = with("AGGREGATOR_LISTEN", aggregator_addr.to_string());
         children.spawn("aggregator", &binaries.aggregator, &[], &aggregator_env)?;
-        let gateway_env = with("GATEWAY_LISTEN", gateway_addr.to_string());
+        let mut gateway_env = with("GATEWAY_LISTEN", gateway_addr.to_string());
+        gateway_env.push((
+            "GATEWAY_SPOOL_DIR",
+            children.log_dir().join("spool").display().to_string(),
+        ));
         let gateway_pid = children.spawn("gateway", &binaries.gateway, &[], &gateway_env)?;
 
         let deployment = Self {

@@ -128,6 +128,11 @@ impl Children {
 
     /// Starts `program` with exactly `env` (plus `PATH`), so nothing from the caller's shell,
     /// such as a `GATEWAY_CONFIG`, changes what is measured. Returns the child's pid.
+    /// Where the children's logs go; also a private place for the gateway's spool.
+    pub fn log_dir(&self) -> &std::path::Path {
+        &self.log_dir
+    }
+
     pub fn spawn(
         &mut self,
         name: &'static str,
