@@ -28,6 +28,8 @@ pub struct Config {
     pub spool_dir: PathBuf,
     /// Approximate cap on the stream's length (`XADD MAXLEN ~`); `None`: the aggregator trims.
     pub stream_maxlen: Option<u64>,
+    /// Admit (`open`) or refuse (`closed`) requests whose limits cannot be checked.
+    pub limits_on_redis_down: crate::limiter::RedisDownPolicy,
     /// How long a cached key record or account list may be used before it is re-read.
     pub cache_ttl: Duration,
 }
@@ -87,6 +89,9 @@ pub struct Args {
     /// Cap the stream at about this many entries (default: no cap; the aggregator trims).
     #[arg(long, env = "METER_STREAM_MAXLEN")]
     pub stream_maxlen: Option<u64>,
+    /// `open` (default): keep relaying when limits cannot be checked; `closed`: refuse.
+    #[arg(long, env = "GATEWAY_LIMITS_ON_REDIS_DOWN")]
+    pub limits_on_redis_down: Option<String>,
 }
 
 /// The same settings as a TOML file spells them.
@@ -105,6 +110,7 @@ struct FileConfig {
     cache_ttl_ms: Option<u64>,
     spool_dir: Option<PathBuf>,
     stream_maxlen: Option<u64>,
+    limits_on_redis_down: Option<String>,
 }
 
 impl Config {
@@ -179,6 +185,20 @@ impl Config {
                 .or(file.spool_dir)
                 .unwrap_or_else(|| PathBuf::from("spool")),
             stream_maxlen: args.stream_maxlen.or(file.stream_maxlen).filter(|n| *n > 0),
+            limits_on_redis_down: match args
+                .limits_on_redis_down
+                .or(file.limits_on_redis_down)
+                .as_deref()
+            {
+                None | Some("open") => crate::limiter::RedisDownPolicy::Open,
+                Some("closed") => crate::limiter::RedisDownPolicy::Closed,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        name: "limits-on-redis-down",
+                        reason: format!("{other:?} is not open or closed"),
+                    });
+                }
+            },
             cache_ttl: Duration::from_millis(
                 args.cache_ttl_ms.or(file.cache_ttl_ms).unwrap_or(1_000),
             ),

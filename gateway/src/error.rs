@@ -32,6 +32,13 @@ pub enum GatewayError {
     UpstreamUnreachable(String),
     #[error("upstream timed out")]
     UpstreamTimeout,
+    #[error("rate limit exceeded: {limit}")]
+    RateLimited {
+        /// Names the limit that was hit, e.g. "5 requests per 60 s".
+        limit: String,
+        /// `None` when waiting cannot help.
+        retry_after_secs: Option<u64>,
+    },
     #[error("store unavailable: {0}")]
     Store(#[from] redis::RedisError),
     #[error("admin API disabled")]
@@ -51,6 +58,7 @@ impl GatewayError {
             Self::InvalidRequest(_) => "invalid_request",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::NoAccount { .. } => "no_account",
+            Self::RateLimited { .. } => "rate_limited",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Store(_) => "store_unavailable",
@@ -65,6 +73,7 @@ impl GatewayError {
             }
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoAccount { .. } | Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
@@ -105,6 +114,7 @@ impl GatewayError {
             Self::AdminUnauthorized => ("invalid_request_error", Some("invalid_admin_token")),
             Self::ModelNotAllowed(_) => ("invalid_request_error", Some("model_not_allowed")),
             Self::InvalidRequest(_) => ("invalid_request_error", None),
+            Self::RateLimited { .. } => ("requests", Some("rate_limit_exceeded")),
             Self::BodyTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
             Self::NotFound(_) | Self::AdminDisabled => ("invalid_request_error", Some("not_found")),
             Self::UpstreamTimeout => ("server_error", Some("upstream_timeout")),
@@ -118,6 +128,12 @@ impl GatewayError {
     pub fn into_response_for(self, provider: Provider) -> Response {
         let status = self.status();
         let message = self.public_message();
+        let retry_after = match &self {
+            Self::RateLimited {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        };
         let body = match provider {
             Provider::Anthropic => json!({
                 "type": "error",
@@ -129,6 +145,20 @@ impl GatewayError {
             }
         };
         let mut response = (status, Json(body)).into_response();
+        match retry_after {
+            Some(Some(secs)) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            // Waiting will not help: tell the SDKs not to retry.
+            Some(None) => {
+                response
+                    .headers_mut()
+                    .insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            None => {}
+        }
         if status == StatusCode::UNAUTHORIZED {
             // Retrying a bad credential cannot succeed; the SDKs honour this header.
             response

@@ -16,6 +16,7 @@ mod store;
 
 mod accounts;
 mod auth;
+mod limiter;
 
 mod proxy;
 mod relay;
@@ -96,12 +97,22 @@ pub async fn run(
     let refresher =
         tokio::spawn(Arc::clone(&accounts).run_refresher(config.cache_ttl, stop_rx.clone()));
 
+    let (limiter, keeper) = limiter::Limiter::new(
+        store.connection(),
+        config.keyspace.clone(),
+        config.limits_on_redis_down,
+        Arc::clone(&metrics),
+        stop_rx.clone(),
+    );
+    let keeper = tokio::spawn(keeper.run());
+
     let http = reqwest::Client::builder()
         .connect_timeout(config.upstream_connect_timeout)
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
         .build()?;
     let state = AppState {
+        limiter: Arc::new(limiter),
         metrics: Arc::clone(&metrics),
         keys: Arc::new(KeyCache::new(
             store.clone(),
@@ -133,8 +144,10 @@ pub async fn run(
 
     // Every request and stream is done, so the router (and with it every `Publisher`) is gone:
     // the publisher drains what is queued and returns.
-    if let Err(e) = refresher.await {
-        tracing::error!(error = %e, "account refresher panicked");
+    for (task, name) in [(refresher, "account refresher"), (keeper, "lease keeper")] {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, task = name, "background task panicked");
+        }
     }
     if let Err(e) = publisher.await {
         tracing::error!(error = %e, "usage publisher panicked");

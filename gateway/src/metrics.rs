@@ -92,6 +92,7 @@ pub struct Metrics {
     pub spool_skipped: Gauge,
     pub redis_round_trips: Counter,
     pub auth_served_stale: Counter,
+    pub limits_failed_open: Counter,
     cooldowns: Mutex<Vec<(String, u64)>>,
 }
 
@@ -183,6 +184,11 @@ impl Metrics {
                 "meter_gateway_redis_round_trips_total",
                 "Redis round trips made by the gateway.",
                 self.redis_round_trips.get(),
+            ),
+            (
+                "meter_gateway_limits_failed_open_total",
+                "Requests admitted without limit checks because Redis was unreachable (policy open).",
+                self.limits_failed_open.get(),
             ),
             (
                 "meter_gateway_auth_stale_total",

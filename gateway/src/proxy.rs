@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::accounts::{Lease, Want};
 use crate::auth::presented_secret;
 use crate::error::GatewayError;
+use crate::limiter::{LeaseGuard, RequestBudget};
 use crate::provider::{Endpoint, Provider};
 use crate::relay::{self, Outbound};
 use crate::state::AppState;
@@ -50,8 +51,15 @@ async fn handle(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: B
                 model: &admitted.model,
                 session: admitted.session.as_deref(),
                 hide_usage: admitted.hide_usage,
+                concurrency: admitted.concurrency,
             };
-            relay::forward(&state, call, admitted.lease, out).await
+            let mut response = relay::forward(&state, call, admitted.lease, out).await;
+            if let Some(budget) = admitted.budget
+                && response.status().is_success()
+            {
+                rate_limit_headers(endpoint.provider(), budget, response.headers_mut());
+            }
+            response
         }
         Err(err) => {
             if let GatewayError::Store(e) = &err {
@@ -85,6 +93,8 @@ struct Metadata {
 
 struct Admitted {
     lease: Lease,
+    concurrency: Option<LeaseGuard>,
+    budget: Option<RequestBudget>,
     body: Bytes,
     model: String,
     session: Option<String>,
@@ -138,6 +148,9 @@ async fn admit(
         None => (body, false),
     };
 
+    // Limits last: a request refused for a bad body or model must not use up the key's quota.
+    let admission = state.limiter.admit(&key, &call.id(), now_ms).await?;
+
     let want = Want {
         provider: call.endpoint.provider(),
         model: &model,
@@ -148,11 +161,48 @@ async fn admit(
     call.account_id = Some(lease.account.record.id.clone());
     Ok(Admitted {
         lease,
+        concurrency: admission.lease,
+        budget: admission.budget,
         body,
         model,
         session,
         hide_usage,
     })
+}
+
+/// The provider-style headers that tell a client where its request budget stands
+/// (CONTRACT.md §2), for the key's most constrained `requests` window.
+fn rate_limit_headers(
+    provider: Provider,
+    budget: RequestBudget,
+    headers: &mut axum::http::HeaderMap,
+) {
+    use axum::http::HeaderValue;
+    let reset = chrono::Utc::now()
+        + chrono::Duration::milliseconds(i64::try_from(budget.reset_ms).unwrap_or(0));
+    let (limit, remaining, reset) = match provider {
+        Provider::Anthropic => (
+            "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-requests-remaining",
+            (
+                "anthropic-ratelimit-requests-reset",
+                reset.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ),
+        ),
+        Provider::OpenAi => (
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            (
+                "x-ratelimit-reset-requests",
+                format!("{}s", budget.reset_ms.div_ceil(1000)),
+            ),
+        ),
+    };
+    headers.insert(limit, HeaderValue::from(budget.limit));
+    headers.insert(remaining, HeaderValue::from(budget.remaining));
+    if let Ok(value) = HeaderValue::from_str(&reset.1) {
+        headers.insert(reset.0, value);
+    }
 }
 
 fn endpoint_injects_usage(endpoint: Endpoint) -> bool {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::accounts::Accounts;
 use crate::auth::KeyCache;
 use crate::config::Config;
+use crate::limiter::Limiter;
 use crate::metrics::Metrics;
 use crate::publisher::Publisher;
 use crate::store::Store;
@@ -18,4 +19,5 @@ pub struct AppState {
     pub accounts: Arc<Accounts>,
     pub events: Publisher,
     pub metrics: Arc<Metrics>,
+    pub limiter: Arc<Limiter>,
 }

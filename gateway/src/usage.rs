@@ -49,6 +49,11 @@ impl Call {
         }
     }
 
+    /// The request's (and its event's) unique id.
+    pub fn id(&self) -> String {
+        self.id.to_string()
+    }
+
     fn elapsed_us(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
     }

@@ -97,30 +97,8 @@ impl Pipeline {
         let upstream = MockUpstream::spawn().await;
         let mut stops = Vec::new();
 
-        let gateway = {
-            let mut args = gateway::Args {
-                listen: Some("127.0.0.1:0".into()),
-                redis_url: Some(redis_url.clone()),
-                stream: Some(stream.clone()),
-                admin_token: Some(ADMIN_TOKEN.into()),
-                spool_dir: Some(std::env::temp_dir().join(format!("meter-spool-{stream}"))),
-                ..gateway::Args::default()
-            };
-            tweak(&mut args);
-            let config = gateway::Config::build(args).unwrap();
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let (tx, rx) = oneshot::channel::<()>();
-            stops.push(tx);
-            tokio::spawn(async move {
-                gateway::run(listener, config, async {
-                    let _ = rx.await;
-                })
-                .await
-                .expect("gateway failed")
-            });
-            addr
-        };
+        let (gateway, stop) = spawn_gateway(&redis_url, &stream, tweak).await;
+        stops.push(stop);
         let (aggregator, stop) = spawn_aggregator(&redis_url, &stream).await;
         stops.push(stop);
         let pipeline = Self {
@@ -280,6 +258,38 @@ impl Drop for Pipeline {
             let _ = stop.send(());
         }
     }
+}
+
+/// An in-process gateway on a free port, with its own spool; it stops when the returned
+/// sender is sent or dropped. Several may share one Redis and stream, as replicas do.
+pub async fn spawn_gateway(
+    redis_url: &str,
+    stream: &str,
+    tweak: impl FnOnce(&mut gateway::Args),
+) -> (SocketAddr, oneshot::Sender<()>) {
+    let mut args = gateway::Args {
+        listen: Some("127.0.0.1:0".into()),
+        redis_url: Some(redis_url.to_owned()),
+        stream: Some(stream.to_owned()),
+        admin_token: Some(ADMIN_TOKEN.into()),
+        spool_dir: Some(
+            std::env::temp_dir().join(format!("meter-spool-{}", uuid::Uuid::new_v4().simple())),
+        ),
+        ..gateway::Args::default()
+    };
+    tweak(&mut args);
+    let config = gateway::Config::build(args).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        gateway::run(listener, config, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("gateway failed")
+    });
+    (addr, tx)
 }
 
 /// An in-process aggregator on a free port; it stops when the returned sender is sent or dropped.

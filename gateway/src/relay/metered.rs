@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::StreamUsage;
 use crate::accounts::Lease;
+use crate::limiter::LeaseGuard;
 use crate::metrics::Metrics;
 use crate::publisher::Publisher;
 use crate::sse::SseParser;
@@ -37,8 +38,10 @@ pub struct Metered {
     status: u16,
     events: Publisher,
     metrics: Arc<Metrics>,
-    /// Held so the account's in-flight slot is freed exactly when the stream ends.
+    /// Held so the account's in-flight slot and the key's concurrency slot are freed exactly
+    /// when the stream ends.
     _lease: Lease,
+    _concurrency: Option<LeaseGuard>,
     idle: Duration,
     idle_deadline: Pin<Box<Sleep>>,
     finished: bool,
@@ -53,6 +56,7 @@ pub struct MeteredParts {
     pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub lease: Lease,
+    pub concurrency: Option<LeaseGuard>,
     pub idle: Duration,
 }
 
@@ -69,6 +73,7 @@ impl Metered {
             events: parts.events,
             metrics: parts.metrics,
             _lease: parts.lease,
+            _concurrency: parts.concurrency,
             idle: parts.idle,
             idle_deadline: Box::pin(tokio::time::sleep(parts.idle)),
             finished: false,

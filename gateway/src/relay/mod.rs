@@ -21,6 +21,7 @@ use futures_util::stream::StreamExt;
 
 use crate::accounts::{Lease, Want};
 use crate::error::GatewayError;
+use crate::limiter::LeaseGuard;
 use crate::provider::{Endpoint, Provider};
 use crate::publisher::Publisher;
 use crate::sse::SseHandler;
@@ -52,6 +53,8 @@ pub struct Outbound<'a> {
     pub session: Option<&'a str>,
     /// We asked an OpenAI chat stream for usage the client did not request: hide it.
     pub hide_usage: bool,
+    /// The key's concurrency slot, held until the answer has been sent.
+    pub concurrency: Option<LeaseGuard>,
 }
 
 /// Sends the request to `lease`'s account and relays the answer. An upstream 429, 529, 5xx or
@@ -61,7 +64,7 @@ pub async fn forward(
     state: &AppState,
     mut call: Call,
     mut lease: Lease,
-    out: Outbound<'_>,
+    mut out: Outbound<'_>,
 ) -> Response {
     let endpoint = call.endpoint;
     let provider = endpoint.provider();
@@ -103,7 +106,10 @@ pub async fn forward(
         }
         return match attempt {
             Err(err) => reject(&state.events, &call, err),
-            Ok(upstream) => relay_answer(state, call, lease, upstream, out.hide_usage).await,
+            Ok(upstream) => {
+                let held = (lease, out.concurrency.take());
+                relay_answer(state, call, held, upstream, out.hide_usage).await
+            }
         };
     }
 }
@@ -168,7 +174,7 @@ async fn send(
 async fn relay_answer(
     state: &AppState,
     mut call: Call,
-    lease: Lease,
+    (lease, concurrency): (Lease, Option<LeaseGuard>),
     upstream: reqwest::Response,
     hide_usage: bool,
 ) -> Response {
@@ -191,6 +197,7 @@ async fn relay_answer(
             events: state.events.clone(),
             metrics: Arc::clone(&state.metrics),
             lease,
+            concurrency,
             idle: state.config.upstream_idle_timeout,
         });
         return respond(status, headers, Body::from_stream(metered));
@@ -219,7 +226,7 @@ async fn relay_answer(
     state
         .events
         .publish(call.finish(status.as_u16(), &usage, upstream_error_kind(status)));
-    drop(lease);
+    drop((lease, concurrency));
     respond(status, headers, Body::from(body))
 }
 

@@ -1,0 +1,174 @@
+//! Per-key limits through real gateways sharing one Redis (CONTRACT.md §2 "Limits and 429").
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+use tests::harness::{Pipeline, eventually, spawn_gateway};
+
+fn message(stream: bool, extra: Value) -> Value {
+    json!({"model": "claude-haiku-4-5", "max_tokens": 5, "stream": stream, "messages": [], "mock": extra})
+}
+
+#[tokio::test]
+async fn the_sixth_request_of_a_5_per_minute_key_gets_a_429_naming_the_limit() {
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    p.add_account("openai").await;
+    let (_, secret) = p
+        .add_key(json!({"name": "five", "limits": [{"metric": "requests", "max": 5, "window_secs": 60}]}))
+        .await;
+    for expected_remaining in (0..5).rev() {
+        let response = p
+            .http
+            .post(p.gateway_url("/v1/messages"))
+            .header("x-api-key", &secret)
+            .json(&message(false, json!({})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let h = response.headers();
+        assert_eq!(h["anthropic-ratelimit-requests-limit"], "5");
+        assert_eq!(
+            h["anthropic-ratelimit-requests-remaining"],
+            expected_remaining.to_string().as_str()
+        );
+        assert!(h.contains_key("anthropic-ratelimit-requests-reset"));
+    }
+    let response = p
+        .http
+        .post(p.gateway_url("/v1/messages"))
+        .header("x-api-key", &secret)
+        .json(&message(false, json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (55..=60).contains(&retry_after),
+        "retry-after {retry_after}: until the oldest request leaves the window"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("5 requests per 60 s")
+    );
+
+    // The OpenAI routes answer in OpenAI's shape.
+    let response = p
+        .http
+        .post(p.gateway_url("/v1/chat/completions"))
+        .bearer_auth(&secret)
+        .json(&json!({"model": "gpt-4o", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+
+    let events = p.wait_for_events(7).await;
+    let refused: Vec<_> = events.iter().filter(|e| e.status == 429).collect();
+    assert_eq!(refused.len(), 2);
+    assert!(
+        refused
+            .iter()
+            .all(|e| e.error.as_deref() == Some("rate_limited") && e.key_id.is_some())
+    );
+    assert_eq!(
+        p.upstream.received().len(),
+        5,
+        "refused requests never reach the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_together_admit_exactly_the_limit() {
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    let (_, secret) = p
+        .add_key(json!({"name": "shared", "limits": [{"metric": "requests", "max": 10, "window_secs": 60}]}))
+        .await;
+    let (second, _stop) = spawn_gateway(&p.redis_url, &p.stream, |_| {}).await;
+    let urls = [
+        p.gateway_url("/v1/messages"),
+        format!("http://{second}/v1/messages"),
+    ];
+    eventually(Duration::from_secs(5), || async {
+        let r = p
+            .http
+            .get(format!("http://{second}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let statuses = join_all((0..40).map(|i| {
+        let request = p
+            .http
+            .post(&urls[i % 2])
+            .header("x-api-key", &secret)
+            .json(&message(false, json!({})));
+        async move { request.send().await.unwrap().status().as_u16() }
+    }))
+    .await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 30);
+}
+
+#[tokio::test]
+async fn a_streaming_request_holds_the_keys_only_concurrency_slot_until_it_ends() {
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    let (_, secret) = p
+        .add_key(json!({"name": "one", "max_concurrency": 1}))
+        .await;
+    let send = |stream: bool, extra: Value| {
+        p.http
+            .post(p.gateway_url("/v1/messages"))
+            .header("x-api-key", &secret)
+            .json(&message(stream, extra))
+            .send()
+    };
+    let slow = send(true, json!({"chunk_delay_ms": 100})).await.unwrap();
+    assert_eq!(slow.status(), 200);
+    let refused = send(false, json!({})).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_concurrency 1")
+    );
+    slow.text().await.unwrap();
+    // The slot is free once the stream has ended...
+    eventually(Duration::from_secs(5), || async {
+        (send(false, json!({})).await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+    // ...and when a client walks away mid-stream.
+    let mut walked_away = send(true, json!({"chunk_delay_ms": 200})).await.unwrap();
+    walked_away.chunk().await.unwrap();
+    drop(walked_away);
+    eventually(Duration::from_secs(5), || async {
+        (send(false, json!({})).await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+}
