@@ -39,6 +39,12 @@ pub enum GatewayError {
         /// `None` when waiting cannot help.
         retry_after_secs: Option<u64>,
     },
+    /// A cost window or the lifetime budget: money, not request rate.
+    #[error("quota exceeded: {limit}")]
+    QuotaExceeded {
+        limit: String,
+        retry_after_secs: Option<u64>,
+    },
     #[error("store unavailable: {0}")]
     Store(#[from] redis::RedisError),
     #[error("admin API disabled")]
@@ -59,6 +65,7 @@ impl GatewayError {
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::NoAccount { .. } => "no_account",
             Self::RateLimited { .. } => "rate_limited",
+            Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Store(_) => "store_unavailable",
@@ -73,7 +80,7 @@ impl GatewayError {
             }
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoAccount { .. } | Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
@@ -115,6 +122,7 @@ impl GatewayError {
             Self::ModelNotAllowed(_) => ("invalid_request_error", Some("model_not_allowed")),
             Self::InvalidRequest(_) => ("invalid_request_error", None),
             Self::RateLimited { .. } => ("requests", Some("rate_limit_exceeded")),
+            Self::QuotaExceeded { .. } => ("insufficient_quota", Some("insufficient_quota")),
             Self::BodyTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
             Self::NotFound(_) | Self::AdminDisabled => ("invalid_request_error", Some("not_found")),
             Self::UpstreamTimeout => ("server_error", Some("upstream_timeout")),
@@ -130,6 +138,9 @@ impl GatewayError {
         let message = self.public_message();
         let retry_after = match &self {
             Self::RateLimited {
+                retry_after_secs, ..
+            }
+            | Self::QuotaExceeded {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             _ => None,

@@ -17,6 +17,7 @@ mod store;
 mod accounts;
 mod auth;
 mod limiter;
+mod spend;
 
 mod proxy;
 mod relay;

@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
-use crate::store::KeyRecord;
+use crate::spend;
+use crate::store::{KeyRecord, Limit};
 
 /// A lease not renewed for this long is free again (CONTRACT.md §7.4 asks for 2 minutes).
 pub const LEASE_TTL: Duration = Duration::from_secs(60);
@@ -37,8 +38,10 @@ const SCRIPT: &str = r#"
 local now = tonumber(ARGV[1])
 local nwin = tonumber(ARGV[2])
 local member = ARGV[3]
-local counts = {}
 local pos = 4
+
+-- 1. requests windows (read only here)
+local counts = {}
 for i = 1, nwin do
   local window = tonumber(ARGV[pos]); local max = tonumber(ARGV[pos + 1]); pos = pos + 2
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
@@ -51,7 +54,41 @@ for i = 1, nwin do
   end
   counts[i] = n
 end
-local cc_max = tonumber(ARGV[pos]); local ttl = tonumber(ARGV[pos + 1])
+local cc_max = tonumber(ARGV[pos]); local ttl = tonumber(ARGV[pos + 1]); pos = pos + 2
+
+-- 2. token and cost windows from the aggregator's spend counters: fields oldest first, each
+--    with the milliseconds until it leaves the window
+local nspend = tonumber(ARGV[pos]); pos = pos + 1
+for c = 1, nspend do
+  local max = tonumber(ARGV[pos]); local nf = tonumber(ARGV[pos + 1]); pos = pos + 2
+  local values = {}
+  local sum = 0
+  for f = 1, nf do
+    local v = tonumber(redis.call('HGET', KEYS[tonumber(ARGV[pos])], ARGV[pos + 1])) or 0
+    values[f] = {v, tonumber(ARGV[pos + 2])}
+    sum = sum + v
+    pos = pos + 3
+  end
+  if sum >= max then
+    local wait = 0
+    for f = 1, nf do
+      sum = sum - values[f][1]
+      wait = values[f][2]
+      if sum < max then break end
+    end
+    return {0, -c, wait}
+  end
+end
+
+-- 3. lifetime budget, nanodollars
+local bk = tonumber(ARGV[pos]); local budget = tonumber(ARGV[pos + 1]); pos = pos + 2
+if bk > 0 then
+  local v = redis.call('HMGET', KEYS[bk], 'ch', 'cl')
+  local spent = (tonumber(v[1]) or 0) + math.ceil((tonumber(v[2]) or 0) / 1e9)
+  if spent >= budget then return {0, -1000000, 0} end
+end
+
+-- 4. concurrency: take a lease
 if cc_max >= 0 then
   local k = KEYS[nwin + 1]
   redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
@@ -59,6 +96,8 @@ if cc_max >= 0 then
   redis.call('ZADD', k, now + ttl, member)
   redis.call('PEXPIRE', k, ttl * 2)
 end
+
+-- 5. admitted: count the request in every window
 local out = {1}
 pos = 4
 for i = 1, nwin do
@@ -188,18 +227,39 @@ impl Limiter {
             .filter(|l| l.metric == "requests")
             .map(|l| (l.window_secs.saturating_mul(1000), l.max as u64))
             .collect();
-        if windows.is_empty() && key.max_concurrency.is_none() {
+        let spend: Vec<&Limit> = key
+            .limits
+            .iter()
+            .filter(|l| matches!(l.metric.as_str(), "tokens" | "cost_usd"))
+            .collect();
+        if windows.is_empty()
+            && spend.is_empty()
+            && key.budget_usd.is_none()
+            && key.max_concurrency.is_none()
+        {
             return Ok(Admission::default());
         }
         let cc_key = self.keyspace.key(&format!("cc:{}", key.id));
-        let mut invocation = self.script.prepare_invoke();
-        for (window_ms, _) in &windows {
-            invocation.key(
+        let spend_prefix = self.keyspace.key(&format!("sp:{}", key.id));
+        let mut keys: Vec<String> = windows
+            .iter()
+            .map(|(window_ms, _)| {
                 self.keyspace
-                    .key(&format!("rl:{}:{}", key.id, window_ms / 1000)),
-            );
-        }
-        invocation.key(&cc_key);
+                    .key(&format!("rl:{}:{}", key.id, window_ms / 1000))
+            })
+            .collect();
+        keys.push(cc_key.clone());
+        let mut key_index = |name: String| -> usize {
+            match keys.iter().position(|k| *k == name) {
+                Some(i) => i + 1,
+                None => {
+                    keys.push(name);
+                    keys.len()
+                }
+            }
+        };
+
+        let mut invocation = self.script.prepare_invoke();
         invocation.arg(now_ms).arg(windows.len()).arg(request_id);
         for (window_ms, max) in &windows {
             invocation.arg(*window_ms).arg(*max);
@@ -207,13 +267,61 @@ impl Limiter {
         invocation
             .arg(key.max_concurrency.map_or(-1, i64::from))
             .arg(LEASE_TTL.as_millis() as u64);
+        invocation.arg(spend.len());
+        for limit in &spend {
+            let window_ms =
+                i64::try_from(limit.window_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
+            let (prefix, max) = match limit.metric.as_str() {
+                "tokens" => ('t', limit.max as i64),
+                _ => ('c', nanodollars(limit.max)),
+            };
+            let mut fields: Vec<(usize, String, i64)> = Vec::new();
+            for read in spend::window_reads(now_ms, window_ms) {
+                let k = key_index(format!("{spend_prefix}{}", read.hash_suffix));
+                let width = bucket_width(&read.hash_suffix);
+                for bucket in &read.buckets {
+                    // When this bucket's spend leaves the window.
+                    let leaves_in = (bucket + width + window_ms - now_ms).max(0);
+                    fields.push((k, format!("{prefix}{bucket}"), leaves_in));
+                }
+            }
+            fields.sort_by_key(|(_, _, leaves)| *leaves);
+            invocation.arg(max).arg(fields.len());
+            for (k, field, leaves) in fields {
+                invocation.arg(k).arg(field).arg(leaves);
+            }
+        }
+        match key.budget_usd {
+            Some(budget) => invocation
+                .arg(key_index(spend_prefix.clone()))
+                .arg(nanodollars(budget)),
+            None => invocation.arg(0).arg(0),
+        };
+        for k in &keys {
+            invocation.key(k);
+        }
+
         self.metrics.redis_round_trips.inc();
         let mut conn = self.conn.clone();
         let reply: Vec<i64> = match invocation.invoke_async(&mut conn).await {
             Ok(reply) => reply,
             Err(e) => return self.redis_down(e),
         };
-        match reply.as_slice() {
+        self.decide(key, &windows, &spend, &reply, request_id, &cc_key)
+    }
+
+    fn decide(
+        &self,
+        key: &KeyRecord,
+        windows: &[(u64, u64)],
+        spend: &[&Limit],
+        reply: &[i64],
+        request_id: &str,
+        cc_key: &str,
+    ) -> Result<Admission, GatewayError> {
+        // Round up: arriving a moment early would be refused again.
+        let secs_up = |ms: i64| Some(u64::try_from(ms).unwrap_or(0).div_ceil(1000).max(1));
+        match reply {
             [1, counts @ ..] => {
                 let budget = windows
                     .iter()
@@ -228,10 +336,10 @@ impl Limiter {
                     })
                     .min_by_key(|b| b.remaining);
                 let lease = key.max_concurrency.map(|_| {
-                    self.keeper.hold(request_id, &cc_key);
+                    self.keeper.hold(request_id, cc_key);
                     LeaseGuard {
                         id: request_id.to_owned(),
-                        key: cc_key.clone(),
+                        key: cc_key.to_owned(),
                         keeper: Arc::clone(&self.keeper),
                     }
                 });
@@ -244,15 +352,35 @@ impl Limiter {
                 ),
                 retry_after_secs: Some(CONCURRENCY_RETRY_AFTER_SECS),
             }),
+            [0, -1_000_000, _] => Err(GatewayError::QuotaExceeded {
+                limit: format!("budget_usd {} spent", key.budget_usd.unwrap_or(0.0)),
+                retry_after_secs: None,
+            }),
+            [0, index, wait_ms] if *index < 0 => {
+                let Some(limit) = usize::try_from(-index - 1).ok().and_then(|i| spend.get(i))
+                else {
+                    return Err(GatewayError::InvalidRequest("limiter failure".into()));
+                };
+                let what = format!("{} {} per {} s", limit.max, limit.metric, limit.window_secs);
+                let retry_after_secs = secs_up(*wait_ms);
+                Err(if limit.metric == "cost_usd" {
+                    GatewayError::QuotaExceeded {
+                        limit: what,
+                        retry_after_secs,
+                    }
+                } else {
+                    GatewayError::RateLimited {
+                        limit: what,
+                        retry_after_secs,
+                    }
+                })
+            }
             [0, window, wait_ms] => {
                 let index = usize::try_from(*window - 1).unwrap_or(0);
                 let (window_ms, max) = windows.get(index).copied().unwrap_or_default();
                 Err(GatewayError::RateLimited {
                     limit: format!("{max} requests per {} s", window_ms / 1000),
-                    // Round up: arriving a moment early would be refused again.
-                    retry_after_secs: Some(
-                        u64::try_from(*wait_ms).unwrap_or(0).div_ceil(1000).max(1),
-                    ),
+                    retry_after_secs: secs_up(*wait_ms),
                 })
             }
             other => {
@@ -271,6 +399,19 @@ impl Limiter {
             }
             RedisDownPolicy::Closed => Err(GatewayError::Store(e)),
         }
+    }
+}
+
+/// USD → whole nanodollars (limits are compared in the unit the spend counters use).
+fn nanodollars(usd: f64) -> i64 {
+    (usd * 1e9).round() as i64
+}
+
+fn bucket_width(hash_suffix: &str) -> i64 {
+    match hash_suffix.as_bytes().get(1) {
+        Some(b'd') => 86_400_000,
+        Some(b'h') => 3_600_000,
+        _ => 60_000,
     }
 }
 

@@ -172,3 +172,117 @@ async fn a_streaming_request_holds_the_keys_only_concurrency_slot_until_it_ends(
     })
     .await;
 }
+
+/// Sends requests until one is refused; returns the refusal and how long after `since` it came.
+async fn until_refused(
+    p: &Pipeline,
+    path: &str,
+    secret: &str,
+    body: &Value,
+) -> (reqwest::Response, Duration) {
+    let since = std::time::Instant::now();
+    loop {
+        let response = p
+            .http
+            .post(p.gateway_url(path))
+            .bearer_auth(secret)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 429 {
+            return (response, since.elapsed());
+        }
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+        assert!(since.elapsed() < Duration::from_secs(10), "never refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn token_and_cost_windows_and_the_budget_trip_once_the_aggregator_has_counted() {
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    p.add_account("openai").await;
+    let (_, tokens) = p
+        .add_key(
+            json!({"name": "t", "limits": [{"metric": "tokens", "max": 100, "window_secs": 3600}]}),
+        )
+        .await;
+    let (_, cost) = p
+        .add_key(json!({"name": "c", "limits": [{"metric": "cost_usd", "max": 0.001, "window_secs": 86400}]}))
+        .await;
+    let (_, budget) = p.add_key(json!({"name": "b", "budget_usd": 0.002})).await;
+    // 150 + 10 tokens; on claude-sonnet-4-5, 1000 input tokens cost $0.003.
+    let small = json!({"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [], "mock": {"input_tokens": 150, "output_tokens": 10}});
+    let dear = json!({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [], "mock": {"input_tokens": 1000, "output_tokens": 0}});
+
+    // A single request may overshoot (its cost is unknown in advance); the next one is refused
+    // as soon as the aggregator has counted the first.
+    let first = p
+        .http
+        .post(p.gateway_url("/v1/messages"))
+        .bearer_auth(&tokens)
+        .json(&small)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    first.bytes().await.unwrap();
+    let (refused, lag) = until_refused(&p, "/v1/messages", &tokens, &small).await;
+    eprintln!("token limit enforced {lag:?} after the spending response");
+    assert!(lag < Duration::from_secs(3), "enforcement lagged {lag:?}");
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (3540..=3660).contains(&retry_after),
+        "until the spend leaves the hour window: {retry_after}"
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("100 tokens per 3600 s")
+    );
+
+    let (refused, _) = until_refused(&p, "/v1/messages", &cost, &dear).await;
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cost_usd"),
+        "{body}"
+    );
+    let chat = json!({"model": "gpt-4o", "messages": []});
+    let response = p
+        .http
+        .post(p.gateway_url("/v1/chat/completions"))
+        .bearer_auth(&cost)
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "insufficient_quota");
+
+    // A spent budget cannot be waited out: no retry-after, and the SDKs are told not to retry.
+    let (refused, _) = until_refused(&p, "/v1/messages", &budget, &dear).await;
+    assert!(refused.headers().get("retry-after").is_none());
+    assert_eq!(refused.headers()["x-should-retry"], "false");
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("budget"),
+        "{body}"
+    );
+}
