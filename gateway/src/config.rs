@@ -28,6 +28,8 @@ pub struct Config {
     pub spool_dir: PathBuf,
     /// Approximate cap on the stream's length (`XADD MAXLEN ~`); `None`: the aggregator trims.
     pub stream_maxlen: Option<u64>,
+    /// A concurrency lease not renewed for this long (its gateway died) is free again.
+    pub lease_ttl: Duration,
     /// Admit (`open`) or refuse (`closed`) requests whose limits cannot be checked.
     pub limits_on_redis_down: crate::limiter::RedisDownPolicy,
     /// How long a cached key record or account list may be used before it is re-read.
@@ -89,6 +91,9 @@ pub struct Args {
     /// Cap the stream at about this many entries (default: no cap; the aggregator trims).
     #[arg(long, env = "METER_STREAM_MAXLEN")]
     pub stream_maxlen: Option<u64>,
+    /// Concurrency lease TTL, milliseconds (default 60000).
+    #[arg(long, env = "GATEWAY_LEASE_TTL_MS")]
+    pub lease_ttl_ms: Option<u64>,
     /// `open` (default): keep relaying when limits cannot be checked; `closed`: refuse.
     #[arg(long, env = "GATEWAY_LIMITS_ON_REDIS_DOWN")]
     pub limits_on_redis_down: Option<String>,
@@ -111,6 +116,7 @@ struct FileConfig {
     spool_dir: Option<PathBuf>,
     stream_maxlen: Option<u64>,
     limits_on_redis_down: Option<String>,
+    lease_ttl_ms: Option<u64>,
 }
 
 impl Config {
@@ -185,6 +191,12 @@ impl Config {
                 .or(file.spool_dir)
                 .unwrap_or_else(|| PathBuf::from("spool")),
             stream_maxlen: args.stream_maxlen.or(file.stream_maxlen).filter(|n| *n > 0),
+            lease_ttl: Duration::from_millis(
+                args.lease_ttl_ms
+                    .or(file.lease_ttl_ms)
+                    .unwrap_or(60_000)
+                    .max(100),
+            ),
             limits_on_redis_down: match args
                 .limits_on_redis_down
                 .or(file.limits_on_redis_down)

@@ -102,6 +102,7 @@ pub async fn run(
         store.connection(),
         config.keyspace.clone(),
         config.limits_on_redis_down,
+        config.lease_ttl,
         Arc::clone(&metrics),
         stop_rx.clone(),
     );

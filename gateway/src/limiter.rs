@@ -7,7 +7,8 @@
 //!   exact (no boundary burst as with fixed windows) and costs memory in proportion to `max`.
 //! - Concurrency is a sorted set of leases scored by their expiry. A lease is removed when its
 //!   response ends (stream included) or the client leaves, and is renewed while it is held, so
-//!   the leases of a gateway that dies expire within `LEASE_TTL`.
+//!   the leases of a gateway that dies expire within the lease TTL (default 60 s; CONTRACT.md
+//!   §7.4 asks for 2 minutes).
 //!
 //! When Redis cannot be reached, the policy decides: `open` admits (and counts the decision),
 //! `closed` refuses. Never a per-replica fallback, which would multiply the limit by the number
@@ -27,9 +28,6 @@ use crate::metrics::Metrics;
 use crate::spend;
 use crate::store::{KeyRecord, Limit};
 
-/// A lease not renewed for this long is free again (CONTRACT.md §7.4 asks for 2 minutes).
-pub const LEASE_TTL: Duration = Duration::from_secs(60);
-const RENEW_EVERY: Duration = Duration::from_secs(15);
 /// A concurrency slot frees when some response ends, which cannot be predicted; clients retry
 /// after this.
 const CONCURRENCY_RETRY_AFTER_SECS: u64 = 1;
@@ -173,6 +171,8 @@ pub struct Limiter {
     keyspace: Keyspace,
     script: Script,
     policy: RedisDownPolicy,
+    /// A lease not renewed for this long is free again.
+    lease_ttl: Duration,
     keeper: Arc<Keeper>,
     metrics: Arc<Metrics>,
 }
@@ -182,6 +182,7 @@ pub struct KeeperTask {
     keeper: Arc<Keeper>,
     releases: mpsc::UnboundedReceiver<(String, String)>,
     shutdown: watch::Receiver<bool>,
+    lease_ttl: Duration,
 }
 
 impl Limiter {
@@ -189,6 +190,7 @@ impl Limiter {
         conn: ConnectionManager,
         keyspace: Keyspace,
         policy: RedisDownPolicy,
+        lease_ttl: Duration,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> (Self, KeeperTask) {
@@ -202,12 +204,14 @@ impl Limiter {
             keeper: Arc::clone(&keeper),
             releases: rx,
             shutdown,
+            lease_ttl,
         };
         let limiter = Self {
             conn,
             keyspace,
             script: Script::new(SCRIPT),
             policy,
+            lease_ttl,
             keeper,
             metrics,
         };
@@ -266,7 +270,7 @@ impl Limiter {
         }
         invocation
             .arg(key.max_concurrency.map_or(-1, i64::from))
-            .arg(LEASE_TTL.as_millis() as u64);
+            .arg(self.lease_ttl.as_millis() as u64);
         invocation.arg(spend.len());
         for limit in &spend {
             let window_ms =
@@ -418,7 +422,8 @@ fn bucket_width(hash_suffix: &str) -> i64 {
 impl KeeperTask {
     /// Releases finished leases at once and renews held ones until shutdown.
     pub async fn run(mut self) {
-        let mut renew = tokio::time::interval(RENEW_EVERY);
+        // Renewed four times per TTL, so a slow round trip or two cannot let a live lease lapse.
+        let mut renew = tokio::time::interval(self.lease_ttl / 4);
         loop {
             let release = tokio::select! {
                 _ = self.shutdown.wait_for(|stop| *stop) => break,
@@ -453,7 +458,7 @@ impl KeeperTask {
         if held.is_empty() {
             return;
         }
-        let until = chrono::Utc::now().timestamp_millis() + LEASE_TTL.as_millis() as i64;
+        let until = chrono::Utc::now().timestamp_millis() + self.lease_ttl.as_millis() as i64;
         let mut pipe = redis::pipe();
         for (id, key) in &held {
             pipe.cmd("ZADD")
@@ -464,7 +469,7 @@ impl KeeperTask {
                 .ignore();
             pipe.cmd("PEXPIRE")
                 .arg(key)
-                .arg(LEASE_TTL.as_millis() as u64 * 2)
+                .arg(self.lease_ttl.as_millis() as u64 * 2)
                 .ignore();
         }
         if let Err(e) = pipe.query_async::<()>(&mut self.conn).await {

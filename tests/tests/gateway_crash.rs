@@ -128,3 +128,87 @@ async fn events_spooled_by_a_killed_gateway_are_published_by_the_next_one() {
     assert_eq!(usage["rows"][0]["input_tokens"], 51 * 7);
     let _ = std::fs::remove_dir_all(&spool);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_lease_held_by_a_killed_gateway_frees_within_its_ttl() {
+    let stream = unique_stream();
+    let upstream = MockUpstream::spawn().await;
+    let http = reqwest::Client::new();
+    let port = free_port();
+    let spool = std::env::temp_dir().join(format!("meter-lease-spool-{stream}"));
+    let redis_url = tests::harness::redis_url();
+    let doomed = Process::spawn(
+        "gateway",
+        "gateway",
+        &[
+            ("REDIS_URL", redis_url.to_owned()),
+            ("METER_STREAM", stream.clone()),
+            ("GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
+            ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+            ("GATEWAY_SPOOL_DIR", spool.display().to_string()),
+            ("GATEWAY_LEASE_TTL_MS", "2000".to_owned()),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(20), || async {
+        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let admin = |path: &str, body: Value| {
+        http.post(format!("{base}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+    admin("/admin/accounts", json!({"name": "m", "provider": "anthropic", "base_url": upstream.base_url(), "api_key": "sk-m"}))
+        .await
+        .unwrap();
+    let key: Value = admin("/admin/keys", json!({"name": "one", "max_concurrency": 1}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = key["key"].as_str().unwrap().to_owned();
+    let (survivor, _stop) = tests::harness::spawn_gateway(redis_url, &stream, |args| {
+        args.lease_ttl_ms = Some(2000);
+    })
+    .await;
+    let request = json!({"model": "claude-haiku-4-5", "max_tokens": 5, "stream": true, "messages": [],
+                         "mock": {"chunk_delay_ms": 1000}});
+    let mut holding = http
+        .post(format!("{base}/v1/messages"))
+        .header("x-api-key", &secret)
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(holding.status(), 200);
+    holding.chunk().await.unwrap();
+    let try_survivor = || {
+        http.post(format!("http://{survivor}/v1/messages"))
+            .header("x-api-key", &secret)
+            .json(&json!({"model": "claude-haiku-4-5", "max_tokens": 5, "messages": []}))
+            .send()
+    };
+    assert_eq!(
+        try_survivor().await.unwrap().status(),
+        429,
+        "the slot is held by the other gateway"
+    );
+
+    doomed.kill();
+    let killed_at = std::time::Instant::now();
+    eventually(Duration::from_secs(10), || async {
+        (try_survivor().await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+    let freed_after = killed_at.elapsed();
+    assert!(
+        freed_after <= Duration::from_secs(4),
+        "freed after {freed_after:?} with a 2 s lease TTL"
+    );
+    drop(holding);
+    let _ = std::fs::remove_dir_all(&spool);
+}
