@@ -138,6 +138,9 @@ impl Consumer {
                     if e.code() == Some("NOGROUP") {
                         group_ready = false;
                     }
+                    // A batch that failed mid-way is still pending for this consumer: read it
+                    // again first, rather than waiting for `claim_idle` to reclaim it.
+                    own_pending_done = false;
                     tracing::warn!(error = %e, "consuming the usage stream failed; retrying");
                     self.metrics.errors.fetch_add(1, Ordering::Relaxed);
                     tokio::select! {

@@ -56,7 +56,7 @@ impl Process {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdout(Stdio::inherit());
         for (k, v) in env {
             command.env(k, v);
         }
