@@ -286,3 +286,36 @@ async fn token_and_cost_windows_and_the_budget_trip_once_the_aggregator_has_coun
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_key_on_one_replica_stops_it_on_another_once_its_1_s_cache_expires() {
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    let (id, secret) = p.add_key(json!({"name": "gone"})).await;
+    let (other, _stop) = spawn_gateway(&p.redis_url, &p.stream, |_| {}).await;
+    let send = || {
+        p.http
+            .post(format!("http://{other}/v1/messages"))
+            .header("x-api-key", &secret)
+            .json(&message(false, json!({})))
+            .send()
+    };
+    eventually(Duration::from_secs(5), || async {
+        (send().await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+    let (status, _) = p
+        .admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}"), None)
+        .await;
+    assert_eq!(status, 200);
+    let deleted_at = std::time::Instant::now();
+    eventually(Duration::from_secs(3), || async {
+        (send().await.ok()?.status() == 401).then_some(())
+    })
+    .await;
+    let took = deleted_at.elapsed();
+    assert!(
+        took <= Duration::from_millis(1500),
+        "the other replica still accepted the key after {took:?}"
+    );
+}
