@@ -6,38 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
-command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)"; exit 1; }
-cargo build --quiet --release --bin gateway --bin aggregator --bin mock-upstream
-BIN=target/release
-DIR=$(mktemp -d)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"; }
-trap cleanup EXIT
+source scripts/lib/release-pipeline.sh
+start_release_pipeline bench 18000
 
-RPORT=6391; GW=127.0.0.1:18080; AG=127.0.0.1:18081; MOCK=127.0.0.1:19090
-redis-server --port $RPORT --bind 127.0.0.1 --save '' --appendonly no --logfile "$DIR/redis.log" &
-pids+=($!)
-export REDIS_URL=redis://127.0.0.1:$RPORT ADMIN_TOKEN=bench METER_STREAM="bench:$$" RUST_LOG=warn GATEWAY_SPOOL_DIR="$DIR/spool"
-sleep 0.3
-"$BIN/mock-upstream" --listen $MOCK >/dev/null 2>&1 & pids+=($!)
-"$BIN/aggregator" --listen $AG >"$DIR/agg.log" 2>&1 & pids+=($!)
-"$BIN/gateway" --listen $GW >"$DIR/gw.log" 2>&1 & pids+=($!)
-for _ in $(seq 1 100); do curl -fs "http://$GW/readyz" >/dev/null && break; sleep 0.1; done
-admin() { curl -fsS -H "authorization: Bearer $ADMIN_TOKEN" -H 'content-type: application/json' "$@"; }
-admin -X POST "http://$GW/admin/accounts" \
-  -d "{\"name\":\"mock\",\"provider\":\"anthropic\",\"base_url\":\"http://$MOCK\",\"api_key\":\"sk-mock\"}" >/dev/null
-KEY=$(admin -X POST "http://$GW/admin/keys" -d '{"name":"bench"}' | sed -n 's/.*"key":"\([^"]*\)".*/\1/p')
-
-cat >"$DIR/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Hello"}],"mock":{"input_tokens":100,"output_tokens":20}}'
-wrk.headers["content-type"] = "application/json"
-wrk.headers["x-api-key"] = "$KEY"
-wrk.headers["anthropic-version"] = "2023-06-01"
-LUA
-
-gw_pid=${pids[3]}
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$gw_pid/stat"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$GW_PID/stat"; }
 printf '%-8s %-5s %12s %10s %10s %18s\n' target conc req/s p50_ms p99_ms gw_cpu_s/1k_req
 for conc in 1 32; do
   for target in direct gateway; do
