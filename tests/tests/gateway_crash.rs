@@ -11,18 +11,22 @@ use tests::harness::{
 use tests::mock_upstream::MockUpstream;
 use tests::process::Process;
 
-fn spawn_gateway(redis: &RedisServer, stream: &str, port: u16, spool: &std::path::Path) -> Process {
-    Process::spawn(
-        "gateway",
-        "gateway",
-        &[
-            ("REDIS_URL", redis.url()),
-            ("METER_STREAM", stream.to_owned()),
-            ("GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
-            ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
-            ("GATEWAY_SPOOL_DIR", spool.display().to_string()),
-        ],
-    )
+fn spawn_gateway(
+    redis_url: &str,
+    stream: &str,
+    port: u16,
+    spool: &std::path::Path,
+    extra: &[(&str, String)],
+) -> Process {
+    let mut env = vec![
+        ("REDIS_URL", redis_url.to_owned()),
+        ("METER_STREAM", stream.to_owned()),
+        ("GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
+        ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+        ("GATEWAY_SPOOL_DIR", spool.display().to_string()),
+    ];
+    env.extend(extra.iter().cloned());
+    Process::spawn("gateway", "gateway", &env)
 }
 
 async fn metric(http: &reqwest::Client, port: u16, name: &str) -> Option<f64> {
@@ -47,7 +51,7 @@ async fn events_spooled_by_a_killed_gateway_are_published_by_the_next_one() {
     let (aggregator, _stop) = spawn_aggregator(&redis.url(), &stream).await;
     let http = reqwest::Client::new();
     let port = free_port();
-    let gateway = spawn_gateway(&redis, &stream, port, &spool);
+    let gateway = spawn_gateway(&redis.url(), &stream, port, &spool, &[]);
     let base = format!("http://127.0.0.1:{port}");
     eventually(Duration::from_secs(20), || async {
         let r = http.get(format!("{base}/readyz")).send().await.ok()?;
@@ -107,7 +111,7 @@ async fn events_spooled_by_a_killed_gateway_are_published_by_the_next_one() {
     gateway.kill();
 
     redis.restart();
-    let _next = spawn_gateway(&redis, &stream, port, &spool);
+    let _next = spawn_gateway(&redis.url(), &stream, port, &spool, &[]);
     let usage_url = format!("http://{aggregator}/v1/usage");
     let row = eventually(Duration::from_secs(30), || async {
         let usage: Value = http.get(&usage_url).send().await.ok()?.json().await.ok()?;
@@ -137,18 +141,14 @@ async fn a_concurrency_lease_held_by_a_killed_gateway_frees_within_its_ttl() {
     let port = free_port();
     let spool = std::env::temp_dir().join(format!("meter-lease-spool-{stream}"));
     let redis_url = tests::harness::redis_url();
-    let doomed = Process::spawn(
-        "gateway",
-        "gateway",
-        &[
-            ("REDIS_URL", redis_url.to_owned()),
-            ("METER_STREAM", stream.clone()),
-            ("GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
-            ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
-            ("GATEWAY_SPOOL_DIR", spool.display().to_string()),
-            ("GATEWAY_LEASE_TTL_MS", "2000".to_owned()),
-        ],
+    let doomed = spawn_gateway(
+        redis_url,
+        &stream,
+        port,
+        &spool,
+        &[("GATEWAY_LEASE_TTL_MS", "2000".to_owned())],
     );
+
     let base = format!("http://127.0.0.1:{port}");
     eventually(Duration::from_secs(20), || async {
         let r = http.get(format!("{base}/readyz")).send().await.ok()?;
