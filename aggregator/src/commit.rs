@@ -1,5 +1,5 @@
-//! Applies a batch to Redis exactly once: dedupe check, stats increments and `XACK` in one Lua
-//! script, so no crash can separate "counted" from "acknowledged".
+//! Applies a batch to Redis exactly once: state check, dedupe check, stats increments and `XACK`
+//! in one Lua script, so no crash can separate "counted" from "acknowledged".
 //!
 //! Deduplication is by event id within a window of arrival time (the stream entry id's
 //! millisecond part, which Redis assigns, so every consumer and every replay agrees on it).
@@ -11,6 +11,10 @@
 //! failing after would meter a retried event zero times). When the check finds duplicates the
 //! script writes nothing and returns them; the caller drops them and commits again.
 //!
+//! While a replay runs, a commit also applies its events to the replay's shadow copy, which
+//! has seen-sets of its own (the replay may have applied an event there already), and the
+//! script refuses a batch priced under a state (`control`) that is no longer in force.
+//!
 //! Every key the script touches carries the deployment's hash tag, so it runs on a cluster too.
 
 use std::collections::BTreeMap;
@@ -19,30 +23,45 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 use shared::Keyspace;
 
-use crate::stats::Delta;
+use crate::control;
+use crate::stats::BucketWrite;
 
 const SCRIPT: &str = r#"
 local pos = 1
 local function take() local v = ARGV[pos]; pos = pos + 1; return v end
 local group = take()
 local seen_ttl = tonumber(take())
+local token = take()
+local prefix = take()
 
--- 1. duplicates: nothing is written if any are found
-local dups = {}
-local n = tonumber(take())
-for _ = 1, n do
-  local k = tonumber(take()); local cnt = tonumber(take())
-  for s = pos, pos + cnt - 1, 512 do
-    local e = math.min(s + 511, pos + cnt - 1)
-    local hit = redis.call('SMISMEMBER', KEYS[k], unpack(ARGV, s, e))
-    for j = 1, #hit do if hit[j] == 1 then dups[#dups + 1] = ARGV[s + j - 1] end end
-  end
-  pos = pos + cnt
+-- 0. the state this batch was priced under must still be in force; a replay whose process
+--    died (its lease expired) is abandoned here, which stops the shadow writes
+local pv = redis.call('HGET', KEYS[2], 'pv') or '0'
+local rid = redis.call('HGET', KEYS[2], 'rid') or '0'
+if rid ~= '0' and redis.call('EXISTS', prefix .. 'rp' .. rid .. ':lease') == 0 then
+  redis.call('HDEL', KEYS[2], 'rid', 'rfrom', 'rto')
+  rid = '0'
 end
-if #dups > 0 then return dups end
+if pv .. ':' .. rid ~= token then return {'stale'} end
+
+-- 1. duplicates, live then shadow: nothing is written if any are found
+for _, status in ipairs({'dup', 'sdup'}) do
+  local out = {status}
+  local n = tonumber(take())
+  for _ = 1, n do
+    local k = tonumber(take()); local cnt = tonumber(take())
+    for s = pos, pos + cnt - 1, 512 do
+      local e = math.min(s + 511, pos + cnt - 1)
+      local hit = redis.call('SMISMEMBER', KEYS[k], unpack(ARGV, s, e))
+      for j = 1, #hit do if hit[j] == 1 then out[#out + 1] = ARGV[s + j - 1] end end
+    end
+    pos = pos + cnt
+  end
+  if #out > 1 then return out end
+end
 
 -- 2. record ids as seen
-n = tonumber(take())
+local n = tonumber(take())
 for _ = 1, n do
   local k = tonumber(take()); local cnt = tonumber(take())
   for s = pos, pos + cnt - 1, 512 do
@@ -67,13 +86,35 @@ n = tonumber(take())
 for s = pos, pos + n - 1, 512 do
   redis.call('XACK', KEYS[1], group, unpack(ARGV, s, math.min(s + 511, pos + n - 1)))
 end
-return {}
+return {'ok'}
 "#;
 
 /// One event admitted to a commit: its id and the arrival slot its stream entry fell in.
 pub struct Seen<'a> {
     pub id: &'a str,
     pub slot: i64,
+}
+
+/// Everything one commit applies. Key names are below the keyspace prefix; shadow ones carry
+/// their replay's prefix already.
+pub struct Batch<'a> {
+    pub token: &'a str,
+    pub live: &'a [Seen<'a>],
+    /// The replay's shadow prefix (`rp<rid>:`) and the events applied to its copy.
+    pub shadow: Option<(&'a str, &'a [Seen<'a>])>,
+    pub writes: &'a [BucketWrite],
+    pub acks: &'a [String],
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// Nothing was written: these ids were counted already; drop them and commit again.
+    Duplicates(Vec<String>),
+    /// Nothing was written: the replay's copy has these already; leave them out of it.
+    ShadowDuplicates(Vec<String>),
+    /// Nothing was written: pricing or replay changed; reload the state and price again.
+    Stale,
 }
 
 pub struct Committer {
@@ -98,20 +139,15 @@ impl Committer {
         arrival_ms.div_euclid(self.window_secs * 1000)
     }
 
-    fn seen_key(&self, slot: i64) -> String {
-        self.keyspace.key(&format!("seen:{slot}"))
-    }
-
-    /// Runs the commit. `Ok(dups)` non-empty means nothing was written: drop those ids from
-    /// the batch and call again.
     pub async fn commit(
         &self,
         conn: &mut ConnectionManager,
-        seen: &[Seen<'_>],
-        delta: &Delta,
-        acks: &[String],
-    ) -> redis::RedisResult<Vec<String>> {
-        let mut keys: Vec<String> = vec![self.keyspace.stream().to_owned()];
+        batch: &Batch<'_>,
+    ) -> redis::RedisResult<Outcome> {
+        let mut keys: Vec<String> = vec![
+            self.keyspace.stream().to_owned(),
+            self.keyspace.key(control::CTL),
+        ];
         let mut index: BTreeMap<String, usize> = BTreeMap::new();
         let mut key_index = |name: String, keys: &mut Vec<String>| -> usize {
             *index.entry(name.clone()).or_insert_with(|| {
@@ -120,32 +156,48 @@ impl Committer {
             })
         };
 
-        let mut by_slot: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
-        for s in seen {
-            by_slot.entry(s.slot).or_default().push(s.id);
-        }
-        let mut checks: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
-        for (slot, ids) in &by_slot {
-            for neighbour in slot - 1..=slot + 1 {
-                checks.entry(neighbour).or_default().extend(ids);
-            }
-        }
-
         let mut invocation = self.script.prepare_invoke();
-        invocation.arg(&self.group).arg(self.window_secs * 3);
-        invocation.arg(checks.len());
-        for (slot, ids) in &checks {
-            let k = key_index(self.seen_key(*slot), &mut keys);
+        invocation
+            .arg(&self.group)
+            .arg(self.window_secs * 3)
+            .arg(batch.token)
+            .arg(self.keyspace.key(""));
+        let sets: Vec<(&str, &[Seen])> = std::iter::once(("", batch.live))
+            .chain(batch.shadow)
+            .collect();
+        let mut records: Vec<(String, Vec<&str>)> = Vec::new();
+        for (section, (prefix, seen)) in sets.iter().enumerate() {
+            let mut by_slot: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
+            for s in seen.iter() {
+                by_slot.entry(s.slot).or_default().push(s.id);
+            }
+            let mut checks: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
+            for (slot, ids) in &by_slot {
+                for neighbour in slot - 1..=slot + 1 {
+                    checks.entry(neighbour).or_default().extend(ids);
+                }
+            }
+            invocation.arg(checks.len());
+            for (slot, ids) in &checks {
+                let k = key_index(self.seen_key(prefix, *slot), &mut keys);
+                invocation.arg(k).arg(ids.len()).arg(ids);
+            }
+            if section == 0 && batch.shadow.is_none() {
+                invocation.arg(0);
+            }
+            records.extend(
+                by_slot
+                    .into_iter()
+                    .map(|(slot, ids)| (self.seen_key(prefix, slot), ids)),
+            );
+        }
+        invocation.arg(records.len());
+        for (key, ids) in records {
+            let k = key_index(key, &mut keys);
             invocation.arg(k).arg(ids.len()).arg(ids);
         }
-        invocation.arg(by_slot.len());
-        for (slot, ids) in &by_slot {
-            let k = key_index(self.seen_key(*slot), &mut keys);
-            invocation.arg(k).arg(ids.len()).arg(ids);
-        }
-        let writes = delta.writes(chrono::Utc::now().timestamp_millis());
-        invocation.arg(writes.len());
-        for write in &writes {
+        invocation.arg(batch.writes.len());
+        for write in batch.writes {
             let k = key_index(self.keyspace.key(&write.key), &mut keys);
             invocation
                 .arg(k)
@@ -155,10 +207,25 @@ impl Committer {
                 invocation.arg(field).arg(*n);
             }
         }
-        invocation.arg(acks.len()).arg(acks);
+        invocation.arg(batch.acks.len()).arg(batch.acks);
         for key in &keys {
             invocation.key(key);
         }
-        invocation.invoke_async(conn).await
+        let mut reply: Vec<String> = invocation.invoke_async(conn).await?;
+        let status = if reply.is_empty() {
+            String::new()
+        } else {
+            reply.remove(0)
+        };
+        Ok(match status.as_str() {
+            "ok" => Outcome::Applied,
+            "dup" => Outcome::Duplicates(reply),
+            "sdup" => Outcome::ShadowDuplicates(reply),
+            _ => Outcome::Stale,
+        })
+    }
+
+    fn seen_key(&self, prefix: &str, slot: i64) -> String {
+        self.keyspace.key(&format!("{prefix}seen:{slot}"))
     }
 }

@@ -18,9 +18,10 @@ use redis::aio::ConnectionManager;
 use shared::{EVENT_FIELD, Keyspace, UsageEvent};
 use tokio::sync::watch;
 
-use crate::commit::{Committer, Seen};
+use crate::commit::{Batch, Committer, Outcome, Seen};
+use crate::control::{self, Control, Snapshot};
 use crate::metrics::Metrics;
-use crate::pricing::{Pricing, Usage};
+use crate::pricing::Usage;
 use crate::stats::Delta;
 
 pub struct ConsumerConfig {
@@ -45,7 +46,9 @@ struct Entry {
 pub struct Consumer {
     config: ConsumerConfig,
     conn: ConnectionManager,
-    pricing: watch::Receiver<Arc<Pricing>>,
+    control: Control,
+    /// The state batches are priced under; reloaded when a commit finds it stale.
+    state: Option<Snapshot>,
     committer: Committer,
     metrics: Arc<Metrics>,
 }
@@ -54,7 +57,7 @@ impl Consumer {
     pub fn new(
         config: ConsumerConfig,
         conn: ConnectionManager,
-        pricing: watch::Receiver<Arc<Pricing>>,
+        control: Control,
         metrics: Arc<Metrics>,
     ) -> Self {
         let committer = Committer::new(
@@ -65,7 +68,8 @@ impl Consumer {
         Self {
             config,
             conn,
-            pricing,
+            control,
+            state: None,
             committer,
             metrics,
         }
@@ -243,17 +247,26 @@ impl Consumer {
         events.retain(|(_, e)| ids.insert(e.id.clone()));
         let mut duplicates = before - events.len();
 
+        // Ids the running replay's copy already has: applied live only.
+        let mut in_shadow: HashSet<String> = HashSet::new();
         loop {
-            // One price table per batch: a reload (SIGHUP) applies from the next batch on.
-            let pricing = Arc::clone(&self.pricing.borrow());
+            let state = match &self.state {
+                Some(state) => state.clone(),
+                None => {
+                    let state = self.control.load(&mut self.conn).await?;
+                    self.state = Some(state.clone());
+                    state
+                }
+            };
+            let now_ms = chrono::Utc::now().timestamp_millis();
             let mut delta = Delta::default();
             let mut unpriced = 0;
-            let now_ms = chrono::Utc::now().timestamp_millis();
             for (_, event) in &events {
-                let cost = pricing.price(&usage_of(event));
+                let cost = state.pricing.price(&usage_of(event));
                 unpriced += usize::from(cost.is_none());
                 delta.add(event, cost, now_ms);
             }
+            let mut writes = delta.writes(now_ms);
             let seen: Vec<Seen> = events
                 .iter()
                 .map(|(arrival, e)| Seen {
@@ -261,24 +274,62 @@ impl Consumer {
                     slot: self.committer.slot_of(*arrival),
                 })
                 .collect();
-            let dups = self
-                .committer
-                .commit(&mut self.conn, &seen, &delta, &acks)
-                .await?;
-            if dups.is_empty() {
-                let m = &self.metrics;
-                m.applied.fetch_add(events.len() as u64, Ordering::Relaxed);
-                m.unpriced.fetch_add(unpriced as u64, Ordering::Relaxed);
-                m.duplicates.fetch_add(duplicates as u64, Ordering::Relaxed);
-                m.dead_lettered
-                    .fetch_add(dead.len() as u64, Ordering::Relaxed);
-                m.batches.fetch_add(1, Ordering::Relaxed);
-                m.record_apply_time(started.elapsed());
-                return Ok(());
+            let mut shadow_seen: Vec<Seen> = Vec::new();
+            let shadow_prefix = state
+                .replay
+                .as_ref()
+                .map(|replay| control::shadow_prefix(replay.rid));
+            if let (Some(replay), Some(prefix)) = (&state.replay, &shadow_prefix) {
+                let mut shadow = Delta::default();
+                for (arrival, event) in &events {
+                    if replay.covers(event.ts) && !in_shadow.contains(&event.id) {
+                        shadow.add(event, replay.pricing.price(&usage_of(event)), now_ms);
+                        shadow_seen.push(Seen {
+                            id: &event.id,
+                            slot: self.committer.slot_of(*arrival),
+                        });
+                    }
+                }
+                writes.extend(shadow.shadow_writes(prefix, now_ms));
             }
-            let dups: HashSet<String> = dups.into_iter().collect();
-            duplicates += dups.len();
-            events.retain(|(_, e)| !dups.contains(&e.id));
+            let outcome = self
+                .committer
+                .commit(
+                    &mut self.conn,
+                    &Batch {
+                        token: &state.token(),
+                        live: &seen,
+                        shadow: shadow_prefix
+                            .as_deref()
+                            .map(|p| (p, shadow_seen.as_slice())),
+                        writes: &writes,
+                        acks: &acks,
+                    },
+                )
+                .await?;
+            match outcome {
+                Outcome::Applied => {
+                    let m = &self.metrics;
+                    m.applied.fetch_add(events.len() as u64, Ordering::Relaxed);
+                    m.unpriced.fetch_add(unpriced as u64, Ordering::Relaxed);
+                    m.duplicates.fetch_add(duplicates as u64, Ordering::Relaxed);
+                    m.dead_lettered
+                        .fetch_add(dead.len() as u64, Ordering::Relaxed);
+                    m.batches.fetch_add(1, Ordering::Relaxed);
+                    m.record_apply_time(started.elapsed());
+                    return Ok(());
+                }
+                Outcome::Duplicates(dups) => {
+                    let dups: HashSet<String> = dups.into_iter().collect();
+                    duplicates += dups.len();
+                    events.retain(|(_, e)| !dups.contains(&e.id));
+                }
+                Outcome::ShadowDuplicates(ids) => in_shadow.extend(ids),
+                Outcome::Stale => {
+                    tracing::info!("pricing or replay state changed; pricing the batch again");
+                    self.state = None;
+                }
+            }
         }
     }
 

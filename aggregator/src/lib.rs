@@ -18,6 +18,8 @@ mod stats;
 
 mod commit;
 mod consumer;
+mod control;
+pub mod replay;
 mod retention;
 
 mod api;
@@ -58,13 +60,19 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let pricing = load_pricing(config.pricing_file.as_deref())?;
+    let (pricing, text) = load_pricing(config.pricing_file.as_deref())?;
     tracing::info!(models = pricing.model_count(), "pricing loaded");
-    let (pricing_tx, pricing) = watch::channel(Arc::new(pricing));
+    let pricing = Arc::new(pricing);
 
     // The consumer blocks in XREADGROUP, so it gets a connection of its own.
     let consumer_conn = connect_redis(&config.redis_url).await?;
-    let api_conn = connect_redis(&config.redis_url).await?;
+    let mut api_conn = connect_redis(&config.redis_url).await?;
+    // An explicit price file is the operator's word for the whole deployment; without one, an
+    // aggregator applies what the deployment published (e.g. by a replay), else the bundled
+    // snapshot.
+    if let Some(text) = &text {
+        publish(&mut api_conn, &config.keyspace, &pricing, text).await;
+    }
     let metrics = Arc::new(Metrics::default());
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -81,7 +89,7 @@ pub async fn run(
             dedupe_window_secs: config.dedupe_window_secs,
         },
         consumer_conn,
-        pricing,
+        control::Control::new(config.keyspace.clone(), pricing),
         Arc::clone(&metrics),
     );
     if let Err(e) = consumer.ensure_group().await {
@@ -90,7 +98,8 @@ pub async fn run(
     let consumer = tokio::spawn(consumer.run(stop_rx.clone()));
     let reloader = tokio::spawn(reload_on_hangup(
         config.pricing_file.clone(),
-        pricing_tx,
+        api_conn.clone(),
+        config.keyspace.clone(),
         stop_rx.clone(),
     ));
     let trimmer = tokio::spawn(retention::run(
@@ -128,18 +137,44 @@ pub async fn run(
     Ok(())
 }
 
-fn load_pricing(file: Option<&std::path::Path>) -> Result<Pricing, PricingError> {
+/// The price table and, for a file, its text (which is what gets published).
+fn load_pricing(file: Option<&std::path::Path>) -> Result<(Pricing, Option<String>), PricingError> {
     match file {
-        Some(path) => Pricing::load(path),
-        None => Ok(Pricing::bundled()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|error| PricingError::Io {
+                path: path.to_owned(),
+                error,
+            })?;
+            Ok((Pricing::from_json(&text)?, Some(text)))
+        }
+        None => Ok((Pricing::bundled(), None)),
     }
 }
 
-/// SIGHUP re-reads the price file; new prices apply to batches from then on (past events are
-/// re-priced only by `replay`). A file that fails to load leaves the current prices in place.
+async fn publish(
+    conn: &mut ConnectionManager,
+    keyspace: &shared::Keyspace,
+    p: &Pricing,
+    text: &str,
+) {
+    match control::publish_pricing(conn, keyspace, p, text).await {
+        Ok(true) => tracing::info!(
+            fingerprint = p.fingerprint(),
+            "pricing published to the deployment"
+        ),
+        Ok(false) => {}
+        // Consumers keep the prices in force; the operator sees why the new ones are not.
+        Err(e) => tracing::error!(error = %e, "cannot publish the pricing"),
+    }
+}
+
+/// SIGHUP re-reads the price file and publishes it; every aggregator of the deployment applies
+/// it from its next batch on (past events are re-priced only by `replay`). A file that fails to
+/// load leaves the current prices in place.
 async fn reload_on_hangup(
     file: Option<std::path::PathBuf>,
-    pricing: watch::Sender<Arc<Pricing>>,
+    mut conn: ConnectionManager,
+    keyspace: shared::Keyspace,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -153,14 +188,15 @@ async fn reload_on_hangup(
             received = hangups.recv() => if received.is_none() { return },
         }
         match load_pricing(file.as_deref()) {
-            Ok(fresh) => {
+            Ok((fresh, Some(text))) => {
                 tracing::info!(
                     models = fresh.model_count(),
                     fingerprint = fresh.fingerprint(),
                     "pricing reloaded"
                 );
-                pricing.send_replace(Arc::new(fresh));
+                publish(&mut conn, &keyspace, &fresh, &text).await;
             }
+            Ok((_, None)) => tracing::info!("no --pricing file to reload"),
             Err(e) => {
                 tracing::error!(error = %e, "pricing reload failed; keeping the current prices")
             }

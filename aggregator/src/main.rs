@@ -9,13 +9,16 @@ async fn main() {
 }
 
 async fn run() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("replay") {
+        init_logs("warn");
+        use clap::Parser;
+        let args = aggregator::replay::ReplayArgs::parse_from(std::env::args().skip(1));
+        let summary = aggregator::replay::run(args, &mut std::io::stderr()).await?;
+        summary.print(&mut std::io::stdout())?;
+        return Ok(());
+    }
     let config = aggregator::Config::from_args()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_logs("info");
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -33,4 +36,15 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Logs go to stderr, so that stdout carries only a command's result.
+fn init_logs(default: &str) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .init();
 }

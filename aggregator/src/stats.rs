@@ -232,6 +232,34 @@ impl Delta {
     }
 }
 
+impl Delta {
+    /// The writes to a replay's shadow copy: the same increments under `prefix`, plus a count
+    /// per UTC day touched (`<prefix>days`), which tells the switch which days to swap in.
+    pub fn shadow_writes(&self, prefix: &str, now_ms: i64) -> Vec<BucketWrite> {
+        let mut days: HashMap<i64, i64> = HashMap::new();
+        for ((resolution, start, _), cell) in &self.cells {
+            if *resolution == Resolution::Day {
+                *days.entry(*start).or_default() += cell.totals.requests;
+            }
+        }
+        let mut writes = self.writes(now_ms);
+        for write in &mut writes {
+            write.key.insert_str(0, prefix);
+        }
+        if !days.is_empty() {
+            writes.push(BucketWrite {
+                key: format!("{prefix}days"),
+                expire_at: None,
+                fields: days
+                    .into_iter()
+                    .map(|(day, n)| (day.to_string(), n))
+                    .collect(),
+            });
+        }
+        writes
+    }
+}
+
 /// What one stored hash field holds.
 #[derive(Debug, PartialEq)]
 pub enum Field {

@@ -1,0 +1,915 @@
+//! `aggregator replay`: recomputes every derived figure of whole UTC days from the retained
+//! stream, with given prices, while live aggregators keep consuming, then switches atomically.
+//!
+//! 1. **Register** (one script): the replay gets an id `rid` and a lease; `{t}:ctl` names it and
+//!    its day-aligned `ts` range `[from, to)`. From their next commit on, live consumers apply
+//!    each event of that range twice: to the live figures and, priced with the replay's prices,
+//!    to a shadow copy under `{t}:rp<rid>:` that has its own seen-sets (`commit`).
+//! 2. **Rebuild**: read the stream from `from` to the last entry at registration. An entry the
+//!    group has acknowledged was committed live; the replay applies it to the shadow (its
+//!    seen-sets drop it if a live commit after registration got there first). An entry not
+//!    acknowledged yet is left to the live consumers, which will apply it to the shadow (before
+//!    the switch) or to the switched figures (after). So each event lands in the shadow once.
+//! 3. **Switch** (one script): the shadow's minute, hour and day cells and spend windows of
+//!    every day in range replace the live ones; month cells and lifetime spend, which also hold
+//!    days outside the range, change by the difference between the live and the shadow day cells;
+//!    the replay's prices become the deployment's. Then the shadow's leftovers are deleted.
+//!
+//! A replay whose process dies loses its lease; the next live commit abandons it and figures are
+//! untouched. Keys the scripts derive from the prefix share its hash tag, so they sit in the same
+//! cluster slot as the declared ones.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use clap::Parser;
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamInfoGroupsReply, StreamPendingCountReply};
+use redis::{AsyncCommands, Script, Value};
+use shared::{EVENT_FIELD, Keyspace, UsageEvent};
+
+use crate::commit::{Batch, Committer, Outcome, Seen};
+use crate::consumer::usage_of;
+use crate::control::{self, Control, LEASE_MS};
+use crate::pricing::{Cost, Pricing, PricingError};
+use crate::rollup::DAY_MS;
+use crate::stats::Delta;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "aggregator replay",
+    about = "Recomputes stats and spend counters from the retained stream, then switches to them"
+)]
+pub struct ReplayArgs {
+    /// First day to rebuild: a stream id or RFC 3339 time, aligned down to a UTC day. Default:
+    /// the first day the retained stream holds whole.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End of the rebuilt range (exclusive), aligned up to a UTC day. Default: open.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// LiteLLM-format price file to re-price with; it becomes the deployment's pricing. Default:
+    /// the pricing in force.
+    #[arg(long = "pricing", env = "PRICING_FILE")]
+    pub pricing: Option<PathBuf>,
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    #[arg(long, env = "METER_STREAM", default_value = shared::DEFAULT_STREAM)]
+    pub stream: String,
+    #[arg(long, env = "METER_GROUP", default_value = "aggregator")]
+    pub group: String,
+    /// Copies of an event id arriving within this many seconds count once (as live).
+    #[arg(long, env = "METER_DEDUPE_WINDOW_SECS", default_value_t = 3600)]
+    pub dedupe_window_secs: i64,
+    /// Stream entries read per batch.
+    #[arg(long, default_value_t = 5000)]
+    pub batch_size: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("invalid --{name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+    #[error(transparent)]
+    Pricing(#[from] PricingError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("replay {0} is already running")]
+    Busy(i64),
+    #[error("events from {0} on were trimmed from the stream; replay from the next day or later")]
+    Trimmed(String),
+    #[error("the replay was abandoned (its lease expired or another replay replaced it)")]
+    Abandoned,
+}
+
+/// Per model: cost of the rebuilt days before and after.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CostChange {
+    pub before: Cost,
+    pub after: Cost,
+}
+
+#[derive(Debug)]
+pub struct Summary {
+    pub rid: i64,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub entries_read: u64,
+    pub events_applied: u64,
+    pub left_to_live: u64,
+    pub duplicates: u64,
+    pub days: usize,
+    pub elapsed: Duration,
+    pub models: BTreeMap<String, CostChange>,
+}
+
+impl Summary {
+    pub fn total(&self) -> CostChange {
+        self.models
+            .values()
+            .fold(CostChange::default(), |mut sum, c| {
+                sum.before += c.before;
+                sum.after += c.after;
+                sum
+            })
+    }
+
+    pub fn print(&self, out: &mut impl Write) -> std::io::Result<()> {
+        let secs = self.elapsed.as_secs_f64();
+        writeln!(
+            out,
+            "replay {} done: {} events applied from {} entries in {:.2} s ({:.0} events/s); \
+             {} days rebuilt from {} to {}; {} left to the live consumers, {} duplicates",
+            self.rid,
+            self.events_applied,
+            self.entries_read,
+            secs,
+            self.events_applied as f64 / secs.max(1e-9),
+            self.days,
+            rfc3339(self.from_ms),
+            if self.to_ms == i64::MAX {
+                "open".into()
+            } else {
+                rfc3339(self.to_ms)
+            },
+            self.left_to_live,
+            self.duplicates,
+        )?;
+        let total = self.total();
+        writeln!(
+            out,
+            "total cost of those days: {} USD -> {} USD",
+            total.before, total.after
+        )?;
+        let width = self
+            .models
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        writeln!(
+            out,
+            "{:width$}  {:>24}  {:>24}  {:>24}",
+            "model", "before_usd", "after_usd", "difference_usd"
+        )?;
+        for (model, c) in &self.models {
+            writeln!(
+                out,
+                "{model:width$}  {:>24}  {:>24}  {:>24}",
+                c.before.to_string(),
+                c.after.to_string(),
+                (c.after - c.before).to_string()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+const REGISTER: &str = r#"
+local P = ARGV[1]
+local rid = redis.call('HGET', KEYS[1], 'rid')
+if rid and rid ~= '0' and redis.call('EXISTS', P .. 'rp' .. rid .. ':lease') == 1 then
+  return {'busy', rid}
+end
+local new = redis.call('HINCRBY', KEYS[1], 'rseq', 1)
+local S = P .. 'rp' .. new .. ':'
+redis.call('HSET', KEYS[1], 'rid', new, 'rfrom', ARGV[2], 'rto', ARGV[3])
+if ARGV[4] ~= '' then redis.call('SET', S .. 'pricing', ARGV[4]) end
+redis.call('SET', S .. 'lease', '1', 'PX', ARGV[5])
+local pv = redis.call('HGET', KEYS[1], 'pv') or '0'
+return {'ok', tostring(new), pv}
+"#;
+
+const SWITCH: &str = r#"
+local P, rid = ARGV[1], ARGV[2]
+local S = P .. 'rp' .. rid .. ':'
+if redis.call('HGET', KEYS[1], 'rid') ~= rid then return {'stale'} end
+local from, to, now = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local DAY, HOUR, MINUTE = 86400000, 3600000, 60000
+local function s(n) return string.format('%d', n) end
+
+local days, listed = {}, {}
+local function add_day(d)
+  d = tonumber(d)
+  if d and d >= from and d < to and not listed[d] then listed[d] = true; days[#days + 1] = d end
+end
+for _, d in ipairs(redis.call('HKEYS', S .. 'days')) do add_day(d) end
+for i = 7, #ARGV do add_day(ARGV[i]) end
+
+-- start of the UTC month holding day `d` (days-from-civil, H. Hinnant)
+local function month_of(d)
+  local z = math.floor(d / DAY) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local dom = doy - math.floor((153 * mp + 2) / 5) + 1
+  return d - (dom - 1) * DAY
+end
+
+local counters = {r = 1, e = 1, i = 1, o = 1, cc = 1, c1 = 1, cr = 1, ch = 1, cl = 1, u = 1}
+local tokens = {i = 1, o = 1, cc = 1, cr = 1}
+local spend = {}   -- key id -> {t, ch, cl} change
+local models = {}  -- model -> {before ch, before cl, after ch, after cl}
+local function swap(name)
+  if redis.call('EXISTS', S .. name) == 1 then redis.call('RENAME', S .. name, P .. name)
+  else redis.call('DEL', P .. name) end
+end
+
+for _, d in ipairs(days) do
+  local diff = {}
+  for side, key in ipairs({P .. 'st:d:' .. s(d), S .. 'st:d:' .. s(d)}) do
+    local sign = side == 1 and -1 or 1
+    local kv = redis.call('HGETALL', key)
+    for j = 1, #kv, 2 do
+      local f = kv[j]
+      local c = string.find(f, ':', 1, true)
+      local metric = c and string.sub(f, 1, c - 1)
+      if metric and counters[metric] then
+        local v = tonumber(kv[j + 1])
+        diff[f] = (diff[f] or 0) + sign * v
+        if metric == 'ch' or metric == 'cl' then
+          local tuple = string.sub(f, c + 1)
+          local a = string.find(tuple, '\031', 1, true)
+          local b = a and string.find(tuple, '\031', a + 1, true)
+          if b then
+            local model = string.sub(tuple, a + 1, b - 1)
+            local m = models[model] or {0, 0, 0, 0}
+            local slot = (side - 1) * 2 + (metric == 'ch' and 1 or 2)
+            m[slot] = m[slot] + v
+            models[model] = m
+          end
+        end
+      end
+    end
+  end
+  local month = P .. 'st:M:' .. s(month_of(d))
+  for f, v in pairs(diff) do
+    local c = string.find(f, ':', 1, true)
+    local metric = string.sub(f, 1, c - 1)
+    local tuple = string.sub(f, c + 1)
+    local a = string.find(tuple, '\031', 1, true)
+    local key = a and string.sub(tuple, 1, a - 1) or ''
+    if key ~= '' then
+      local sp = spend[key] or {0, 0, 0}
+      if tokens[metric] then sp[1] = sp[1] + v end
+      if metric == 'ch' then sp[2] = sp[2] + v end
+      if metric == 'cl' then sp[3] = sp[3] + v end
+      spend[key] = sp
+    end
+    if v ~= 0 then
+      if redis.call('HINCRBY', month, f, s(v)) == 0 then redis.call('HDEL', month, f) end
+    end
+  end
+  swap('st:d:' .. s(d))
+  for h = 0, 23 do swap('st:h:' .. s(d + h * HOUR)) end
+  if d + DAY + 49 * HOUR > now then
+    for m = 0, 1439 do swap('st:m:' .. s(d + m * MINUTE)) end
+  end
+end
+
+for key, sp in pairs(spend) do
+  local life = P .. 'sp:' .. key
+  if sp[1] ~= 0 then redis.call('HINCRBY', life, 't', s(sp[1])) end
+  if sp[2] ~= 0 or sp[3] ~= 0 then
+    local v = redis.call('HMGET', life, 'ch', 'cl')
+    local nanos = (tonumber(v[1]) or 0) + sp[2]
+    local atto = (tonumber(v[2]) or 0) + sp[3]
+    local carry = math.floor(atto / 1e9)
+    redis.call('HSET', life, 'ch', s(nanos + carry), 'cl', s(atto - carry * 1e9))
+  end
+  for _, d in ipairs(days) do
+    local daily, t, c = 'sp:' .. key .. ':d', 't' .. s(d), 'c' .. s(d)
+    redis.call('HDEL', P .. daily, t, c)
+    local v = redis.call('HMGET', S .. daily, t, c)
+    if v[1] then redis.call('HSET', P .. daily, t, v[1]) end
+    if v[2] then redis.call('HSET', P .. daily, c, v[2]) end
+    swap('sp:' .. key .. ':h:' .. s(d))
+    if d + DAY + 27 * HOUR > now then
+      for h = 0, 23 do swap('sp:' .. key .. ':m:' .. s(d + h * HOUR)) end
+    end
+  end
+end
+
+if redis.call('EXISTS', S .. 'pricing') == 1 then
+  redis.call('RENAME', S .. 'pricing', P .. 'pricing')
+  redis.call('HSET', KEYS[1], 'pfp', ARGV[6])
+end
+redis.call('HINCRBY', KEYS[1], 'pv', 1)
+redis.call('HDEL', KEYS[1], 'rid', 'rfrom', 'rto')
+
+local out = {'ok', tostring(#days)}
+for model, m in pairs(models) do
+  out[#out + 1] = model
+  for j = 1, 4 do out[#out + 1] = s(m[j]) end
+end
+return out
+"#;
+
+/// Runs a replay to the end; progress lines go to `progress`.
+pub async fn run(args: ReplayArgs, progress: &mut impl Write) -> Result<Summary, ReplayError> {
+    let started = Instant::now();
+    let keyspace = Keyspace::new(&args.stream).map_err(|e| ReplayError::Invalid {
+        name: "stream",
+        reason: e.to_string(),
+    })?;
+    let (pricing, text) = match &args.pricing {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|error| PricingError::Io {
+                path: path.clone(),
+                error,
+            })?;
+            (Some(Pricing::from_json(&text)?), Some(text))
+        }
+        None => (None, None),
+    };
+    let client =
+        redis::Client::open(args.redis_url.as_str()).map_err(|e| ReplayError::Invalid {
+            name: "redis-url",
+            reason: e.to_string(),
+        })?;
+    let mut conn = ConnectionManager::new(client).await?;
+
+    let trimmed_until = trimmed_until(&mut conn, keyspace.stream()).await?;
+    let from_ms = match &args.from {
+        Some(raw) => day_floor(parse_bound("from", raw)?),
+        // The first day whose every event is still in the stream.
+        None => trimmed_until.map_or(0, |t| day_floor(t + DAY_MS)),
+    };
+    let to_ms = match &args.to {
+        Some(raw) => day_ceil(parse_bound("to", raw)?),
+        None => i64::MAX,
+    };
+    if from_ms >= to_ms {
+        return Err(ReplayError::Invalid {
+            name: "to",
+            reason: "the range is empty".into(),
+        });
+    }
+    if let Some(t) = trimmed_until
+        && t >= from_ms
+    {
+        return Err(ReplayError::Trimmed(rfc3339(t)));
+    }
+
+    // Register.
+    let reply: Vec<String> = Script::new(REGISTER)
+        .key(keyspace.key(control::CTL))
+        .arg(keyspace.key(""))
+        .arg(from_ms)
+        .arg(to_ms)
+        .arg(text.as_deref().unwrap_or(""))
+        .arg(LEASE_MS)
+        .invoke_async(&mut conn)
+        .await?;
+    let rid: i64 = reply.get(1).and_then(|r| r.parse().ok()).unwrap_or(0);
+    if reply.first().map(String::as_str) != Some("ok") {
+        return Err(ReplayError::Busy(rid));
+    }
+    let prefix = control::shadow_prefix(rid);
+    // Shadows of replays that died are garbage now.
+    delete_matching(&mut conn, &keyspace.key("rp*"), &keyspace.key(&prefix)).await?;
+    let _ = writeln!(
+        progress,
+        "replay {rid}: rebuilding days from {} to {}",
+        rfc3339(from_ms),
+        if to_ms == i64::MAX {
+            "open".into()
+        } else {
+            rfc3339(to_ms)
+        }
+    );
+
+    let (stop_lease, lease) = tokio::sync::oneshot::channel::<()>();
+    let lease_task = tokio::spawn(renew_lease(
+        conn.clone(),
+        keyspace.key(&control::lease_key(rid)),
+        lease,
+    ));
+    let rebuilt = rebuild(
+        &args,
+        &keyspace,
+        &mut conn,
+        rid,
+        (from_ms, to_ms),
+        pricing.map(Arc::new),
+        progress,
+    )
+    .await;
+    let result = match rebuilt {
+        Ok(counts) => switch(&mut conn, &keyspace, rid, (from_ms, to_ms), &args)
+            .await
+            .map(|(days, models)| (counts, days, models)),
+        Err(e) => Err(e),
+    };
+    let _ = stop_lease.send(());
+    let _ = lease_task.await;
+    // Whatever happened, the shadow is of no further use.
+    delete_matching(&mut conn, &keyspace.key(&format!("{prefix}*")), "").await?;
+    let (counts, days, models) = result?;
+    Ok(Summary {
+        rid,
+        from_ms,
+        to_ms,
+        entries_read: counts.read,
+        events_applied: counts.applied,
+        left_to_live: counts.left,
+        duplicates: counts.duplicates,
+        days,
+        elapsed: started.elapsed(),
+        models,
+    })
+}
+
+#[derive(Default)]
+struct Counts {
+    read: u64,
+    applied: u64,
+    left: u64,
+    duplicates: u64,
+}
+
+async fn rebuild(
+    args: &ReplayArgs,
+    keyspace: &Keyspace,
+    conn: &mut ConnectionManager,
+    rid: i64,
+    (from_ms, to_ms): (i64, i64),
+    pricing: Option<Arc<Pricing>>,
+    progress: &mut impl Write,
+) -> Result<Counts, ReplayError> {
+    let stream = keyspace.stream();
+    let committer = Committer::new(
+        keyspace.clone(),
+        args.group.clone(),
+        args.dedupe_window_secs,
+    );
+    let mut control = Control::new(keyspace.clone(), Arc::new(Pricing::bundled()));
+    let state = control.load(conn).await?;
+    let target = state.replay.as_ref().ok_or(ReplayError::Abandoned)?;
+    if target.rid != rid {
+        return Err(ReplayError::Abandoned);
+    }
+    let pricing = pricing.unwrap_or_else(|| Arc::clone(&target.pricing));
+    let mut pricing_version = state.pricing_version;
+    let prefix = control::shadow_prefix(rid);
+
+    // Everything committed before registration is at or before this entry.
+    let newest: Vec<Vec<Value>> = redis::cmd("XREVRANGE")
+        .arg(stream)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    let Some(end) = newest
+        .first()
+        .and_then(|e| id_string(e.first()?))
+        .and_then(|id| parse_id(&id))
+    else {
+        return Ok(Counts::default());
+    };
+    let start_ms = from_ms.max(0);
+    let mut cursor = format!("{start_ms}-0");
+    let mut counts = Counts::default();
+    let began = Instant::now();
+    let mut last_report = Instant::now();
+    loop {
+        let entries: Vec<Vec<Value>> = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg(&cursor)
+            .arg("+")
+            .arg("COUNT")
+            .arg(args.batch_size)
+            .query_async(conn)
+            .await?;
+        let entries: Vec<(String, Option<Vec<u8>>)> = entries
+            .iter()
+            .filter_map(|e| Some((id_string(e.first()?)?, payload(e.get(1)))))
+            .filter(|(id, _)| parse_id(id).is_some_and(|id| id <= end))
+            .collect();
+        let (Some((first, _)), Some((last, _))) = (entries.first(), entries.last()) else {
+            break;
+        };
+        let last_id = parse_id(last).unwrap_or(end);
+        cursor = format!("({last}");
+        counts.read += entries.len() as u64;
+
+        // Acknowledged = delivered to the group and no longer pending. Read the delivery
+        // position first: an entry delivered in between then still counts as not acknowledged.
+        let (groups, pending): (StreamInfoGroupsReply, StreamPendingCountReply) = redis::pipe()
+            .cmd("XINFO")
+            .arg("GROUPS")
+            .arg(stream)
+            .cmd("XPENDING")
+            .arg(stream)
+            .arg(&args.group)
+            .arg(first)
+            .arg(last)
+            .arg(entries.len())
+            .query_async(conn)
+            .await
+            .or_else(|e| {
+                if e.code() == Some("NOGROUP") {
+                    Ok((
+                        StreamInfoGroupsReply::default(),
+                        StreamPendingCountReply::default(),
+                    ))
+                } else {
+                    Err(e)
+                }
+            })?;
+        let delivered = groups
+            .groups
+            .iter()
+            .find(|g| g.name == args.group)
+            .and_then(|g| parse_id(&g.last_delivered_id));
+        let pending: HashSet<&str> = pending.ids.iter().map(|p| p.id.as_str()).collect();
+
+        let mut events: Vec<(i64, UsageEvent)> = Vec::with_capacity(entries.len());
+        let mut ids = HashSet::new();
+        for (id, bytes) in &entries {
+            let acknowledged = delivered.is_some_and(|d| parse_id(id).is_some_and(|i| i <= d))
+                && !pending.contains(id.as_str());
+            if !acknowledged {
+                counts.left += 1;
+                continue;
+            }
+            // Undecodable entries were dead-lettered live; they count nowhere.
+            let Some(Ok(event)) = bytes.as_deref().map(shared::decode) else {
+                continue;
+            };
+            if !(from_ms..to_ms).contains(&event.ts) {
+                continue;
+            }
+            if !ids.insert(event.id.clone()) {
+                counts.duplicates += 1;
+                continue;
+            }
+            events.push((arrival_ms(id), event));
+        }
+
+        let mut in_shadow: HashSet<String> = HashSet::new();
+        loop {
+            let now_ms = Utc::now().timestamp_millis();
+            let mut delta = Delta::default();
+            let mut seen = Vec::with_capacity(events.len());
+            for (arrival, event) in &events {
+                if in_shadow.contains(&event.id) {
+                    continue;
+                }
+                delta.add(event, pricing.price(&usage_of(event)), now_ms);
+                seen.push(Seen {
+                    id: &event.id,
+                    slot: committer.slot_of(*arrival),
+                });
+            }
+            if seen.is_empty() {
+                break;
+            }
+            let writes = delta.shadow_writes(&prefix, now_ms);
+            let outcome = committer
+                .commit(
+                    conn,
+                    &Batch {
+                        token: &control::token(pricing_version, rid),
+                        live: &[],
+                        shadow: Some((&prefix, &seen)),
+                        writes: &writes,
+                        acks: &[],
+                    },
+                )
+                .await?;
+            match outcome {
+                Outcome::Applied => {
+                    counts.applied += seen.len() as u64;
+                    break;
+                }
+                Outcome::ShadowDuplicates(dups) | Outcome::Duplicates(dups) => {
+                    counts.duplicates += dups.len() as u64;
+                    in_shadow.extend(dups);
+                }
+                Outcome::Stale => {
+                    // A pricing change of the live figures is fine; losing the replay is not.
+                    let state = control.load(conn).await?;
+                    if state.replay.as_ref().map(|r| r.rid) != Some(rid) {
+                        return Err(ReplayError::Abandoned);
+                    }
+                    pricing_version = state.pricing_version;
+                }
+            }
+        }
+
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            report(
+                progress,
+                &counts,
+                began,
+                start_ms,
+                last_id.0 as i64,
+                end.0 as i64,
+            );
+        }
+        if last_id >= end {
+            break;
+        }
+    }
+    report(
+        progress,
+        &counts,
+        began,
+        start_ms,
+        end.0 as i64,
+        end.0 as i64,
+    );
+    // The trimmer must not have removed entries the rebuild still needed.
+    if let Some(t) = trimmed_until(conn, stream).await?
+        && t >= from_ms
+    {
+        return Err(ReplayError::Trimmed(rfc3339(t)));
+    }
+    Ok(counts)
+}
+
+fn report(
+    progress: &mut impl Write,
+    counts: &Counts,
+    began: Instant,
+    start_ms: i64,
+    at_ms: i64,
+    end_ms: i64,
+) {
+    let secs = began.elapsed().as_secs_f64().max(1e-9);
+    let done = if end_ms > start_ms {
+        ((at_ms - start_ms) as f64 / (end_ms - start_ms) as f64).clamp(0.0, 1.0)
+    } else {
+        1.0
+    };
+    let eta = if done > 0.0 {
+        secs * (1.0 - done) / done
+    } else {
+        f64::INFINITY
+    };
+    let _ = writeln!(
+        progress,
+        "replay: {:5.1}%  {} entries read, {} events applied, {:.0} events/s, ETA {:.0} s",
+        done * 100.0,
+        counts.read,
+        counts.applied,
+        counts.read as f64 / secs,
+        eta
+    );
+}
+
+async fn switch(
+    conn: &mut ConnectionManager,
+    keyspace: &Keyspace,
+    rid: i64,
+    (from_ms, to_ms): (i64, i64),
+    args: &ReplayArgs,
+) -> Result<(usize, BTreeMap<String, CostChange>), ReplayError> {
+    // Days with live cells; days the shadow touched are listed in the shadow itself.
+    let mut days: Vec<i64> = Vec::new();
+    let mut iter: redis::AsyncIter<String> = conn.scan_match(keyspace.key("st:d:*")).await?;
+    let day_prefix = keyspace.key("st:d:");
+    while let Some(key) = iter.next_item().await {
+        let key = key?;
+        if let Some(day) = key.strip_prefix(&day_prefix).and_then(|d| d.parse().ok())
+            && (from_ms..to_ms).contains(&day)
+        {
+            days.push(day);
+        }
+    }
+    drop(iter);
+    let fingerprint = match &args.pricing {
+        Some(path) => Pricing::load(path)?.fingerprint().to_string(),
+        None => String::new(),
+    };
+    let reply: Vec<String> = Script::new(SWITCH)
+        .key(keyspace.key(control::CTL))
+        .arg(keyspace.key(""))
+        .arg(rid)
+        .arg(from_ms)
+        .arg(to_ms)
+        .arg(Utc::now().timestamp_millis())
+        .arg(fingerprint)
+        .arg(days)
+        .invoke_async(conn)
+        .await?;
+    if reply.first().map(String::as_str) != Some("ok") {
+        return Err(ReplayError::Abandoned);
+    }
+    let rebuilt = reply.get(1).and_then(|d| d.parse().ok()).unwrap_or(0);
+    let mut models = BTreeMap::new();
+    for chunk in reply.get(2..).unwrap_or_default().chunks(5) {
+        let [model, bch, bcl, ach, acl] = chunk else {
+            continue;
+        };
+        let cost = |ch: &str, cl: &str| {
+            let ch: i128 = ch.parse().unwrap_or(0);
+            let cl: i128 = cl.parse().unwrap_or(0);
+            Cost::from_atto(ch * 1_000_000_000 + cl)
+        };
+        models.insert(
+            model.clone(),
+            CostChange {
+                before: cost(bch, bcl),
+                after: cost(ach, acl),
+            },
+        );
+    }
+    Ok((rebuilt, models))
+}
+
+async fn renew_lease(
+    mut conn: ConnectionManager,
+    key: String,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            () = tokio::time::sleep(Duration::from_millis(LEASE_MS / 6)) => {}
+        }
+        let renewed: redis::RedisResult<Option<String>> = redis::cmd("SET")
+            .arg(&key)
+            .arg("1")
+            .arg("PX")
+            .arg(LEASE_MS)
+            .arg("XX")
+            .query_async(&mut conn)
+            .await;
+        match renewed {
+            Ok(Some(_)) => {}
+            // Abandoned: the next commit tells the rebuild.
+            Ok(None) => return,
+            Err(e) => tracing::warn!(error = %e, "cannot renew the replay lease; retrying"),
+        }
+    }
+}
+
+/// Deletes keys matching `pattern`, except those starting with `keep` (when non-empty).
+async fn delete_matching(
+    conn: &mut ConnectionManager,
+    pattern: &str,
+    keep: &str,
+) -> redis::RedisResult<()> {
+    let mut keys: Vec<String> = Vec::new();
+    {
+        let mut iter: redis::AsyncIter<String> = conn.scan_match(pattern).await?;
+        while let Some(key) = iter.next_item().await {
+            let key = key?;
+            if keep.is_empty() || !key.starts_with(keep) {
+                keys.push(key);
+            }
+        }
+    }
+    for chunk in keys.chunks(500) {
+        conn.del::<_, ()>(chunk).await?;
+    }
+    Ok(())
+}
+
+/// The arrival time (ms) of the newest entry trimmed away, if any was.
+async fn trimmed_until(
+    conn: &mut ConnectionManager,
+    stream: &str,
+) -> redis::RedisResult<Option<i64>> {
+    let info: redis::RedisResult<Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(stream)
+        .query_async(conn)
+        .await;
+    let info = match info {
+        Ok(info) => info,
+        // No stream: nothing was ever trimmed.
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let fields: Vec<(String, Value)> = match info {
+        Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|pair| Some((id_string(pair.first()?)?, pair.get(1)?.clone())))
+            .collect(),
+        Value::Map(pairs) => pairs
+            .into_iter()
+            .filter_map(|(k, v)| Some((id_string(&k)?, v)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok(fields
+        .iter()
+        .find(|(k, _)| k == "max-deleted-entry-id")
+        .and_then(|(_, v)| id_string(v))
+        .and_then(|id| parse_id(&id))
+        .filter(|id| *id != (0, 0))
+        .map(|(ms, _)| ms as i64))
+}
+
+/// RFC 3339, Unix ms, or a stream id (`<ms>-<seq>`, its time part counts).
+fn parse_bound(name: &'static str, raw: &str) -> Result<i64, ReplayError> {
+    if let Some((ms, _)) = parse_id(raw) {
+        return i64::try_from(ms).map_err(|_| ReplayError::Invalid {
+            name,
+            reason: format!("{raw:?} is out of range"),
+        });
+    }
+    if let Ok(ms) = raw.parse::<i64>() {
+        return Ok(ms);
+    }
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| ReplayError::Invalid {
+            name,
+            reason: format!("{raw:?} is neither a stream id nor an RFC 3339 time"),
+        })
+}
+
+fn day_floor(ms: i64) -> i64 {
+    ms.div_euclid(DAY_MS) * DAY_MS
+}
+
+fn day_ceil(ms: i64) -> i64 {
+    let floor = day_floor(ms);
+    if floor == ms {
+        ms
+    } else {
+        floor.saturating_add(DAY_MS)
+    }
+}
+
+/// `<ms>-<seq>` as a comparable pair.
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+fn arrival_ms(id: &str) -> i64 {
+    parse_id(id).map_or(0, |(ms, _)| ms as i64)
+}
+
+fn id_string(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn payload(fields: Option<&Value>) -> Option<Vec<u8>> {
+    let Some(Value::Array(fields)) = fields else {
+        return None;
+    };
+    fields
+        .chunks(2)
+        .find(|pair| matches!(pair.first(), Some(Value::BulkString(f)) if f == EVENT_FIELD.as_bytes()))
+        .and_then(|pair| match pair.get(1) {
+            Some(Value::BulkString(bytes)) => Some(bytes.clone()),
+            _ => None,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_parse_and_align_to_days() {
+        assert_eq!(
+            parse_bound("from", "1700000000123-4").unwrap(),
+            1_700_000_000_123
+        );
+        assert_eq!(
+            parse_bound("from", "2026-11-30T13:00:00Z").unwrap(),
+            1_796_043_600_000
+        );
+        assert_eq!(day_floor(DAY_MS + 5), DAY_MS);
+        assert_eq!(day_ceil(DAY_MS + 5), 2 * DAY_MS);
+        assert_eq!(day_ceil(DAY_MS), DAY_MS);
+        assert!(parse_bound("to", "yesterday").is_err());
+    }
+
+    #[test]
+    fn stream_ids_compare_numerically() {
+        assert!(parse_id("9-0") < parse_id("10-0"));
+        assert!(parse_id("10-2") < parse_id("10-10"));
+        assert_eq!(parse_id("x"), None);
+    }
+}

@@ -1,0 +1,469 @@
+//! `aggregator replay` (CONTRACT.md §6) through the built binary, against a live aggregator that
+//! keeps consuming: re-pricing under live traffic equals an independent recomputation, an
+//! unchanged price reproduces every stored figure bit for bit, and a range replay re-prices only
+//! its days.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::str::FromStr;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use rust_decimal::Decimal;
+use shared::UsageEvent;
+use tests::fixtures::{Lcg, hand_cost};
+use tests::harness::{eventually, redis_url, spawn_aggregator, unique_stream};
+use tests::process::binary;
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+
+/// Twice the list prices of `fixtures::list_price`: input, output, 5m write, 1h write, read.
+const DOUBLED: &str = r#"{
+  "claude-sonnet-4-5": {"input_cost_per_token": 6e-06, "output_cost_per_token": 3e-05,
+    "cache_creation_input_token_cost": 7.5e-06, "cache_creation_input_token_cost_above_1hr": 1.2e-05,
+    "cache_read_input_token_cost": 6e-07, "litellm_provider": "anthropic", "mode": "chat"},
+  "gpt-4o": {"input_cost_per_token": 5e-06, "output_cost_per_token": 2e-05,
+    "cache_creation_input_token_cost": 5e-06, "cache_creation_input_token_cost_above_1hr": 5e-06,
+    "cache_read_input_token_cost": 2.5e-06, "litellm_provider": "openai", "mode": "chat"}
+}"#;
+
+/// The cost under [`DOUBLED`], computed without our pricing code: models it lacks cost 0.
+fn doubled_cost(e: &UsageEvent) -> Decimal {
+    match e.model.as_str() {
+        "claude-sonnet-4-5" | "gpt-4o" => hand_cost(e) * Decimal::from(2),
+        _ => Decimal::ZERO,
+    }
+}
+
+fn event(rng: &mut Lcg, id: String, ts: i64) -> UsageEvent {
+    let models = [
+        "claude-sonnet-4-5",
+        "gpt-4o",
+        "claude-haiku-4-5",
+        "no-such-model",
+    ];
+    let model = models[rng.next(4) as usize];
+    let cache_creation = if model == "gpt-4o" { 0 } else { rng.next(300) };
+    UsageEvent {
+        v: 1,
+        id,
+        ts,
+        key_id: [Some("key_a"), Some("key_b"), None][rng.next(3) as usize].map(str::to_owned),
+        account_id: Some(format!("acct_{}", rng.next(2))),
+        provider: if model == "gpt-4o" {
+            "openai"
+        } else {
+            "anthropic"
+        }
+        .into(),
+        endpoint: "messages".into(),
+        model: model.into(),
+        status: [200, 200, 200, 429][rng.next(4) as usize],
+        stream: rng.next(2) == 0,
+        latency_us: 10_000 + rng.next(1_000_000),
+        ttft_us: Some(5_000 + rng.next(100_000)),
+        input_tokens: rng.next(20_000),
+        output_tokens: rng.next(4_000),
+        cache_creation_input_tokens: cache_creation,
+        cache_creation_1h_input_tokens: rng.next(cache_creation + 1),
+        cache_read_input_tokens: rng.next(50_000),
+        service_tier: None,
+        error: None,
+    }
+}
+
+/// Events over the last `days` days, every tenth one a second copy of an earlier id.
+fn history(seed: u64, n: usize, now: i64, days: i64) -> Vec<UsageEvent> {
+    let mut rng = Lcg(seed);
+    let mut out: Vec<UsageEvent> = Vec::with_capacity(n);
+    for i in 0..n {
+        if i % 10 == 9 {
+            let copy = out[rng.next(out.len() as u64) as usize].clone();
+            out.push(copy);
+            continue;
+        }
+        let ts = now - rng.next((days * DAY) as u64) as i64;
+        out.push(event(&mut rng, format!("{seed}-{i}"), ts));
+    }
+    out
+}
+
+async fn write(conn: &mut redis::aio::MultiplexedConnection, stream: &str, events: &[UsageEvent]) {
+    let mut pipe = redis::pipe();
+    for e in events {
+        pipe.cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("e")
+            .arg(shared::encode(e))
+            .ignore();
+    }
+    pipe.query_async::<()>(conn).await.unwrap();
+}
+
+/// Distinct events (the first copy of an id counts).
+fn distinct(events: &[UsageEvent]) -> Vec<UsageEvent> {
+    let mut seen = std::collections::HashSet::new();
+    events
+        .iter()
+        .filter(|e| seen.insert(e.id.clone()))
+        .cloned()
+        .collect()
+}
+
+fn keyspace(stream: &str) -> shared::Keyspace {
+    shared::Keyspace::new(stream).unwrap()
+}
+
+/// Every stats and spend figure of the deployment, field by field. A cost is stored as two
+/// counters (`ch` nanodollars + `cl` attodollars) whose split depends on how events were
+/// batched, so they are compared as one value. Spend-window costs (`c<bucket>`) are whole
+/// nanodollars rounded up per batch, so they are returned apart, to be compared within that
+/// rounding.
+type Hashes = BTreeMap<String, BTreeMap<String, i128>>;
+
+async fn figures(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> (Hashes, Hashes) {
+    let ks = keyspace(stream);
+    let (mut exact, mut rounded) = (Hashes::new(), Hashes::new());
+    for pattern in ["st:*", "sp:*"] {
+        let keys: Vec<String> = conn.keys(ks.key(pattern)).await.unwrap();
+        for key in keys {
+            let fields: BTreeMap<String, i64> = conn.hgetall(&key).await.unwrap();
+            for (field, v) in fields {
+                let v = i128::from(v);
+                let (name, v, into) = if let Some(rest) = field.strip_prefix("ch") {
+                    (format!("cost{rest}"), v * 1_000_000_000, &mut exact)
+                } else if let Some(rest) = field.strip_prefix("cl") {
+                    (format!("cost{rest}"), v, &mut exact)
+                } else if field.starts_with('c') && field[1..].parse::<i64>().is_ok() {
+                    (field, v, &mut rounded)
+                } else {
+                    (field, v, &mut exact)
+                };
+                *into
+                    .entry(key.clone())
+                    .or_default()
+                    .entry(name)
+                    .or_default() += v;
+            }
+        }
+    }
+    (exact, rounded)
+}
+
+#[track_caller]
+fn assert_same_figures(got: &(Hashes, Hashes), want: &(Hashes, Hashes), what: &str) {
+    assert_eq!(got.0, want.0, "{what}: stats and exact spend");
+    assert_eq!(
+        got.1.keys().collect::<Vec<_>>(),
+        want.1.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    for (key, fields) in &want.1 {
+        assert_eq!(
+            got.1[key].keys().collect::<Vec<_>>(),
+            fields.keys().collect::<Vec<_>>()
+        );
+        for (field, v) in fields {
+            let diff = (got.1[key][field] - v).abs();
+            assert!(
+                diff <= 3,
+                "{what}: {key} {field}: {} vs {v}",
+                got.1[key][field]
+            );
+        }
+    }
+}
+
+/// Sum of the exact cost fields of the hashes matching `pattern` (`ch` nanodollars, `cl`
+/// attodollars), in USD.
+async fn stored_cost(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    pattern: &str,
+) -> Decimal {
+    let keys: Vec<String> = conn.keys(keyspace(stream).key(pattern)).await.unwrap();
+    let mut atto: i128 = 0;
+    for key in keys {
+        let fields: BTreeMap<String, i64> = conn.hgetall(&key).await.unwrap();
+        for (field, v) in fields {
+            if field.starts_with("ch:") || field == "ch" {
+                atto += i128::from(v) * 1_000_000_000;
+            } else if field.starts_with("cl:") || field == "cl" {
+                atto += i128::from(v);
+            }
+        }
+    }
+    Decimal::from_i128_with_scale(atto, 18)
+}
+
+async fn usage_requests(http: &reqwest::Client, aggregator: std::net::SocketAddr, now: i64) -> i64 {
+    let from = (now - 20 * DAY).div_euclid(HOUR) * HOUR;
+    let to = (now + 2 * HOUR).div_euclid(HOUR) * HOUR;
+    let url = format!("http://{aggregator}/v1/usage?from={from}&to={to}");
+    let Ok(response) = http.get(&url).send().await else {
+        return -1;
+    };
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    body["rows"][0]["requests"].as_i64().unwrap_or(0)
+}
+
+fn replay(stream: &str, extra: &[&str]) -> String {
+    let output = Command::new(binary("aggregator", "aggregator"))
+        .arg("replay")
+        .args(extra)
+        .env_clear()
+        .env("REDIS_URL", redis_url())
+        .env("METER_STREAM", stream)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "replay failed: {stdout}\n{stderr}");
+    assert!(stderr.contains("replay:"), "progress on stderr: {stderr}");
+    stdout
+}
+
+/// A price file holding [`DOUBLED`].
+fn price_file() -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("prices-{}.json", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, DOUBLED).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_under_live_load_reprices_everything_exactly_once() {
+    let stream = unique_stream();
+    let now = chrono::Utc::now().timestamp_millis();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let before = history(7, 3000, now, 12);
+    write(&mut conn, &stream, &before).await;
+    let (aggregator, _stop) = spawn_aggregator(redis_url(), &stream).await;
+    let http = reqwest::Client::new();
+    let n_before = distinct(&before).len() as i64;
+    eventually(Duration::from_secs(30), || async {
+        (usage_requests(&http, aggregator, now).await == n_before).then_some(())
+    })
+    .await;
+
+    // Live traffic keeps arriving from before the replay starts until after it switched.
+    let replay_binary = tokio::task::spawn_blocking(|| binary("aggregator", "aggregator"));
+    replay_binary.await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stream = stream.clone();
+        let mut conn = conn.clone();
+        let stop = std::sync::Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut rng = Lcg(99);
+            let mut written = Vec::new();
+            let mut round = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || round < 10 {
+                let batch: Vec<UsageEvent> = (0..20)
+                    .map(|i| {
+                        let ts = chrono::Utc::now().timestamp_millis() - rng.next(1000) as i64;
+                        event(&mut rng, format!("live-{round}-{i}"), ts)
+                    })
+                    .collect();
+                write(&mut conn, &stream, &batch).await;
+                written.extend(batch);
+                round += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            written
+        })
+    };
+    let file = price_file();
+    let summary = tokio::task::spawn_blocking({
+        let stream = stream.clone();
+        let path = file.to_str().unwrap().to_owned();
+        move || replay(&stream, &["--pricing", &path])
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{summary}");
+    assert!(summary.contains("done"), "{summary}");
+    assert!(summary.contains("claude-sonnet-4-5"), "{summary}");
+    let live = writer.await.unwrap();
+
+    let all: Vec<UsageEvent> = distinct(&[before, live].concat());
+    let n = all.len() as i64;
+    eventually(Duration::from_secs(30), || async {
+        (usage_requests(&http, aggregator, now).await == n).then_some(())
+    })
+    .await;
+
+    // Every event priced once at the new prices: hour cells, day cells, month cells, and
+    // every key's lifetime spend.
+    let want: Decimal = all.iter().map(doubled_cost).sum();
+    assert!(want > Decimal::ZERO);
+    for cells in ["st:h:*", "st:d:*", "st:M:*"] {
+        assert_eq!(
+            stored_cost(&mut conn, &stream, cells).await,
+            want,
+            "{cells}"
+        );
+    }
+    for key in ["key_a", "key_b"] {
+        let want: Decimal = all
+            .iter()
+            .filter(|e| e.key_id.as_deref() == Some(key))
+            .map(doubled_cost)
+            .sum();
+        assert_eq!(
+            stored_cost(&mut conn, &stream, &format!("sp:{key}")).await,
+            want,
+            "lifetime spend of {key}"
+        );
+    }
+    // Tokens did not change, and the API agrees with the cells.
+    let from = (now - 20 * DAY).div_euclid(HOUR) * HOUR;
+    let to = (now + 2 * HOUR).div_euclid(HOUR) * HOUR;
+    let body: serde_json::Value = http
+        .get(format!("http://{aggregator}/v1/usage?from={from}&to={to}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let row = &body["rows"][0];
+    assert_eq!(
+        Decimal::from_str(row["cost_usd"].as_str().unwrap()).unwrap(),
+        want
+    );
+    let input: u64 = all.iter().map(|e| e.input_tokens).sum();
+    assert_eq!(row["input_tokens"].as_u64().unwrap(), input);
+
+    // Live consumers now price new events with the replayed prices.
+    let mut rng = Lcg(5);
+    let after = vec![event(&mut rng, "after-1".into(), now)];
+    write(&mut conn, &stream, &after).await;
+    eventually(Duration::from_secs(30), || async {
+        (usage_requests(&http, aggregator, now).await == n + 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stored_cost(&mut conn, &stream, "st:d:*").await,
+        want + doubled_cost(&after[0])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_with_unchanged_prices_reproduces_every_figure_and_is_idempotent() {
+    let stream = unique_stream();
+    let now = chrono::Utc::now().timestamp_millis();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let events = history(11, 2000, now, 5);
+    write(&mut conn, &stream, &events).await;
+    let (aggregator, stop) = spawn_aggregator(redis_url(), &stream).await;
+    let http = reqwest::Client::new();
+    let n = distinct(&events).len() as i64;
+    eventually(Duration::from_secs(30), || async {
+        (usage_requests(&http, aggregator, now).await == n).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    let original = figures(&mut conn, &stream).await;
+    assert!(original.0.len() > 50, "{}", original.0.len());
+
+    replay(&stream, &[]);
+    assert_same_figures(
+        &figures(&mut conn, &stream).await,
+        &original,
+        "first replay",
+    );
+    replay(&stream, &[]);
+    assert_same_figures(
+        &figures(&mut conn, &stream).await,
+        &original,
+        "second replay",
+    );
+    // Nothing of the replays is left behind.
+    let leftovers: Vec<String> = conn.keys(keyspace(&stream).key("rp*")).await.unwrap();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_replay_reprices_only_its_days() {
+    let stream = unique_stream();
+    let now = chrono::Utc::now().timestamp_millis();
+    let today = now.div_euclid(DAY) * DAY;
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let events = history(13, 2000, now, 6);
+    write(&mut conn, &stream, &events).await;
+    let (aggregator, _stop) = spawn_aggregator(redis_url(), &stream).await;
+    let http = reqwest::Client::new();
+    let all = distinct(&events);
+    let n = all.len() as i64;
+    eventually(Duration::from_secs(30), || async {
+        (usage_requests(&http, aggregator, now).await == n).then_some(())
+    })
+    .await;
+
+    // Rebuild the two days before yesterday; the --to bound is aligned up to a day end.
+    let (from, to) = (today - 3 * DAY, today - DAY);
+    let file = price_file();
+    let to_raw = chrono::DateTime::from_timestamp_millis(to - 5 * HOUR)
+        .unwrap()
+        .to_rfc3339();
+    replay(
+        &stream,
+        &[
+            "--from",
+            &from.to_string(),
+            "--to",
+            &to_raw,
+            "--pricing",
+            file.to_str().unwrap(),
+        ],
+    );
+    let cost = |e: &UsageEvent| {
+        if (from..to).contains(&e.ts) {
+            doubled_cost(e)
+        } else {
+            hand_cost(e)
+        }
+    };
+    let want: Decimal = all.iter().map(cost).sum();
+    for cells in ["st:h:*", "st:d:*", "st:M:*"] {
+        assert_eq!(
+            stored_cost(&mut conn, &stream, cells).await,
+            want,
+            "{cells}"
+        );
+    }
+    let key_a: Decimal = all
+        .iter()
+        .filter(|e| e.key_id.as_deref() == Some("key_a"))
+        .map(cost)
+        .sum();
+    assert_eq!(stored_cost(&mut conn, &stream, "sp:key_a").await, key_a);
+    // Each day outside the range kept its old figure.
+    let day_cost = |day: i64, f: &dyn Fn(&UsageEvent) -> Decimal| -> Decimal {
+        all.iter()
+            .filter(|e| e.ts.div_euclid(DAY) * DAY == day)
+            .map(f)
+            .sum()
+    };
+    for day in [
+        today - 4 * DAY,
+        today - 3 * DAY,
+        today - 2 * DAY,
+        today - DAY,
+    ] {
+        let want = day_cost(day, &cost);
+        assert_eq!(
+            stored_cost(&mut conn, &stream, &format!("st:d:{day}")).await,
+            want,
+            "day {day}"
+        );
+    }
+}
