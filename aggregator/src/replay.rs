@@ -341,7 +341,11 @@ pub async fn run(args: ReplayArgs, progress: &mut impl Write) -> Result<Summary,
             name: "redis-url",
             reason: e.to_string(),
         })?;
-    let mut conn = ConnectionManager::new(client).await?;
+    // The switch is one script over every rebuilt day: allow it far longer than a command.
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(300)));
+    let mut conn = ConnectionManager::new_with_config(client.clone(), config.clone()).await?;
 
     let trimmed_until = trimmed_until(&mut conn, keyspace.stream()).await?;
     let from_ms = match &args.from {
@@ -395,7 +399,7 @@ pub async fn run(args: ReplayArgs, progress: &mut impl Write) -> Result<Summary,
 
     let (stop_lease, lease) = tokio::sync::oneshot::channel::<()>();
     let lease_task = tokio::spawn(renew_lease(
-        conn.clone(),
+        ConnectionManager::new_with_config(client, config).await?,
         keyspace.key(&control::lease_key(rid)),
         lease,
     ));
@@ -410,9 +414,12 @@ pub async fn run(args: ReplayArgs, progress: &mut impl Write) -> Result<Summary,
     )
     .await;
     let result = match rebuilt {
-        Ok(counts) => switch(&mut conn, &keyspace, rid, (from_ms, to_ms), &args)
-            .await
-            .map(|(days, models)| (counts, days, models)),
+        Ok(counts) => {
+            let _ = writeln!(progress, "replay {rid}: switching");
+            switch(&mut conn, &keyspace, rid, (from_ms, to_ms), &args)
+                .await
+                .map(|(days, models)| (counts, days, models))
+        }
         Err(e) => Err(e),
     };
     let _ = stop_lease.send(());
@@ -483,8 +490,8 @@ async fn rebuild(
     else {
         return Ok(Counts::default());
     };
-    let start_ms = from_ms.max(0);
-    let mut cursor = format!("{start_ms}-0");
+    let mut cursor = format!("{}-0", from_ms.max(0));
+    let total: u64 = conn.xlen(stream).await?;
     let mut counts = Counts::default();
     let began = Instant::now();
     let mut last_report = Instant::now();
@@ -616,27 +623,13 @@ async fn rebuild(
 
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
-            report(
-                progress,
-                &counts,
-                began,
-                start_ms,
-                last_id.0 as i64,
-                end.0 as i64,
-            );
+            report(progress, &counts, began, total);
         }
         if last_id >= end {
             break;
         }
     }
-    report(
-        progress,
-        &counts,
-        began,
-        start_ms,
-        end.0 as i64,
-        end.0 as i64,
-    );
+    report(progress, &counts, began, counts.read);
     // The trimmer must not have removed entries the rebuild still needed.
     if let Some(t) = trimmed_until(conn, stream).await?
         && t >= from_ms
@@ -646,33 +639,18 @@ async fn rebuild(
     Ok(counts)
 }
 
-fn report(
-    progress: &mut impl Write,
-    counts: &Counts,
-    began: Instant,
-    start_ms: i64,
-    at_ms: i64,
-    end_ms: i64,
-) {
+/// `total`: entries in the stream when the rebuild started, an upper bound of what it reads.
+fn report(progress: &mut impl Write, counts: &Counts, began: Instant, total: u64) {
     let secs = began.elapsed().as_secs_f64().max(1e-9);
-    let done = if end_ms > start_ms {
-        ((at_ms - start_ms) as f64 / (end_ms - start_ms) as f64).clamp(0.0, 1.0)
-    } else {
-        1.0
-    };
-    let eta = if done > 0.0 {
-        secs * (1.0 - done) / done
-    } else {
-        f64::INFINITY
-    };
+    let done = (counts.read as f64 / total.max(1) as f64).clamp(0.0, 1.0);
+    let rate = counts.read as f64 / secs;
+    let eta = total.saturating_sub(counts.read) as f64 / rate.max(1e-9);
     let _ = writeln!(
         progress,
-        "replay: {:5.1}%  {} entries read, {} events applied, {:.0} events/s, ETA {:.0} s",
+        "replay: {:5.1}%  {} entries read, {} events applied, {rate:.0} entries/s, ETA {eta:.0} s",
         done * 100.0,
         counts.read,
         counts.applied,
-        counts.read as f64 / secs,
-        eta
     );
 }
 

@@ -48,11 +48,23 @@ pub struct Report {
     pub redis_memory: RedisMemory,
     pub cpu: Cpu,
     pub checks: Vec<Check>,
+    /// `--replay`: the replay's run and the checks repeated after its switch.
+    pub replay: Option<ReplayRun>,
+}
+
+pub struct ReplayRun {
+    pub wall: std::time::Duration,
+    /// The replay's own summary (stdout).
+    pub summary: String,
+    pub checks: Vec<Check>,
 }
 
 impl Report {
     pub fn passed(&self) -> bool {
-        self.checks.iter().all(Check::ok)
+        self.checks
+            .iter()
+            .chain(self.replay.iter().flat_map(|r| &r.checks))
+            .all(Check::ok)
     }
 
     pub fn markdown(&self) -> String {
@@ -259,6 +271,31 @@ impl Report {
                 check.actual,
                 if check.ok() { "OK" } else { "**MISMATCH**" }
             )?;
+        }
+        if let Some(replay) = &self.replay {
+            writeln!(
+                out,
+                "\n## Replay (`aggregator replay`, unchanged prices, live aggregator running)\n"
+            )?;
+            writeln!(
+                out,
+                "Wall time {:.2} s: **{:.0} events/s** over the {n} events.\n\n```text\n{}```\n",
+                replay.wall.as_secs_f64(),
+                n as f64 / replay.wall.as_secs_f64().max(1e-9),
+                replay.summary
+            )?;
+            writeln!(out, "| check after the switch | expected | actual | |")?;
+            writeln!(out, "|---|---:|---:|---|")?;
+            for check in &replay.checks {
+                writeln!(
+                    out,
+                    "| {} | {} | {} | {} |",
+                    check.what,
+                    check.expected,
+                    check.actual,
+                    if check.ok() { "OK" } else { "**MISMATCH**" }
+                )?;
+            }
         }
         writeln!(
             out,

@@ -10,7 +10,7 @@
 //! is bounded by `--timeout-secs` (by default 1.2 ms per event, at least 60 s).
 //!
 //! ```text
-//! cargo run --release -p tests --bin aggbench -- [--events 1000000] [--keys 100] [--models 10] [--out FILE.md]
+//! cargo run --release -p tests --bin aggbench -- [--events 1000000] [--keys 100] [--models 10] [--replay] [--out FILE.md]
 //! ```
 //!
 //! Layout, in the order this file uses them: `servers` (Redis, the aggregator binary and the
@@ -76,6 +76,10 @@ struct Args {
     /// Run `cargo build --release` for the aggregator even when the binary is already there.
     #[arg(long)]
     rebuild: bool,
+    /// Then time `aggregator replay` (unchanged prices) while the aggregator keeps running,
+    /// and check the figures again after its switch.
+    #[arg(long)]
+    replay: bool,
 }
 
 /// The stream both readers consume; the Redis is private, so a fixed name is safe.
@@ -178,6 +182,33 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
 
     eprintln!("aggbench: checking /v1/usage");
     let checks = conservation::check(&http, &base_url, &expected, n, &catch_up.metrics).await?;
+    let replay = if args.replay {
+        eprintln!("aggbench: aggregator replay");
+        let started = Instant::now();
+        let output = tokio::process::Command::new(binary)
+            .arg("replay")
+            .env_clear()
+            .env("REDIS_URL", &redis.url)
+            .env("METER_STREAM", STREAM)
+            .env("RUST_LOG", "warn")
+            .output()
+            .await
+            .context("running aggregator replay")?;
+        let wall = started.elapsed();
+        ensure!(
+            output.status.success(),
+            "aggregator replay failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let checks = conservation::check(&http, &base_url, &expected, n, &catch_up.metrics).await?;
+        Some(report::ReplayRun {
+            wall,
+            summary: String::from_utf8_lossy(&output.stdout).into_owned(),
+            checks,
+        })
+    } else {
+        None
+    };
     drop(aggregator);
     let by_key_shape = probes::memory_by_key_shape(&mut conn).await?;
 
@@ -209,6 +240,7 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
             aggregator: aggregator_cpu,
         },
         checks,
+        replay,
     })
 }
 
