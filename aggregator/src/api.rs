@@ -3,29 +3,38 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Query as QueryParams, State};
+use axum::extract::{FromRequestParts, Query as QueryParams, State};
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 use shared::Keyspace;
+use subtle::ConstantTimeEq;
 
+use crate::cells::CellReader;
 use crate::metrics::Metrics;
-use crate::query::{
-    ParamError, Query, group, group_latency, parse_quantiles, quantile_label, rfc3339,
-};
-use crate::rollup::Resolution;
+use crate::plan::{Retention, plan};
+use crate::query::{Kind, ParamError, Query, Rows, plan_error, quantile_label};
 use crate::sketch::Sketch;
 use crate::stats::{DIMENSIONS, Totals};
 
 #[derive(Clone)]
 pub struct ApiState {
     pub conn: ConnectionManager,
+    pub cells: Arc<CellReader>,
     pub keyspace: Keyspace,
     pub group: String,
     pub metrics: Arc<Metrics>,
+    /// SHA-256 of `ADMIN_TOKEN`; `None`: the stats API is open.
+    pub admin_token_digest: Option<[u8; 32]>,
+}
+
+pub fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -38,120 +47,172 @@ pub fn router(state: ApiState) -> Router {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum ApiError {
+pub(crate) enum ApiError {
     #[error(transparent)]
     Param(#[from] ParamError),
+    #[error("missing or wrong admin token")]
+    Unauthorized,
     #[error("store unavailable: {0}")]
     Store(#[from] redis::RedisError),
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        match self {
+        let (status, kind, param, message) = match &self {
             Self::Param(e) => (
                 StatusCode::BAD_REQUEST,
-                Json(json!({"error": {"type": "invalid_request_error", "param": e.param, "message": e.to_string()}})),
-            )
-                .into_response(),
+                "invalid_request_error",
+                Some(e.param.clone()),
+                e.to_string(),
+            ),
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                None,
+                "the stats API needs `Authorization: Bearer <ADMIN_TOKEN>`".to_owned(),
+            ),
             Self::Store(e) => {
                 tracing::error!(error = %e, "stats query failed");
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    Json(json!({"error": {"type": "api_error", "param": null, "message": "the stats store is unavailable; try again"}})),
+                    "api_error",
+                    None,
+                    "the stats store is unavailable; try again".to_owned(),
                 )
-                    .into_response()
             }
+        };
+        let body = json!({"error": {"type": kind, "param": param, "message": message}});
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// Admission to the stats routes: with `ADMIN_TOKEN` set, a matching bearer token.
+struct StatsAccess;
+
+impl FromRequestParts<ApiState> for StatsAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let Some(expected) = &state.admin_token_digest else {
+            return Ok(Self);
+        };
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .unwrap_or("");
+        // Fixed-size digests compared in constant time: neither how much of a guess was right
+        // nor the token's length shows in the response time.
+        if bool::from(token_digest(presented.trim()).ct_eq(expected)) {
+            Ok(Self)
+        } else {
+            Err(ApiError::Unauthorized)
         }
     }
+}
+
+/// Parses, plans, reads and renders one query: the JSON document of CONTRACT §5. The
+/// `aggregator usage` command prints the same document.
+pub(crate) async fn answer(
+    cells: &CellReader,
+    params: &HashMap<String, String>,
+    kind: Kind,
+    now_ms: i64,
+) -> Result<Value, ApiError> {
+    let query = Query::parse(params, kind)?;
+    let plan = plan(query.request, now_ms, Retention::serving())
+        .map_err(|e| plan_error(e, &query.request))?;
+    let wanted: Vec<_> = plan
+        .buckets
+        .iter()
+        .flat_map(|b| b.cells.iter().copied())
+        .collect();
+    let partials = cells.read(&wanted, &query.spec).await?;
+    let mut rows = Rows::default();
+    let mut partials = partials.iter();
+    for bucket in &plan.buckets {
+        for partial in partials.by_ref().take(bucket.cells.len()) {
+            rows.add(bucket.start, partial)?;
+        }
+    }
+    let rows: Vec<Value> = match kind {
+        Kind::Usage => rows
+            .usage
+            .iter()
+            .map(|((bucket, values), totals)| usage_row(&query, *bucket, values, totals))
+            .collect(),
+        Kind::Latency => rows
+            .latency
+            .iter()
+            .map(|((bucket, values), sketches)| {
+                let mut row = dimension_fields(&query, *bucket, values);
+                row.insert("count".into(), sketches.latency.count().into());
+                row.insert(
+                    "latency_ms".into(),
+                    quantiles_ms(&query.quantiles, &sketches.latency),
+                );
+                row.insert(
+                    "ttft_ms".into(),
+                    quantiles_ms(&query.quantiles, &sketches.ttft),
+                );
+                Value::Object(row)
+            })
+            .collect(),
+    };
+    Ok(json!({
+        "from": query.request.tz.format(plan.from_ms),
+        "to": query.request.tz.format(plan.to_ms),
+        "rows": rows,
+    }))
 }
 
 async fn usage(
+    _: StatsAccess,
     State(state): State<ApiState>,
     QueryParams(params): QueryParams<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let query = Query::parse(&params, chrono::Utc::now().timestamp_millis())?;
-    let hours: Vec<i64> = query.hours().collect();
-    let mut pipe = redis::pipe();
-    for hour in &hours {
-        pipe.cmd("HGETALL")
-            .arg(state.keyspace.key(&Resolution::Hour.key(*hour)));
-    }
-    let mut conn = state.conn.clone();
-    let hashes: Vec<Vec<(String, i64)>> = if hours.is_empty() {
-        Vec::new()
-    } else {
-        pipe.query_async(&mut conn).await?
-    };
-    let cells: Vec<(i64, Vec<(String, i64)>)> = hours.into_iter().zip(hashes).collect();
-    let rows: Vec<Value> = group(&query, &cells)
-        .into_iter()
-        .map(|((bucket, values), totals)| row(&query, bucket, &values, &totals))
-        .collect();
-    Ok(Json(json!({
-        "from": rfc3339(query.from_ms),
-        "to": rfc3339(query.to_ms),
-        "rows": rows,
-    })))
-}
-
-/// Every hour hash of the query's range, in one pipeline.
-async fn read_hours(
-    state: &ApiState,
-    query: &Query,
-) -> Result<Vec<(i64, Vec<(String, i64)>)>, ApiError> {
-    let hours: Vec<i64> = query.hours().collect();
-    if hours.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut pipe = redis::pipe();
-    for hour in &hours {
-        pipe.cmd("HGETALL")
-            .arg(state.keyspace.key(&Resolution::Hour.key(*hour)));
-    }
-    let mut conn = state.conn.clone();
-    let hashes: Vec<Vec<(String, i64)>> = pipe.query_async(&mut conn).await?;
-    Ok(hours.into_iter().zip(hashes).collect())
+    let now = chrono::Utc::now().timestamp_millis();
+    Ok(Json(answer(&state.cells, &params, Kind::Usage, now).await?))
 }
 
 async fn latency(
+    _: StatsAccess,
     State(state): State<ApiState>,
     QueryParams(params): QueryParams<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let query = Query::parse(&params, chrono::Utc::now().timestamp_millis())?;
-    let quantiles = parse_quantiles(&params)?;
-    let cells = read_hours(&state, &query).await?;
-    let quantiles_ms = |sketch: &Sketch| -> Value {
-        let mut out = Map::new();
-        for q in &quantiles {
-            let ms = sketch.quantile(*q).map(|us| us / 1000.0);
-            out.insert(quantile_label(*q), ms.map_or(Value::Null, Value::from));
-        }
-        Value::Object(out)
-    };
-    let rows: Vec<Value> = group_latency(&query, &cells)
-        .into_iter()
-        .map(|((bucket, values), sketches)| {
-            let mut row = dimension_fields(&query, bucket, &values);
-            row.insert("count".into(), sketches.latency.count().into());
-            row.insert("latency_ms".into(), quantiles_ms(&sketches.latency));
-            row.insert("ttft_ms".into(), quantiles_ms(&sketches.ttft));
-            Value::Object(row)
-        })
-        .collect();
-    Ok(Json(json!({
-        "from": rfc3339(query.from_ms),
-        "to": rfc3339(query.to_ms),
-        "rows": rows,
-    })))
+    let now = chrono::Utc::now().timestamp_millis();
+    Ok(Json(
+        answer(&state.cells, &params, Kind::Latency, now).await?,
+    ))
+}
+
+fn quantiles_ms(quantiles: &[f64], sketch: &Sketch) -> Value {
+    let mut out = Map::new();
+    for q in quantiles {
+        let ms = sketch.quantile(*q).map(|us| us / 1000.0);
+        out.insert(quantile_label(*q), ms.map_or(Value::Null, Value::from));
+    }
+    Value::Object(out)
 }
 
 /// The bucket and group-by fields that identify a row.
 fn dimension_fields(query: &Query, bucket: Option<i64>, values: &[String]) -> Map<String, Value> {
     let mut row = Map::new();
     if let Some(start) = bucket {
-        row.insert("bucket_start".into(), rfc3339(start).into());
+        row.insert("bucket_start".into(), query.request.tz.format(start).into());
     }
-    for (index, value) in query.group_by.iter().zip(values) {
+    for (index, value) in query.spec.group_by.iter().zip(values) {
         let name = DIMENSIONS[*index];
         let value = match name {
             "status" => value.parse::<u16>().map_or(Value::Null, Value::from),
@@ -164,7 +225,7 @@ fn dimension_fields(query: &Query, bucket: Option<i64>, values: &[String]) -> Ma
     row
 }
 
-fn row(query: &Query, bucket: Option<i64>, values: &[String], t: &Totals) -> Value {
+fn usage_row(query: &Query, bucket: Option<i64>, values: &[String], t: &Totals) -> Value {
     let mut row = dimension_fields(query, bucket, values);
     for (name, n) in [
         ("requests", t.requests),

@@ -9,7 +9,19 @@ async fn main() {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let config = aggregator::Config::from_args()?;
+    use clap::Parser;
+    let cli = aggregator::Cli::parse();
+    let config = aggregator::Config::build(cli.args)?;
+    match cli.command {
+        None => serve(config).await,
+        Some(aggregator::Command::Usage(args)) => {
+            aggregator::cli::usage(&config, &args, &mut std::io::stdout().lock()).await?;
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: aggregator::Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
