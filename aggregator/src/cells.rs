@@ -93,8 +93,11 @@ impl CellReader {
         };
         // (1) After this round trip every earlier change has been pushed and applied.
         if let Err(e) = redis::cmd("PING").query_async::<Value>(&mut conn).await {
+            // The tracked connection is gone (Redis restarted, say): this query goes uncached,
+            // the next one opens a new tracked connection.
+            tracing::warn!(error = %e, "tracked stats connection failed");
             self.drop_connection(generation).await;
-            return Err(e);
+            return self.read_uncached(cells, spec).await;
         }
         let keys: Vec<String> = cells
             .iter()
@@ -128,8 +131,9 @@ impl CellReader {
         let fetched = match fetched {
             Ok(fetched) => fetched,
             Err(e) => {
+                tracing::warn!(error = %e, "tracked stats connection failed");
                 self.drop_connection(generation).await;
-                return Err(e);
+                return self.read_uncached(cells, spec).await;
             }
         };
         for (slot, partial) in out.iter_mut().zip(fetched) {
@@ -412,5 +416,107 @@ impl redis::aio::AsyncPushSender for Invalidator {
             _ => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::Kind;
+    use crate::stats::Totals;
+
+    fn spec(group_by: &[usize]) -> GroupSpec {
+        GroupSpec {
+            kind: Kind::Usage,
+            group_by: group_by.to_vec(),
+            filters: Vec::new(),
+        }
+    }
+
+    fn partial(rows: usize) -> Arc<Partial> {
+        Arc::new(Partial::Usage(
+            (0..rows)
+                .map(|i| (vec![i.to_string()], Totals::default()))
+                .collect(),
+        ))
+    }
+
+    #[test]
+    fn an_invalidation_drops_every_spec_of_the_cell_and_marks_reads_in_flight() {
+        let mut state = State::default();
+        state.insert("a", &spec(&[1]), partial(2), 100);
+        state.insert("a", &spec(&[0]), partial(3), 100);
+        state.insert("b", &spec(&[1]), partial(1), 100);
+        state.inflight.entry("a".into()).or_default().readers += 1;
+        assert_eq!(state.rows, 6);
+        state.invalidate("a");
+        assert!(state.get("a", &spec(&[1])).is_none());
+        assert!(state.get("b", &spec(&[1])).is_some());
+        assert_eq!(state.rows, 1);
+        assert!(
+            state.inflight["a"].dirty,
+            "a read racing the change is not cached"
+        );
+    }
+
+    #[test]
+    fn the_oldest_cells_are_evicted_beyond_the_row_budget() {
+        let mut state = State::default();
+        for key in ["a", "b", "c"] {
+            state.insert(key, &spec(&[]), partial(4), 10);
+        }
+        assert!(state.get("a", &spec(&[])).is_none());
+        assert!(state.get("c", &spec(&[])).is_some());
+        assert!(state.rows <= 10);
+        // A reduction larger than the whole budget is never kept.
+        state.insert("d", &spec(&[]), partial(11), 10);
+        assert!(state.get("d", &spec(&[])).is_none());
+    }
+
+    #[test]
+    fn losing_the_connection_clears_the_cache_and_retires_its_generation() {
+        let mut state = State::default();
+        let generation = state.next_generation();
+        state.insert("a", &spec(&[]), partial(1), 10);
+        state.inflight.entry("b".into()).or_default().readers += 1;
+        state.flush_generation(generation);
+        assert_ne!(state.generation, generation);
+        assert!(state.get("a", &spec(&[])).is_none());
+        assert!(state.inflight["b"].dirty);
+        // A stale disconnect of an older connection still only clears.
+        let current = state.generation;
+        state.flush_generation(generation);
+        assert_eq!(state.generation, current);
+    }
+
+    #[test]
+    fn invalidation_pushes_are_applied_in_place() {
+        let cache = Arc::new(Cache {
+            state: Mutex::new(State::default()),
+            max_rows: 100,
+        });
+        let invalidator = Invalidator {
+            cache: Arc::clone(&cache),
+            generation: 0,
+        };
+        cache.lock().insert("k1", &spec(&[]), partial(1), 100);
+        cache.lock().insert("k2", &spec(&[]), partial(1), 100);
+        use redis::aio::AsyncPushSender;
+        invalidator
+            .send(PushInfo {
+                kind: PushKind::Invalidate,
+                data: vec![Value::Array(vec![Value::BulkString(b"k1".to_vec())])],
+            })
+            .unwrap();
+        assert!(cache.lock().get("k1", &spec(&[])).is_none());
+        assert!(cache.lock().get("k2", &spec(&[])).is_some());
+        // A nil payload: everything.
+        invalidator
+            .send(PushInfo {
+                kind: PushKind::Invalidate,
+                data: vec![Value::Nil],
+            })
+            .unwrap();
+        assert!(cache.lock().get("k2", &spec(&[])).is_none());
     }
 }
