@@ -10,7 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use redis::aio::ConnectionManager;
-use serde_json::{Map, Value, json};
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use shared::Keyspace;
 use subtle::ConstantTimeEq;
@@ -18,7 +19,7 @@ use subtle::ConstantTimeEq;
 use crate::cells::CellReader;
 use crate::metrics::Metrics;
 use crate::plan::{Retention, plan};
-use crate::query::{Kind, ParamError, Query, Rows, plan_error, quantile_label};
+use crate::query::{Kind, LatencyRow, ParamError, Query, Rows, plan_error, quantile_label};
 use crate::sketch::Sketch;
 use crate::stats::{DIMENSIONS, Totals};
 
@@ -122,14 +123,23 @@ impl FromRequestParts<ApiState> for StatsAccess {
     }
 }
 
-/// Parses, plans, reads and renders one query: the JSON document of CONTRACT §5. The
-/// `aggregator usage` command prints the same document.
+/// One query's answer: the JSON document of CONTRACT §5, serialised straight from the rows
+/// (a 30-day hourly answer has thousands of rows; building a `serde_json::Value` first cost
+/// more than everything else). The `aggregator usage` command prints the same document.
+pub(crate) struct Answer {
+    query: Query,
+    from_ms: i64,
+    to_ms: i64,
+    rows: Rows,
+}
+
+/// Parses, plans and reads one query.
 pub(crate) async fn answer(
     cells: &CellReader,
     params: &HashMap<String, String>,
     kind: Kind,
     now_ms: i64,
-) -> Result<Value, ApiError> {
+) -> Result<Answer, ApiError> {
     let query = Query::parse(params, kind)?;
     let plan = plan(query.request, now_ms, Retention::serving())
         .map_err(|e| plan_error(e, &query.request))?;
@@ -146,42 +156,136 @@ pub(crate) async fn answer(
             rows.add(bucket.start, partial)?;
         }
     }
-    let rows: Vec<Value> = match kind {
-        Kind::Usage => rows
-            .usage
-            .iter()
-            .map(|((bucket, values), totals)| usage_row(&query, *bucket, values, totals))
-            .collect(),
-        Kind::Latency => rows
-            .latency
-            .iter()
-            .map(|((bucket, values), sketches)| {
-                let mut row = dimension_fields(&query, *bucket, values);
-                row.insert("count".into(), sketches.latency.count().into());
-                row.insert(
-                    "latency_ms".into(),
-                    quantiles_ms(&query.quantiles, &sketches.latency),
-                );
-                row.insert(
-                    "ttft_ms".into(),
-                    quantiles_ms(&query.quantiles, &sketches.ttft),
-                );
-                Value::Object(row)
-            })
-            .collect(),
-    };
-    Ok(json!({
-        "from": query.request.tz.format(plan.from_ms),
-        "to": query.request.tz.format(plan.to_ms),
-        "rows": rows,
-    }))
+    Ok(Answer {
+        query,
+        from_ms: plan.from_ms,
+        to_ms: plan.to_ms,
+        rows,
+    })
+}
+
+impl Serialize for Answer {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let tz = self.query.request.tz;
+        let mut map = s.serialize_map(Some(3))?;
+        map.serialize_entry("from", &tz.format(self.from_ms))?;
+        map.serialize_entry("to", &tz.format(self.to_ms))?;
+        match self.query.spec.kind {
+            Kind::Usage => map.serialize_entry("rows", &UsageRows(self))?,
+            Kind::Latency => map.serialize_entry("rows", &LatencyRows(self))?,
+        }
+        map.end()
+    }
+}
+
+struct UsageRows<'a>(&'a Answer);
+struct LatencyRows<'a>(&'a Answer);
+
+impl Serialize for UsageRows<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let answer = self.0;
+        let mut seq = s.serialize_seq(Some(answer.rows.usage.len()))?;
+        for ((bucket, values), t) in &answer.rows.usage {
+            seq.serialize_element(&Row {
+                query: &answer.query,
+                bucket: *bucket,
+                values,
+                body: RowBody::Usage(t),
+            })?;
+        }
+        seq.end()
+    }
+}
+
+impl Serialize for LatencyRows<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let answer = self.0;
+        let mut seq = s.serialize_seq(Some(answer.rows.latency.len()))?;
+        for ((bucket, values), sketches) in &answer.rows.latency {
+            seq.serialize_element(&Row {
+                query: &answer.query,
+                bucket: *bucket,
+                values,
+                body: RowBody::Latency(sketches),
+            })?;
+        }
+        seq.end()
+    }
+}
+
+enum RowBody<'a> {
+    Usage(&'a Totals),
+    Latency(&'a LatencyRow),
+}
+
+/// One row: its bucket and group-by fields, then its figures.
+struct Row<'a> {
+    query: &'a Query,
+    bucket: Option<i64>,
+    values: &'a [String],
+    body: RowBody<'a>,
+}
+
+impl Serialize for Row<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        if let Some(start) = self.bucket {
+            map.serialize_entry("bucket_start", &self.query.request.tz.format(start))?;
+        }
+        for (index, value) in self.query.spec.group_by.iter().zip(self.values) {
+            let name = DIMENSIONS[*index];
+            match name {
+                "status" => map.serialize_entry(name, &value.parse::<u16>().ok())?,
+                // Unauthenticated or unrelayed requests have no key or account.
+                "key" | "account" if value.is_empty() => map.serialize_entry(name, &None::<()>)?,
+                _ => map.serialize_entry(name, value)?,
+            }
+        }
+        match self.body {
+            RowBody::Usage(t) => {
+                for (name, n) in [
+                    ("requests", t.requests),
+                    ("errors", t.errors),
+                    ("input_tokens", t.input_tokens),
+                    ("output_tokens", t.output_tokens),
+                    ("cache_creation_input_tokens", t.cache_creation_input_tokens),
+                    ("cache_read_input_tokens", t.cache_read_input_tokens),
+                    ("unpriced_requests", t.unpriced_requests),
+                ] {
+                    map.serialize_entry(name, &n)?;
+                }
+                map.serialize_entry("cost_usd", &t.cost.to_string())?;
+            }
+            RowBody::Latency(sketches) => {
+                let quantiles = &self.query.quantiles;
+                map.serialize_entry("count", &sketches.latency.count())?;
+                map.serialize_entry("latency_ms", &Quantiles(quantiles, &sketches.latency))?;
+                map.serialize_entry("ttft_ms", &Quantiles(quantiles, &sketches.ttft))?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// `{"p50": ms, ...}`; `null` for an empty sketch.
+struct Quantiles<'a>(&'a [f64], &'a Sketch);
+
+impl Serialize for Quantiles<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for q in self.0 {
+            let ms = self.1.quantile(*q).map(|us| us / 1000.0);
+            map.serialize_entry(&quantile_label(*q), &ms)?;
+        }
+        map.end()
+    }
 }
 
 async fn usage(
     _: StatsAccess,
     State(state): State<ApiState>,
     QueryParams(params): QueryParams<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Answer>, ApiError> {
     let now = chrono::Utc::now().timestamp_millis();
     Ok(Json(answer(&state.cells, &params, Kind::Usage, now).await?))
 }
@@ -190,56 +294,11 @@ async fn latency(
     _: StatsAccess,
     State(state): State<ApiState>,
     QueryParams(params): QueryParams<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Answer>, ApiError> {
     let now = chrono::Utc::now().timestamp_millis();
     Ok(Json(
         answer(&state.cells, &params, Kind::Latency, now).await?,
     ))
-}
-
-fn quantiles_ms(quantiles: &[f64], sketch: &Sketch) -> Value {
-    let mut out = Map::new();
-    for q in quantiles {
-        let ms = sketch.quantile(*q).map(|us| us / 1000.0);
-        out.insert(quantile_label(*q), ms.map_or(Value::Null, Value::from));
-    }
-    Value::Object(out)
-}
-
-/// The bucket and group-by fields that identify a row.
-fn dimension_fields(query: &Query, bucket: Option<i64>, values: &[String]) -> Map<String, Value> {
-    let mut row = Map::new();
-    if let Some(start) = bucket {
-        row.insert("bucket_start".into(), query.request.tz.format(start).into());
-    }
-    for (index, value) in query.spec.group_by.iter().zip(values) {
-        let name = DIMENSIONS[*index];
-        let value = match name {
-            "status" => value.parse::<u16>().map_or(Value::Null, Value::from),
-            // Unauthenticated or unrelayed requests have no key or account.
-            "key" | "account" if value.is_empty() => Value::Null,
-            _ => Value::from(value.as_str()),
-        };
-        row.insert(name.into(), value);
-    }
-    row
-}
-
-fn usage_row(query: &Query, bucket: Option<i64>, values: &[String], t: &Totals) -> Value {
-    let mut row = dimension_fields(query, bucket, values);
-    for (name, n) in [
-        ("requests", t.requests),
-        ("errors", t.errors),
-        ("input_tokens", t.input_tokens),
-        ("output_tokens", t.output_tokens),
-        ("cache_creation_input_tokens", t.cache_creation_input_tokens),
-        ("cache_read_input_tokens", t.cache_read_input_tokens),
-        ("unpriced_requests", t.unpriced_requests),
-    ] {
-        row.insert(name.into(), n.into());
-    }
-    row.insert("cost_usd".into(), t.cost.to_string().into());
-    Value::Object(row)
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

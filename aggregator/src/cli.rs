@@ -125,9 +125,11 @@ pub async fn usage(
     )
     .map_err(redis_error)?;
     let now = chrono::Utc::now().timestamp_millis();
-    let document = crate::api::answer(&cells, &args.params(), Kind::Usage, now)
+    let answer = crate::api::answer(&cells, &args.params(), Kind::Usage, now)
         .await
         .map_err(|e| UsageError::Query(e.to_string()))?;
+    let document = serde_json::to_value(&answer)
+        .map_err(|e| UsageError::Query(format!("cannot render the answer: {e}")))?;
     let text = if args.json {
         format!("{document:#}\n")
     } else {

@@ -10,7 +10,8 @@
 //!
 //! first against an aggregator with the cell cache disabled (`METER_STATS_CACHE_ROWS=0`, a few
 //! requests: each reads every cell), then against one with the default cache (the first request
-//! fills it, then `--requests` are timed). Prints one Markdown report.
+//! fills it, then `--requests` are timed). A request is timed until its whole body has arrived;
+//! the client does not parse it. Prints one Markdown report.
 //!
 //! ```text
 //! cargo run --release -p tests --bin statsbench -- [--events 1000000] [--requests 300]
@@ -129,6 +130,8 @@ async fn main() -> anyhow::Result<()> {
             let started = Instant::now();
             let body = get(&http, &url).await?;
             let first = started.elapsed();
+            let size = body.len();
+            let body: serde_json::Value = serde_json::from_slice(&body)?;
             let rows = body["rows"].as_array().map_or(0, Vec::len);
             let mut times = Vec::with_capacity(requests);
             for _ in 0..requests {
@@ -141,7 +144,8 @@ async fn main() -> anyhow::Result<()> {
                 times[((q * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1]
             };
             lines.push(format!(
-                "| {name} | {cache} | {rows} | {:.1} | {} | {:.2} | {:.2} | {:.2} |",
+                "| {name} | {cache} | {rows} ({:.0} KiB) | {:.1} | {} | {:.2} | {:.2} | {:.2} |",
+                size as f64 / 1024.0,
                 first.as_secs_f64() * 1000.0,
                 requests,
                 at(0.5).as_secs_f64() * 1000.0,
@@ -172,12 +176,14 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn get(http: &reqwest::Client, url: &str) -> anyhow::Result<serde_json::Value> {
+/// The whole body, unparsed: the time measured is the server's answer, not the client's JSON
+/// parsing.
+async fn get(http: &reqwest::Client, url: &str) -> anyhow::Result<bytes::Bytes> {
     let response = http.get(url).send().await.context("GET")?;
     if !response.status().is_success() {
         bail!("{url}: {} {}", response.status(), response.text().await?);
     }
-    Ok(response.json().await?)
+    Ok(response.bytes().await?)
 }
 
 /// The aggregator binary on a free port (or `reuse`'s), with the cache size `rows` if given.
