@@ -185,10 +185,11 @@ impl Serialize for UsageRows<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let answer = self.0;
         let mut seq = s.serialize_seq(Some(answer.rows.usage.len()))?;
+        let mut label = BucketLabel::default();
         for ((bucket, values), t) in &answer.rows.usage {
             seq.serialize_element(&Row {
                 query: &answer.query,
-                bucket: *bucket,
+                bucket: label.of(&answer.query, *bucket),
                 values,
                 body: RowBody::Usage(t),
             })?;
@@ -201,15 +202,36 @@ impl Serialize for LatencyRows<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let answer = self.0;
         let mut seq = s.serialize_seq(Some(answer.rows.latency.len()))?;
+        let mut label = BucketLabel::default();
         for ((bucket, values), sketches) in &answer.rows.latency {
             seq.serialize_element(&Row {
                 query: &answer.query,
-                bucket: *bucket,
+                bucket: label.of(&answer.query, *bucket),
                 values,
                 body: RowBody::Latency(sketches),
             })?;
         }
         seq.end()
+    }
+}
+
+/// `bucket_start` of consecutive rows: rows are sorted by bucket, so each is formatted once.
+#[derive(Default)]
+struct BucketLabel {
+    last: Option<(i64, std::rc::Rc<str>)>,
+}
+
+impl BucketLabel {
+    fn of(&mut self, query: &Query, bucket: Option<i64>) -> Option<std::rc::Rc<str>> {
+        let start = bucket?;
+        match &self.last {
+            Some((at, text)) if *at == start => Some(text.clone()),
+            _ => {
+                let text: std::rc::Rc<str> = query.request.tz.format(start).into();
+                self.last = Some((start, text.clone()));
+                Some(text)
+            }
+        }
     }
 }
 
@@ -221,7 +243,7 @@ enum RowBody<'a> {
 /// One row: its bucket and group-by fields, then its figures.
 struct Row<'a> {
     query: &'a Query,
-    bucket: Option<i64>,
+    bucket: Option<std::rc::Rc<str>>,
     values: &'a [String],
     body: RowBody<'a>,
 }
@@ -229,8 +251,8 @@ struct Row<'a> {
 impl Serialize for Row<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(None)?;
-        if let Some(start) = self.bucket {
-            map.serialize_entry("bucket_start", &self.query.request.tz.format(start))?;
+        if let Some(start) = &self.bucket {
+            map.serialize_entry("bucket_start", &**start)?;
         }
         for (index, value) in self.query.spec.group_by.iter().zip(self.values) {
             let name = DIMENSIONS[*index];
