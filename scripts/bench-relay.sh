@@ -29,5 +29,5 @@ for conc in 1 32; do
 done
 sleep 2
 echo "events in stream: $(redis-cli -p $RPORT XLEN "$METER_STREAM")"
-curl -s "http://$AG/v1/usage" | sed 's/^/usage: /'
+curl -s -H "authorization: Bearer $ADMIN_TOKEN" "http://$AG/v1/usage" | sed 's/^/usage: /'
 echo

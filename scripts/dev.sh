@@ -89,7 +89,8 @@ Send a request through the gateway:
     -d '{"model":"claude-sonnet-4-5","max_tokens":256,"messages":[{"role":"user","content":"Hello"}]}'
 
 Then see its usage and exact cost:
-  curl -s 'http://$AGGREGATOR/v1/usage?group_by=key,model'
+  curl -s -H 'authorization: Bearer $ADMIN_TOKEN' 'http://$AGGREGATOR/v1/usage?group_by=key,model'
+  $BIN/aggregator usage --group-by key,model
 
 Point Claude Code at it (against the mock here, or a real Anthropic account added via /admin/accounts):
   ANTHROPIC_BASE_URL=http://$GATEWAY ANTHROPIC_API_KEY=$KEY claude

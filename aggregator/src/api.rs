@@ -3,29 +3,39 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Query as QueryParams, State};
+use axum::extract::{FromRequestParts, Query as QueryParams, State};
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use redis::aio::ConnectionManager;
-use serde_json::{Map, Value, json};
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+use serde_json::json;
+use sha2::{Digest, Sha256};
 use shared::Keyspace;
+use subtle::ConstantTimeEq;
 
+use crate::cells::CellReader;
 use crate::metrics::Metrics;
-use crate::query::{
-    ParamError, Query, group, group_latency, parse_quantiles, quantile_label, rfc3339,
-};
-use crate::rollup::Resolution;
+use crate::plan::{Retention, plan};
+use crate::query::{Kind, LatencyRow, ParamError, Query, Rows, plan_error, quantile_label};
 use crate::sketch::Sketch;
 use crate::stats::{DIMENSIONS, Totals};
 
 #[derive(Clone)]
 pub struct ApiState {
     pub conn: ConnectionManager,
+    pub cells: Arc<CellReader>,
     pub keyspace: Keyspace,
     pub group: String,
     pub metrics: Arc<Metrics>,
+    /// SHA-256 of `ADMIN_TOKEN`; `None`: the stats API is open.
+    pub admin_token_digest: Option<[u8; 32]>,
+}
+
+pub fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -38,147 +48,279 @@ pub fn router(state: ApiState) -> Router {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum ApiError {
+pub(crate) enum ApiError {
     #[error(transparent)]
     Param(#[from] ParamError),
+    #[error("missing or wrong admin token")]
+    Unauthorized,
     #[error("store unavailable: {0}")]
     Store(#[from] redis::RedisError),
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        match self {
+        let (status, kind, param, message) = match &self {
             Self::Param(e) => (
                 StatusCode::BAD_REQUEST,
-                Json(json!({"error": {"type": "invalid_request_error", "param": e.param, "message": e.to_string()}})),
-            )
-                .into_response(),
+                "invalid_request_error",
+                Some(e.param.clone()),
+                e.to_string(),
+            ),
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                None,
+                "the stats API needs `Authorization: Bearer <ADMIN_TOKEN>`".to_owned(),
+            ),
             Self::Store(e) => {
                 tracing::error!(error = %e, "stats query failed");
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    Json(json!({"error": {"type": "api_error", "param": null, "message": "the stats store is unavailable; try again"}})),
+                    "api_error",
+                    None,
+                    "the stats store is unavailable; try again".to_owned(),
                 )
-                    .into_response()
+            }
+        };
+        let body = json!({"error": {"type": kind, "param": param, "message": message}});
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// Admission to the stats routes: with `ADMIN_TOKEN` set, a matching bearer token.
+struct StatsAccess;
+
+impl FromRequestParts<ApiState> for StatsAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let Some(expected) = &state.admin_token_digest else {
+            return Ok(Self);
+        };
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .unwrap_or("");
+        // Fixed-size digests compared in constant time: neither how much of a guess was right
+        // nor the token's length shows in the response time.
+        if bool::from(token_digest(presented.trim()).ct_eq(expected)) {
+            Ok(Self)
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    }
+}
+
+/// One query's answer: the JSON document of CONTRACT §5, serialised straight from the rows
+/// (a 30-day hourly answer has thousands of rows; building a `serde_json::Value` first cost
+/// more than everything else). The `aggregator usage` command prints the same document.
+pub(crate) struct Answer {
+    query: Query,
+    from_ms: i64,
+    to_ms: i64,
+    rows: Rows,
+}
+
+/// Parses, plans and reads one query.
+pub(crate) async fn answer(
+    cells: &CellReader,
+    params: &HashMap<String, String>,
+    kind: Kind,
+    now_ms: i64,
+) -> Result<Answer, ApiError> {
+    let query = Query::parse(params, kind)?;
+    let plan = plan(query.request, now_ms, Retention::serving())
+        .map_err(|e| plan_error(e, &query.request))?;
+    let wanted: Vec<_> = plan
+        .buckets
+        .iter()
+        .flat_map(|b| b.cells.iter().copied())
+        .collect();
+    let partials = cells.read(&wanted, &query.spec).await?;
+    let mut rows = Rows::default();
+    let mut partials = partials.iter();
+    for bucket in &plan.buckets {
+        for partial in partials.by_ref().take(bucket.cells.len()) {
+            rows.add(bucket.start, partial)?;
+        }
+    }
+    Ok(Answer {
+        query,
+        from_ms: plan.from_ms,
+        to_ms: plan.to_ms,
+        rows,
+    })
+}
+
+impl Serialize for Answer {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let tz = self.query.request.tz;
+        let mut map = s.serialize_map(Some(3))?;
+        map.serialize_entry("from", &tz.format(self.from_ms))?;
+        map.serialize_entry("to", &tz.format(self.to_ms))?;
+        match self.query.spec.kind {
+            Kind::Usage => map.serialize_entry("rows", &UsageRows(self))?,
+            Kind::Latency => map.serialize_entry("rows", &LatencyRows(self))?,
+        }
+        map.end()
+    }
+}
+
+struct UsageRows<'a>(&'a Answer);
+struct LatencyRows<'a>(&'a Answer);
+
+impl Serialize for UsageRows<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let answer = self.0;
+        let mut seq = s.serialize_seq(Some(answer.rows.usage.len()))?;
+        let mut label = BucketLabel::default();
+        for ((bucket, values), t) in &answer.rows.usage {
+            seq.serialize_element(&Row {
+                query: &answer.query,
+                bucket: label.of(&answer.query, *bucket),
+                values,
+                body: RowBody::Usage(t),
+            })?;
+        }
+        seq.end()
+    }
+}
+
+impl Serialize for LatencyRows<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let answer = self.0;
+        let mut seq = s.serialize_seq(Some(answer.rows.latency.len()))?;
+        let mut label = BucketLabel::default();
+        for ((bucket, values), sketches) in &answer.rows.latency {
+            seq.serialize_element(&Row {
+                query: &answer.query,
+                bucket: label.of(&answer.query, *bucket),
+                values,
+                body: RowBody::Latency(sketches),
+            })?;
+        }
+        seq.end()
+    }
+}
+
+/// `bucket_start` of consecutive rows: rows are sorted by bucket, so each is formatted once.
+#[derive(Default)]
+struct BucketLabel {
+    last: Option<(i64, std::rc::Rc<str>)>,
+}
+
+impl BucketLabel {
+    fn of(&mut self, query: &Query, bucket: Option<i64>) -> Option<std::rc::Rc<str>> {
+        let start = bucket?;
+        match &self.last {
+            Some((at, text)) if *at == start => Some(text.clone()),
+            _ => {
+                let text: std::rc::Rc<str> = query.request.tz.format(start).into();
+                self.last = Some((start, text.clone()));
+                Some(text)
             }
         }
     }
 }
 
-async fn usage(
-    State(state): State<ApiState>,
-    QueryParams(params): QueryParams<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    let query = Query::parse(&params, chrono::Utc::now().timestamp_millis())?;
-    let hours: Vec<i64> = query.hours().collect();
-    let mut pipe = redis::pipe();
-    for hour in &hours {
-        pipe.cmd("HGETALL")
-            .arg(state.keyspace.key(&Resolution::Hour.key(*hour)));
-    }
-    let mut conn = state.conn.clone();
-    let hashes: Vec<Vec<(String, i64)>> = if hours.is_empty() {
-        Vec::new()
-    } else {
-        pipe.query_async(&mut conn).await?
-    };
-    let cells: Vec<(i64, Vec<(String, i64)>)> = hours.into_iter().zip(hashes).collect();
-    let rows: Vec<Value> = group(&query, &cells)
-        .into_iter()
-        .map(|((bucket, values), totals)| row(&query, bucket, &values, &totals))
-        .collect();
-    Ok(Json(json!({
-        "from": rfc3339(query.from_ms),
-        "to": rfc3339(query.to_ms),
-        "rows": rows,
-    })))
+enum RowBody<'a> {
+    Usage(&'a Totals),
+    Latency(&'a LatencyRow),
 }
 
-/// Every hour hash of the query's range, in one pipeline.
-async fn read_hours(
-    state: &ApiState,
-    query: &Query,
-) -> Result<Vec<(i64, Vec<(String, i64)>)>, ApiError> {
-    let hours: Vec<i64> = query.hours().collect();
-    if hours.is_empty() {
-        return Ok(Vec::new());
+/// One row: its bucket and group-by fields, then its figures.
+struct Row<'a> {
+    query: &'a Query,
+    bucket: Option<std::rc::Rc<str>>,
+    values: &'a [String],
+    body: RowBody<'a>,
+}
+
+impl Serialize for Row<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        if let Some(start) = &self.bucket {
+            map.serialize_entry("bucket_start", &**start)?;
+        }
+        for (index, value) in self.query.spec.group_by.iter().zip(self.values) {
+            let name = DIMENSIONS[*index];
+            match name {
+                "status" => map.serialize_entry(name, &value.parse::<u16>().ok())?,
+                // Unauthenticated or unrelayed requests have no key or account.
+                "key" | "account" if value.is_empty() => map.serialize_entry(name, &None::<()>)?,
+                _ => map.serialize_entry(name, value)?,
+            }
+        }
+        match self.body {
+            RowBody::Usage(t) => {
+                for (name, n) in [
+                    ("requests", t.requests),
+                    ("errors", t.errors),
+                    ("input_tokens", t.input_tokens),
+                    ("output_tokens", t.output_tokens),
+                    ("cache_creation_input_tokens", t.cache_creation_input_tokens),
+                    ("cache_read_input_tokens", t.cache_read_input_tokens),
+                    ("unpriced_requests", t.unpriced_requests),
+                ] {
+                    map.serialize_entry(name, &n)?;
+                }
+                map.serialize_entry("cost_usd", &t.cost.to_string())?;
+            }
+            RowBody::Latency(sketches) => {
+                let quantiles = &self.query.quantiles;
+                map.serialize_entry("count", &sketches.latency.count())?;
+                map.serialize_entry("latency_ms", &Quantiles(quantiles, &sketches.latency))?;
+                map.serialize_entry("ttft_ms", &Quantiles(quantiles, &sketches.ttft))?;
+            }
+        }
+        map.end()
     }
-    let mut pipe = redis::pipe();
-    for hour in &hours {
-        pipe.cmd("HGETALL")
-            .arg(state.keyspace.key(&Resolution::Hour.key(*hour)));
+}
+
+/// `{"p50": ms, ...}`; `null` for an empty sketch.
+struct Quantiles<'a>(&'a [f64], &'a Sketch);
+
+impl Serialize for Quantiles<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for q in self.0 {
+            let ms = self.1.quantile(*q).map(|us| us / 1000.0);
+            map.serialize_entry(&quantile_label(*q), &ms)?;
+        }
+        map.end()
     }
-    let mut conn = state.conn.clone();
-    let hashes: Vec<Vec<(String, i64)>> = pipe.query_async(&mut conn).await?;
-    Ok(hours.into_iter().zip(hashes).collect())
+}
+
+async fn usage(
+    _: StatsAccess,
+    State(state): State<ApiState>,
+    QueryParams(params): QueryParams<HashMap<String, String>>,
+) -> Result<Json<Answer>, ApiError> {
+    let now = chrono::Utc::now().timestamp_millis();
+    Ok(Json(answer(&state.cells, &params, Kind::Usage, now).await?))
 }
 
 async fn latency(
+    _: StatsAccess,
     State(state): State<ApiState>,
     QueryParams(params): QueryParams<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    let query = Query::parse(&params, chrono::Utc::now().timestamp_millis())?;
-    let quantiles = parse_quantiles(&params)?;
-    let cells = read_hours(&state, &query).await?;
-    let quantiles_ms = |sketch: &Sketch| -> Value {
-        let mut out = Map::new();
-        for q in &quantiles {
-            let ms = sketch.quantile(*q).map(|us| us / 1000.0);
-            out.insert(quantile_label(*q), ms.map_or(Value::Null, Value::from));
-        }
-        Value::Object(out)
-    };
-    let rows: Vec<Value> = group_latency(&query, &cells)
-        .into_iter()
-        .map(|((bucket, values), sketches)| {
-            let mut row = dimension_fields(&query, bucket, &values);
-            row.insert("count".into(), sketches.latency.count().into());
-            row.insert("latency_ms".into(), quantiles_ms(&sketches.latency));
-            row.insert("ttft_ms".into(), quantiles_ms(&sketches.ttft));
-            Value::Object(row)
-        })
-        .collect();
-    Ok(Json(json!({
-        "from": rfc3339(query.from_ms),
-        "to": rfc3339(query.to_ms),
-        "rows": rows,
-    })))
-}
-
-/// The bucket and group-by fields that identify a row.
-fn dimension_fields(query: &Query, bucket: Option<i64>, values: &[String]) -> Map<String, Value> {
-    let mut row = Map::new();
-    if let Some(start) = bucket {
-        row.insert("bucket_start".into(), rfc3339(start).into());
-    }
-    for (index, value) in query.group_by.iter().zip(values) {
-        let name = DIMENSIONS[*index];
-        let value = match name {
-            "status" => value.parse::<u16>().map_or(Value::Null, Value::from),
-            // Unauthenticated or unrelayed requests have no key or account.
-            "key" | "account" if value.is_empty() => Value::Null,
-            _ => Value::from(value.as_str()),
-        };
-        row.insert(name.into(), value);
-    }
-    row
-}
-
-fn row(query: &Query, bucket: Option<i64>, values: &[String], t: &Totals) -> Value {
-    let mut row = dimension_fields(query, bucket, values);
-    for (name, n) in [
-        ("requests", t.requests),
-        ("errors", t.errors),
-        ("input_tokens", t.input_tokens),
-        ("output_tokens", t.output_tokens),
-        ("cache_creation_input_tokens", t.cache_creation_input_tokens),
-        ("cache_read_input_tokens", t.cache_read_input_tokens),
-        ("unpriced_requests", t.unpriced_requests),
-    ] {
-        row.insert(name.into(), n.into());
-    }
-    row.insert("cost_usd".into(), t.cost.to_string().into());
-    Value::Object(row)
+) -> Result<Json<Answer>, ApiError> {
+    let now = chrono::Utc::now().timestamp_millis();
+    Ok(Json(
+        answer(&state.cells, &params, Kind::Latency, now).await?,
+    ))
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

@@ -1,11 +1,11 @@
 //! The aggregator's one typed configuration: flags, then environment, then an optional TOML
-//! file, then defaults (CONTRACT.md §1). Only [`Config::from_args`] reads the environment.
+//! file, then defaults (CONTRACT.md §1). Only parsing the command line (`cli::Cli`, in `main`)
+//! reads the environment.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
 use serde::Deserialize;
 use shared::Keyspace;
 
@@ -28,6 +28,8 @@ pub struct Config {
     pub trim_interval: std::time::Duration,
     /// How long a partial batch waits for more events before it is committed.
     pub linger: std::time::Duration,
+    /// Rows of reduced stats cells the API keeps in memory; 0 disables the cache.
+    pub stats_cache_rows: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,21 +48,18 @@ pub enum ConfigError {
     Invalid { name: &'static str, reason: String },
 }
 
-#[derive(Debug, Parser, Default)]
-#[command(
-    name = "aggregator",
-    version,
-    about = "Consumes usage events, prices them, serves stats"
-)]
+/// The server's settings; `config`, `redis_url` and `stream` also apply to every subcommand
+/// (`aggregator usage --redis-url ...`).
+#[derive(Debug, clap::Args, Default)]
 pub struct Args {
     /// TOML file with any of the settings below (flags and environment win over it).
-    #[arg(long, env = "AGGREGATOR_CONFIG")]
+    #[arg(long, env = "AGGREGATOR_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     #[arg(long, env = "AGGREGATOR_LISTEN")]
     pub listen: Option<String>,
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, env = "REDIS_URL", global = true)]
     pub redis_url: Option<String>,
-    #[arg(long, env = "METER_STREAM")]
+    #[arg(long, env = "METER_STREAM", global = true)]
     pub stream: Option<String>,
     #[arg(long, env = "METER_GROUP")]
     pub group: Option<String>,
@@ -90,6 +89,10 @@ pub struct Args {
     /// Milliseconds a partial batch waits for more events (fewer, larger commits); default 50.
     #[arg(long, env = "METER_LINGER_MS")]
     pub linger_ms: Option<u64>,
+    /// Rows of reduced stats cells the stats API caches (about 200 bytes each); 0 disables;
+    /// default 500000.
+    #[arg(long, env = "METER_STATS_CACHE_ROWS")]
+    pub stats_cache_rows: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -108,13 +111,10 @@ struct FileConfig {
     stream_retention_secs: Option<u64>,
     trim_interval_secs: Option<u64>,
     linger_ms: Option<u64>,
+    stats_cache_rows: Option<usize>,
 }
 
 impl Config {
-    pub fn from_args() -> Result<Self, ConfigError> {
-        Self::build(Args::parse())
-    }
-
     pub fn build(args: Args) -> Result<Self, ConfigError> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
@@ -204,6 +204,10 @@ impl Config {
                     .max(1),
             ),
             linger: Duration::from_millis(args.linger_ms.or(file.linger_ms).unwrap_or(50)),
+            stats_cache_rows: args
+                .stats_cache_rows
+                .or(file.stats_cache_rows)
+                .unwrap_or(500_000),
         })
     }
 

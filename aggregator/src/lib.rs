@@ -8,6 +8,7 @@
 //! Reading order: [`config`], [`pricing`], `stats` (the data model), `commit` (the atomic
 //! apply), `consumer` (the loop), `query` and `api` (reading), `metrics`.
 
+pub mod cli;
 pub mod config;
 pub mod pricing;
 
@@ -23,6 +24,8 @@ pub mod replay;
 mod retention;
 
 mod api;
+mod cells;
+mod plan;
 mod query;
 
 mod metrics;
@@ -35,6 +38,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub use cli::{Cli, Command};
 pub use config::{Args, Config, ConfigError};
 
 use consumer::{Consumer, ConsumerConfig};
@@ -110,8 +114,21 @@ pub async fn run(
         stop_rx,
     ));
 
+    let cells = cells::CellReader::new(
+        &config.redis_url,
+        config.keyspace.clone(),
+        api_conn.clone(),
+        config.stats_cache_rows,
+        Arc::clone(&metrics),
+    )
+    .map_err(|source| StartError::Redis {
+        url: config.redis_url.clone(),
+        source,
+    })?;
     let app = api::router(api::ApiState {
         conn: api_conn,
+        cells: Arc::new(cells),
+        admin_token_digest: config.admin_token.as_deref().map(api::token_digest),
         keyspace: config.keyspace.clone(),
         group: config.group.clone(),
         metrics,

@@ -9,15 +9,25 @@ async fn main() {
 }
 
 async fn run() -> anyhow::Result<()> {
-    if std::env::args().nth(1).as_deref() == Some("replay") {
-        init_logs("warn");
-        use clap::Parser;
-        let args = aggregator::replay::ReplayArgs::parse_from(std::env::args().skip(1));
-        let summary = aggregator::replay::run(args, &mut std::io::stderr()).await?;
-        summary.print(&mut std::io::stdout())?;
-        return Ok(());
+    use clap::Parser;
+    let cli = aggregator::Cli::parse();
+    let config = aggregator::Config::build(cli.args)?;
+    match cli.command {
+        None => serve(config).await,
+        Some(aggregator::Command::Usage(args)) => {
+            aggregator::cli::usage(&config, &args, &mut std::io::stdout().lock()).await?;
+            Ok(())
+        }
+        Some(aggregator::Command::Replay(args)) => {
+            init_logs("warn");
+            let summary = aggregator::replay::run(&config, args, &mut std::io::stderr()).await?;
+            summary.print(&mut std::io::stdout())?;
+            Ok(())
+        }
     }
-    let config = aggregator::Config::from_args()?;
+}
+
+async fn serve(config: aggregator::Config) -> anyhow::Result<()> {
     init_logs("info");
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -12,6 +12,8 @@ pub struct Metrics {
     pub unpriced: AtomicU64,
     pub batches: AtomicU64,
     pub errors: AtomicU64,
+    pub stats_cache_hits: AtomicU64,
+    pub stats_cache_misses: AtomicU64,
     apply_micros_total: AtomicU64,
 }
 
@@ -60,6 +62,16 @@ impl Metrics {
             "meter_consumer_errors_total",
             "Failed consume or commit attempts (retried).",
             get(&self.errors),
+        );
+        counter(
+            "meter_stats_cache_hits_total",
+            "Stats cells the API answered from its cache.",
+            get(&self.stats_cache_hits),
+        );
+        counter(
+            "meter_stats_cache_misses_total",
+            "Stats cells the API read from Redis.",
+            get(&self.stats_cache_misses),
         );
         let seconds = get(&self.apply_micros_total) as f64 / 1e6;
         let _ = writeln!(

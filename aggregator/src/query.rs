@@ -1,38 +1,42 @@
 //! Stats queries: parameters as the API receives them, validated into a [`Query`], and the pure
 //! grouping of stored cells into result rows.
+//!
+//! Grouping happens in two steps so the second can be cached: each cell is first reduced to
+//! its groups for one [`GroupSpec`] (a [`Partial`]: few rows, whatever the cell's cardinality),
+//! then the partials of an output bucket are summed. Both steps add the same integers, so any
+//! grouping of the same cells sums to the same totals.
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::{DateTime, SecondsFormat, Utc};
-
-use crate::rollup::{HOUR_MS, Resolution};
+use crate::plan::{Bucket, PlanError, Request, Tz};
+use crate::rollup::Resolution;
 use crate::sketch::Sketch;
-use crate::stats::{DIMENSIONS, Dims, Field, Totals, read_field};
+use crate::stats::{DIMENSIONS, Field, Totals, read_field};
 
-fn hour_of(ts_ms: i64) -> i64 {
-    Resolution::Hour.start_of(ts_ms)
+/// At most this many rows (output buckets × groups) per answer.
+pub const MAX_ROWS: usize = 50_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Usage,
+    Latency,
 }
 
-/// Longest range one query may scan, in hour buckets: bounds the work of a request.
-pub const MAX_HOURS: i64 = 24 * 93;
-const DEFAULT_RANGE_HOURS: i64 = 24 * 7;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bucket {
-    All,
-    Hour,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Query {
-    /// Effective half-open range `[from, to)`, aligned to hours.
-    pub from_ms: i64,
-    pub to_ms: i64,
-    pub bucket: Bucket,
+/// What one cell is reduced to: the grouped dimensions and the filters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GroupSpec {
+    pub kind: Kind,
     /// Indices into [`DIMENSIONS`], in the order asked for.
     pub group_by: Vec<usize>,
     /// Dimension index → required value.
     pub filters: Vec<(usize, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Query {
+    pub request: Request,
+    pub spec: GroupSpec,
+    pub quantiles: Vec<f64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,75 +46,72 @@ pub struct ParamError {
     pub message: String,
 }
 
-fn bad(param: &str, message: impl Into<String>) -> ParamError {
+pub fn bad(param: &str, message: impl Into<String>) -> ParamError {
     ParamError {
         param: param.to_owned(),
         message: message.into(),
     }
 }
 
-/// RFC 3339 or Unix milliseconds.
+/// RFC 3339 or Unix milliseconds, between 1970 and the end of 9999.
 pub fn parse_time(param: &str, raw: &str) -> Result<i64, ParamError> {
-    if let Ok(ms) = raw.parse::<i64>() {
-        return Ok(ms);
+    let ms = match raw.parse::<i64>() {
+        Ok(ms) => ms,
+        Err(_) => chrono::DateTime::parse_from_rfc3339(raw)
+            .map(|t| t.timestamp_millis())
+            .map_err(|_| {
+                bad(
+                    param,
+                    format!("{raw:?} is neither RFC 3339 nor Unix milliseconds"),
+                )
+            })?,
+    };
+    if !(0..=crate::plan::MAX_TIME_MS).contains(&ms) {
+        return Err(bad(
+            param,
+            format!("{raw:?} is outside 1970-01-01T00:00:00Z..=9999-12-31T23:59:59.999Z"),
+        ));
     }
-    DateTime::parse_from_rfc3339(raw)
-        .map(|t| t.timestamp_millis())
-        .map_err(|_| {
-            bad(
-                param,
-                format!("{raw:?} is neither RFC 3339 nor Unix milliseconds"),
-            )
-        })
+    Ok(ms)
 }
 
 impl Query {
-    pub fn parse(params: &HashMap<String, String>, now_ms: i64) -> Result<Self, ParamError> {
-        let known = ["from", "to", "bucket", "group_by", "tz", "quantiles"];
+    pub fn parse(params: &HashMap<String, String>, kind: Kind) -> Result<Self, ParamError> {
+        let mut known = vec!["from", "to", "bucket", "group_by", "tz"];
+        if kind == Kind::Latency {
+            known.push("quantiles");
+        }
         for name in params.keys() {
             if !known.contains(&name.as_str()) && !DIMENSIONS.contains(&name.as_str()) {
                 return Err(bad(name, "unknown parameter"));
             }
         }
-        let to_ms = match params.get("to") {
-            Some(raw) => hour_of(parse_time("to", raw)?),
-            // Everything so far: the end of the current hour.
-            None => hour_of(now_ms) + HOUR_MS,
+        let time = |name: &str| {
+            params
+                .get(name)
+                .map(|raw| parse_time(name, raw))
+                .transpose()
         };
-        let from_ms = match params.get("from") {
-            Some(raw) => hour_of(parse_time("from", raw)?),
-            None => to_ms - DEFAULT_RANGE_HOURS * HOUR_MS,
+        let bucket = match params.get("bucket") {
+            None => Bucket::All,
+            Some(raw) => Bucket::parse(raw).ok_or_else(|| {
+                bad(
+                    "bucket",
+                    format!("{raw:?} is not one of minute, hour, day, month, all"),
+                )
+            })?,
         };
-        if from_ms > to_ms {
-            return Err(bad("from", "must not be after `to`"));
-        }
-        if (to_ms - from_ms) / HOUR_MS > MAX_HOURS {
-            return Err(bad(
-                "from",
-                format!("the range spans more than {MAX_HOURS} hours; narrow it"),
-            ));
-        }
-        let bucket = match params.get("bucket").map(String::as_str) {
-            None | Some("all") => Bucket::All,
-            Some("hour") => Bucket::Hour,
-            Some(other) => {
-                return Err(bad("bucket", format!("{other:?} is not one of all, hour")));
-            }
+        let tz = match params.get("tz") {
+            None => Tz::UTC,
+            Some(raw) => Tz::parse(raw).ok_or_else(|| {
+                bad(
+                    "tz",
+                    format!("{raw:?} is not a fixed offset such as +08:00, -05:30 or Z"),
+                )
+            })?,
         };
-        if let Some(tz) = params.get("tz")
-            && !matches!(tz.as_str(), "Z" | "UTC" | "+00:00" | "-00:00")
-        {
-            // Offsets change day and month boundaries only; until those buckets exist an
-            // offset would be silently ignored, so refuse it instead.
-            return Err(bad("tz", "only UTC is supported with bucket=all|hour"));
-        }
         let mut group_by = Vec::new();
-        for name in params
-            .get("group_by")
-            .map(String::as_str)
-            .unwrap_or("")
-            .split(',')
-        {
+        for name in params.get("group_by").map_or("", String::as_str).split(',') {
             let name = name.trim();
             if name.is_empty() {
                 continue;
@@ -125,90 +126,179 @@ impl Query {
                 group_by.push(index);
             }
         }
-        let filters = DIMENSIONS
-            .iter()
-            .enumerate()
-            .filter_map(|(i, d)| params.get(*d).map(|v| (i, v.clone())))
-            .collect();
+        let mut filters = Vec::new();
+        for (index, name) in DIMENSIONS.iter().enumerate() {
+            if let Some(value) = params.get(*name) {
+                if *name == "status" && value.parse::<u16>().is_err() {
+                    return Err(bad("status", format!("{value:?} is not an HTTP status")));
+                }
+                filters.push((index, value.clone()));
+            }
+        }
         Ok(Self {
-            from_ms,
-            to_ms,
-            bucket,
-            group_by,
-            filters,
+            request: Request {
+                from_ms: time("from")?,
+                to_ms: time("to")?,
+                bucket,
+                tz,
+                needs_sketches: kind == Kind::Latency,
+            },
+            spec: GroupSpec {
+                kind,
+                group_by,
+                filters,
+            },
+            quantiles: match kind {
+                Kind::Latency => parse_quantiles(params)?,
+                Kind::Usage => Vec::new(),
+            },
         })
     }
-
-    /// Hour buckets the query reads.
-    pub fn hours(&self) -> impl Iterator<Item = i64> + use<> {
-        (self.from_ms..self.to_ms).step_by(HOUR_MS as usize)
-    }
-
-    fn matches(&self, dims: &Dims) -> bool {
-        self.filters.iter().all(|(i, v)| dims.0[*i] == *v)
-    }
 }
 
-/// A result row's identity: its bucket (None for `all`) and grouped dimension values.
-pub type RowKey = (Option<i64>, Vec<String>);
-
-/// Sums stored cells into rows. `hours` pairs each hour start with its hash's fields.
-pub fn group(query: &Query, hours: &[(i64, Vec<(String, i64)>)]) -> BTreeMap<RowKey, Totals> {
-    let mut rows: BTreeMap<RowKey, Totals> = BTreeMap::new();
-    for (hour, fields) in hours {
-        let bucket = match query.bucket {
-            Bucket::All => None,
-            Bucket::Hour => Some(*hour),
-        };
-        for (field, value) in fields {
-            let Some((dims, Field::Counter(totals))) = read_field(field, *value) else {
-                continue;
+/// A plan error as the parameter to blame and a message for the client.
+pub fn plan_error(error: PlanError, request: &Request) -> ParamError {
+    let time = |ms| request.tz.format(ms);
+    match error {
+        PlanError::Inverted => bad("from", "must not be after `to`"),
+        PlanError::OutOfRange => bad(
+            "from",
+            "times must lie between 1970-01-01 and 9999-12-31 (Unix ms ≥ 0)",
+        ),
+        PlanError::TooManyBuckets => bad(
+            "bucket",
+            format!(
+                "the range has more than {} buckets; use a coarser bucket or a shorter range",
+                crate::plan::MAX_BUCKETS
+            ),
+        ),
+        PlanError::TooManyCells => bad(
+            "from",
+            format!(
+                "answering would read more than {} stored cells; shorten the range or use a \
+                 whole-hour tz",
+                crate::plan::MAX_CELLS
+            ),
+        ),
+        PlanError::Missing {
+            needed,
+            at_ms,
+            because_of_tz,
+        } => {
+            let kept = match needed {
+                Resolution::Minute => "minute cells, which are kept 48 hours",
+                _ => "hour cells, which are kept 90 days",
             };
-            if !query.matches(&dims) {
-                continue;
+            if because_of_tz {
+                bad(
+                    "tz",
+                    format!(
+                        "buckets in this offset need {kept}; none are left at {}; use a later \
+                         `from` or tz=Z",
+                        time(at_ms)
+                    ),
+                )
+            } else {
+                bad(
+                    "bucket",
+                    format!(
+                        "this bucket needs {kept}; none are left at {}; use a later `from` or a \
+                         coarser bucket",
+                        time(at_ms)
+                    ),
+                )
             }
-            let values = query.group_by.iter().map(|i| dims.0[*i].clone()).collect();
-            rows.entry((bucket, values)).or_default().add(&totals);
         }
     }
-    rows
 }
 
-/// Latency and time-to-first-token sketches of one result row.
-#[derive(Debug, Default)]
+/// A result row's group values, in `group_by` order.
+pub type GroupKey = Vec<String>;
+
+/// Latency and time-to-first-token sketches of one group.
+#[derive(Debug, Default, Clone)]
 pub struct LatencyRow {
     pub latency: Sketch,
     pub ttft: Sketch,
 }
 
-/// Merges stored sketch bins into rows, like [`group`] does for counters.
-pub fn group_latency(
-    query: &Query,
-    hours: &[(i64, Vec<(String, i64)>)],
-) -> BTreeMap<RowKey, LatencyRow> {
-    let mut rows: BTreeMap<RowKey, LatencyRow> = BTreeMap::new();
-    for (hour, fields) in hours {
-        let bucket = match query.bucket {
-            Bucket::All => None,
-            Bucket::Hour => Some(*hour),
+/// One cell reduced to its groups under one [`GroupSpec`].
+#[derive(Debug)]
+pub enum Partial {
+    Usage(Vec<(GroupKey, Totals)>),
+    Latency(Vec<(GroupKey, LatencyRow)>),
+}
+
+/// Reduces a stored cell (its hash fields) to its groups.
+pub fn reduce(spec: &GroupSpec, fields: &[(String, i64)]) -> Partial {
+    let mut usage: HashMap<GroupKey, Totals> = HashMap::new();
+    let mut latency: HashMap<GroupKey, LatencyRow> = HashMap::new();
+    for (field, value) in fields {
+        // Counters and sketch bins are told apart by their first letter before decoding the
+        // tuple, so each kind of query skips the other's fields cheaply.
+        let is_sketch = field.starts_with(['l', 't']);
+        if is_sketch != (spec.kind == Kind::Latency) {
+            continue;
+        }
+        let Some((dims, field)) = read_field(field, *value) else {
+            continue;
         };
-        for (field, value) in fields {
-            let Some((dims, field)) = read_field(field, *value) else {
-                continue;
-            };
-            if matches!(field, Field::Counter(_)) || !query.matches(&dims) {
-                continue;
-            }
-            let values = query.group_by.iter().map(|i| dims.0[*i].clone()).collect();
-            let row = rows.entry((bucket, values)).or_default();
-            match field {
-                Field::Latency(bin, n) => row.latency.add_bin(bin, n),
-                Field::Ttft(bin, n) => row.ttft.add_bin(bin, n),
-                Field::Counter(_) => {}
-            }
+        if !spec.filters.iter().all(|(i, v)| dims.0[*i] == *v) {
+            continue;
+        }
+        let key: GroupKey = spec.group_by.iter().map(|i| dims.0[*i].clone()).collect();
+        match field {
+            Field::Counter(totals) => usage.entry(key).or_default().add(&totals),
+            Field::Latency(bin, n) => latency.entry(key).or_default().latency.add_bin(bin, n),
+            Field::Ttft(bin, n) => latency.entry(key).or_default().ttft.add_bin(bin, n),
         }
     }
-    rows
+    match spec.kind {
+        Kind::Usage => Partial::Usage(usage.into_iter().collect()),
+        Kind::Latency => Partial::Latency(latency.into_iter().collect()),
+    }
+}
+
+/// Result rows, keyed by (bucket start, group values); the bucket is `None` for `all`.
+pub type RowKey = (Option<i64>, GroupKey);
+
+/// Sums the partials of each output bucket into rows.
+#[derive(Debug, Default)]
+pub struct Rows {
+    pub usage: BTreeMap<RowKey, Totals>,
+    pub latency: BTreeMap<RowKey, LatencyRow>,
+}
+
+impl Rows {
+    pub fn add(&mut self, bucket: Option<i64>, partial: &Partial) -> Result<(), ParamError> {
+        match partial {
+            Partial::Usage(rows) => {
+                for (key, totals) in rows {
+                    self.usage
+                        .entry((bucket, key.clone()))
+                        .or_default()
+                        .add(totals);
+                }
+            }
+            Partial::Latency(rows) => {
+                for (key, row) in rows {
+                    let merged = self.latency.entry((bucket, key.clone())).or_default();
+                    merged.latency.merge(&row.latency);
+                    merged.ttft.merge(&row.ttft);
+                }
+            }
+        }
+        if self.usage.len().max(self.latency.len()) > MAX_ROWS {
+            return Err(bad(
+                "group_by",
+                format!(
+                    "the answer has more than {MAX_ROWS} rows (buckets × groups); group by \
+                     fewer dimensions, filter, or use a coarser bucket"
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `quantiles=0.5,0.9,0.99` (the default).
@@ -244,12 +334,6 @@ pub fn quantile_label(q: f64) -> String {
     format!("p{rounded}")
 }
 
-pub fn rfc3339(ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,86 +346,110 @@ mod tests {
     }
 
     #[track_caller]
-    fn check_err(pairs: &[(&str, &str)], param: &str) {
-        let err = Query::parse(&params(pairs), 0).unwrap_err();
+    fn check_err(kind: Kind, pairs: &[(&str, &str)], param: &str) {
+        let err = Query::parse(&params(pairs), kind).unwrap_err();
         assert_eq!(err.param, param, "{err}");
     }
 
     #[test]
-    fn times_are_aligned_down_to_the_hour_in_either_format() {
+    fn bad_parameters_are_named() {
+        check_err(Kind::Usage, &[("from", "yesterday")], "from");
+        check_err(Kind::Usage, &[("to", "")], "to");
+        check_err(Kind::Usage, &[("to", "-1")], "to");
+        check_err(Kind::Usage, &[("bucket", "week")], "bucket");
+        check_err(Kind::Usage, &[("group_by", "model,colour")], "group_by");
+        check_err(Kind::Usage, &[("limit", "3")], "limit");
+        check_err(Kind::Usage, &[("tz", "Europe/Paris")], "tz");
+        check_err(Kind::Usage, &[("status", "ok")], "status");
+        check_err(Kind::Usage, &[("quantiles", "0.5")], "quantiles");
+        check_err(Kind::Latency, &[("quantiles", "1.5")], "quantiles");
+    }
+
+    #[test]
+    fn every_parameter_is_read() {
         let q = Query::parse(
-            &params(&[("from", "2026-01-01T10:30:00Z"), ("to", "1767272400001")]),
-            0,
+            &params(&[
+                ("from", "2026-01-01T10:30:00+01:00"),
+                ("to", "1767272400001"),
+                ("bucket", "day"),
+                ("tz", "-05:30"),
+                ("group_by", "model, key,model"),
+                ("account", "a1"),
+                ("status", "200"),
+                ("quantiles", "0.999, 1"),
+            ]),
+            Kind::Latency,
         )
         .unwrap();
-        assert_eq!(rfc3339(q.from_ms), "2026-01-01T10:00:00Z");
-        assert_eq!(rfc3339(q.to_ms), "2026-01-01T13:00:00Z");
-        assert_eq!(q.hours().count(), 3);
+        assert_eq!(q.request.from_ms, Some(1_767_259_800_000));
+        assert_eq!(q.request.to_ms, Some(1_767_272_400_001));
+        assert_eq!(q.request.bucket, Bucket::Day);
+        assert_eq!(q.request.tz, Tz::parse("-05:30").unwrap());
+        assert!(q.request.needs_sketches);
+        assert_eq!(q.spec.group_by, [1, 0]);
+        assert_eq!(
+            q.spec.filters,
+            [(2, "a1".to_owned()), (5, "200".to_owned())]
+        );
+        assert_eq!(q.quantiles, [0.999, 1.0]);
     }
 
     #[test]
-    fn bad_parameters_are_named() {
-        check_err(&[("from", "yesterday")], "from");
-        check_err(&[("bucket", "week")], "bucket");
-        check_err(&[("group_by", "model,colour")], "group_by");
-        check_err(&[("from", "0"), ("to", "999999999999")], "from");
-        check_err(&[("limit", "3")], "limit");
-        check_err(&[("from", "7200000"), ("to", "0")], "from");
-        check_err(&[("tz", "+08:00")], "tz");
-    }
-
-    #[test]
-    fn quantiles_are_parsed_and_labelled() {
+    fn quantiles_are_labelled() {
         assert_eq!(parse_quantiles(&params(&[])).unwrap(), [0.5, 0.9, 0.99]);
-        assert_eq!(
-            parse_quantiles(&params(&[("quantiles", "0.999, 1")])).unwrap(),
-            [0.999, 1.0]
-        );
-        assert_eq!(
-            parse_quantiles(&params(&[("quantiles", "1.5")]))
-                .unwrap_err()
-                .param,
-            "quantiles"
-        );
         assert_eq!(quantile_label(0.5), "p50");
         assert_eq!(quantile_label(0.999), "p99.9");
         assert_eq!(quantile_label(0.99), "p99");
     }
 
+    fn tuple(model: &str, status: &str) -> String {
+        ["k", model, "a", "anthropic", "messages", status].join("\u{1f}")
+    }
+
     #[test]
-    fn grouping_filters_and_sums_cells() {
-        let q = Query::parse(
-            &params(&[
-                ("from", "0"),
-                ("to", "7200000"),
-                ("group_by", "model"),
-                ("status", "200"),
-            ]),
-            0,
-        )
-        .unwrap();
-        let tuple = |model: &str, status: &str| {
-            ["k", model, "a", "anthropic", "messages", status].join("\u{1f}")
+    fn reducing_filters_and_sums_a_cell() {
+        let spec = GroupSpec {
+            kind: Kind::Usage,
+            group_by: vec![1],
+            filters: vec![(5, "200".into())],
         };
-        let hours = vec![
-            (
-                0,
-                vec![
-                    (format!("r:{}", tuple("m1", "200")), 2),
-                    (format!("r:{}", tuple("m1", "500")), 9),
-                ],
-            ),
-            (
-                HOUR_MS,
-                vec![
-                    (format!("r:{}", tuple("m1", "200")), 3),
-                    (format!("i:{}", tuple("m2", "200")), 7),
-                ],
-            ),
+        let fields = vec![
+            (format!("r:{}", tuple("m1", "200")), 2),
+            (format!("r:{}", tuple("m1", "500")), 9),
+            (format!("r:{}", tuple("m2", "200")), 3),
+            (format!("i:{}", tuple("m2", "200")), 7),
+            (format!("l12:{}", tuple("m2", "200")), 3),
+            ("#v".to_owned(), 4),
         ];
-        let rows = group(&q, &hours);
+        let Partial::Usage(mut rows) = reduce(&spec, &fields) else {
+            panic!("usage spec")
+        };
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[&(None, vec!["m1".to_owned()])].requests, 5);
-        assert_eq!(rows[&(None, vec!["m2".to_owned()])].input_tokens, 7);
+        assert_eq!(rows[0].1.requests, 2);
+        assert_eq!((rows[1].1.requests, rows[1].1.input_tokens), (3, 7));
+    }
+
+    #[test]
+    fn partials_of_a_bucket_sum_into_rows_and_sketches_merge() {
+        let spec = GroupSpec {
+            kind: Kind::Latency,
+            group_by: vec![],
+            filters: vec![],
+        };
+        let a = reduce(&spec, &[(format!("l5:{}", tuple("m", "200")), 2)]);
+        let b = reduce(
+            &spec,
+            &[
+                (format!("l5:{}", tuple("n", "500")), 1),
+                (format!("t3:{}", tuple("n", "500")), 1),
+                (format!("r:{}", tuple("n", "500")), 1),
+            ],
+        );
+        let mut rows = Rows::default();
+        rows.add(None, &a).unwrap();
+        rows.add(None, &b).unwrap();
+        let row = &rows.latency[&(None, vec![])];
+        assert_eq!((row.latency.count(), row.ttft.count()), (3, 1));
     }
 }

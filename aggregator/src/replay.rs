@@ -26,12 +26,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use clap::Parser;
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamInfoGroupsReply, StreamPendingCountReply};
 use redis::{AsyncCommands, Script, Value};
 use shared::{EVENT_FIELD, Keyspace, UsageEvent};
 
+use crate::Config;
 use crate::commit::{Batch, Committer, Outcome, Seen};
 use crate::consumer::usage_of;
 use crate::control::{self, Control, LEASE_MS};
@@ -39,14 +39,12 @@ use crate::pricing::{Cost, Pricing, PricingError};
 use crate::rollup::DAY_MS;
 use crate::stats::Delta;
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "aggregator replay",
-    about = "Recomputes stats and spend counters from the retained stream, then switches to them"
-)]
+/// `aggregator replay`; Redis, stream, group and dedupe window come from the aggregator's own
+/// configuration (flags before the subcommand, environment, `--config`).
+#[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
-    /// First day to rebuild: a stream id or RFC 3339 time, aligned down to a UTC day. Default:
-    /// the first day the retained stream holds whole.
+    /// First day to rebuild: a stream id, RFC 3339 time or Unix ms, aligned down to a UTC day.
+    /// Default: the first day the retained stream holds whole.
     #[arg(long)]
     pub from: Option<String>,
     /// End of the rebuilt range (exclusive), aligned up to a UTC day. Default: open.
@@ -54,17 +52,8 @@ pub struct ReplayArgs {
     pub to: Option<String>,
     /// LiteLLM-format price file to re-price with; it becomes the deployment's pricing. Default:
     /// the pricing in force.
-    #[arg(long = "pricing", env = "PRICING_FILE")]
+    #[arg(long = "pricing")]
     pub pricing: Option<PathBuf>,
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
-    #[arg(long, env = "METER_STREAM", default_value = shared::DEFAULT_STREAM)]
-    pub stream: String,
-    #[arg(long, env = "METER_GROUP", default_value = "aggregator")]
-    pub group: String,
-    /// Copies of an event id arriving within this many seconds count once (as live).
-    #[arg(long, env = "METER_DEDUPE_WINDOW_SECS", default_value_t = 3600)]
-    pub dedupe_window_secs: i64,
     /// Stream entries read per batch.
     #[arg(long, default_value_t = 5000)]
     pub batch_size: usize,
@@ -320,12 +309,13 @@ return out
 "#;
 
 /// Runs a replay to the end; progress lines go to `progress`.
-pub async fn run(args: ReplayArgs, progress: &mut impl Write) -> Result<Summary, ReplayError> {
+pub async fn run(
+    config: &Config,
+    args: ReplayArgs,
+    progress: &mut impl Write,
+) -> Result<Summary, ReplayError> {
     let started = Instant::now();
-    let keyspace = Keyspace::new(&args.stream).map_err(|e| ReplayError::Invalid {
-        name: "stream",
-        reason: e.to_string(),
-    })?;
+    let keyspace = config.keyspace.clone();
     let (pricing, text) = match &args.pricing {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|error| PricingError::Io {
@@ -337,15 +327,15 @@ pub async fn run(args: ReplayArgs, progress: &mut impl Write) -> Result<Summary,
         None => (None, None),
     };
     let client =
-        redis::Client::open(args.redis_url.as_str()).map_err(|e| ReplayError::Invalid {
+        redis::Client::open(config.redis_url.as_str()).map_err(|e| ReplayError::Invalid {
             name: "redis-url",
             reason: e.to_string(),
         })?;
     // The switch is one script over every rebuilt day: allow it far longer than a command.
-    let config = redis::aio::ConnectionManagerConfig::new()
+    let conn_config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(300)));
-    let mut conn = ConnectionManager::new_with_config(client.clone(), config.clone()).await?;
+    let mut conn = ConnectionManager::new_with_config(client.clone(), conn_config.clone()).await?;
 
     let trimmed_until = trimmed_until(&mut conn, keyspace.stream()).await?;
     let from_ms = match &args.from {
@@ -399,11 +389,12 @@ pub async fn run(args: ReplayArgs, progress: &mut impl Write) -> Result<Summary,
 
     let (stop_lease, lease) = tokio::sync::oneshot::channel::<()>();
     let lease_task = tokio::spawn(renew_lease(
-        ConnectionManager::new_with_config(client, config).await?,
+        ConnectionManager::new_with_config(client, conn_config).await?,
         keyspace.key(&control::lease_key(rid)),
         lease,
     ));
     let rebuilt = rebuild(
+        config,
         &args,
         &keyspace,
         &mut conn,
@@ -450,6 +441,7 @@ struct Counts {
 }
 
 async fn rebuild(
+    config: &Config,
     args: &ReplayArgs,
     keyspace: &Keyspace,
     conn: &mut ConnectionManager,
@@ -461,8 +453,8 @@ async fn rebuild(
     let stream = keyspace.stream();
     let committer = Committer::new(
         keyspace.clone(),
-        args.group.clone(),
-        args.dedupe_window_secs,
+        config.group.clone(),
+        config.dedupe_window_secs,
     );
     let mut control = Control::new(keyspace.clone(), Arc::new(Pricing::bundled()));
     let state = control.load(conn).await?;
@@ -524,7 +516,7 @@ async fn rebuild(
             .arg(stream)
             .cmd("XPENDING")
             .arg(stream)
-            .arg(&args.group)
+            .arg(&config.group)
             .arg(first)
             .arg(last)
             .arg(entries.len())
@@ -543,7 +535,7 @@ async fn rebuild(
         let delivered = groups
             .groups
             .iter()
-            .find(|g| g.name == args.group)
+            .find(|g| g.name == config.group)
             .and_then(|g| parse_id(&g.last_delivered_id));
         let pending: HashSet<&str> = pending.ids.iter().map(|p| p.id.as_str()).collect();
 

@@ -294,7 +294,23 @@ pub async fn spawn_gateway(
 
 /// An in-process aggregator on a free port; it stops when the returned sender is sent or dropped.
 pub async fn spawn_aggregator(redis_url: &str, stream: &str) -> (SocketAddr, oneshot::Sender<()>) {
-    let config = aggregator::Config::for_test(redis_url, stream).unwrap();
+    spawn_aggregator_with(redis_url, stream, |_| {}).await
+}
+
+/// The same, with the aggregator's settings adjusted by `tweak`.
+pub async fn spawn_aggregator_with(
+    redis_url: &str,
+    stream: &str,
+    tweak: impl FnOnce(&mut aggregator::Args),
+) -> (SocketAddr, oneshot::Sender<()>) {
+    let mut args = aggregator::Args {
+        listen: Some("127.0.0.1:0".into()),
+        redis_url: Some(redis_url.into()),
+        stream: Some(stream.into()),
+        ..aggregator::Args::default()
+    };
+    tweak(&mut args);
+    let config = aggregator::Config::build(args).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();

@@ -221,11 +221,24 @@ async fn a_bad_key_gets_an_anthropic_401_and_is_still_metered() {
 #[tokio::test]
 async fn hour_buckets_echo_the_effective_range() {
     let p = Pipeline::start().await;
+    // Ten days ago only hours are kept, so both ends are aligned to their hour.
+    let day = 86_400_000;
+    let hour = 3_600_000;
+    let base = (chrono::Utc::now().timestamp_millis() - 10 * day) / day * day + 10 * hour;
+    let rfc3339 = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
     let usage = p
-        .usage("from=2026-01-01T10:30:00Z&to=2026-01-01T12:15:00%2B00:00&bucket=hour")
+        .usage(&format!(
+            "from={}&to={}&bucket=hour",
+            rfc3339(base + 30 * 60_000),
+            base + 2 * hour + 15 * 60_000
+        ))
         .await;
-    assert_eq!(usage["from"], "2026-01-01T10:00:00Z");
-    assert_eq!(usage["to"], "2026-01-01T12:00:00Z");
+    assert_eq!(usage["from"], rfc3339(base).as_str());
+    assert_eq!(usage["to"], rfc3339(base + 2 * hour).as_str());
     assert_eq!(usage["rows"], json!([]));
 
     let response = p

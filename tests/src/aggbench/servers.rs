@@ -21,6 +21,11 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
+    #[allow(dead_code)] // aggbench builds its guards here; statsbench uses this
+    pub fn new(name: &'static str, child: Child) -> Self {
+        Self { name, child }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

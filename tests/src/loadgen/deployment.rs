@@ -113,7 +113,15 @@ impl Deployment {
         // `/v1/usage` answers only once the aggregator reaches Redis.
         let usage = format!("{}/v1/usage", deployment.aggregator);
         children
-            .wait_until("aggregator", within, async || get_ok(usage.clone()).await)
+            .wait_until("aggregator", within, async || {
+                let response = deployment
+                    .control
+                    .get(usage.clone())
+                    .bearer_auth(&deployment.admin_token)
+                    .send()
+                    .await;
+                response.is_ok_and(|r| r.status().is_success())
+            })
             .await?;
         let ready = format!("{}/readyz", deployment.gateway);
         children
@@ -177,6 +185,7 @@ impl Deployment {
         let response = self
             .control
             .get(format!("{}/v1/usage", self.aggregator))
+            .bearer_auth(&self.admin_token)
             .send()
             .await
             .context("GET /v1/usage")?;

@@ -1,0 +1,631 @@
+//! The stats API's parameters (CONTRACT.md §5) over real sockets: every bucket and time zone
+//! against an independent computation over the events, conservation across groupings (§7.1),
+//! every parameter error, the admin token, the cache's freshness and `aggregator usage`.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde_json::Value;
+use shared::UsageEvent;
+use tests::fixtures::{Lcg, hand_cost};
+use tests::harness::{
+    eventually, redis_url, spawn_aggregator, spawn_aggregator_with, unique_stream,
+};
+
+const MINUTE: i64 = 60_000;
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 86_400_000;
+
+fn event(i: usize, ts: i64, rng: &mut Lcg) -> UsageEvent {
+    let models = ["claude-sonnet-4-5", "gpt-4o", "no-such-model"];
+    let model = models[rng.next(3) as usize];
+    let latency_us = 20_000 + rng.next(2_000_000);
+    UsageEvent {
+        v: 1,
+        id: format!("api-{i}"),
+        ts,
+        key_id: [Some("key_a"), Some("key_b"), None][rng.next(3) as usize].map(str::to_owned),
+        account_id: Some(format!("acct_{}", rng.next(2))),
+        provider: if model == "gpt-4o" {
+            "openai"
+        } else {
+            "anthropic"
+        }
+        .into(),
+        endpoint: if model == "gpt-4o" {
+            "chat_completions"
+        } else {
+            "messages"
+        }
+        .into(),
+        model: model.into(),
+        status: [200, 200, 200, 429, 500][rng.next(5) as usize],
+        stream: false,
+        latency_us,
+        ttft_us: Some(latency_us / 2),
+        input_tokens: rng.next(5_000),
+        output_tokens: rng.next(1_000),
+        cache_creation_input_tokens: 0,
+        cache_creation_1h_input_tokens: 0,
+        cache_read_input_tokens: rng.next(3_000),
+        service_tier: None,
+        error: None,
+    }
+}
+
+/// Events over the last 400 days, denser recently: minutes, hours, days and months all get some.
+fn events(now: i64) -> Vec<UsageEvent> {
+    let mut rng = Lcg(77);
+    (0..2400)
+        .map(|i| {
+            let age = match i % 4 {
+                0 => rng.next(3 * HOUR as u64) as i64,
+                1 => rng.next(46 * HOUR as u64) as i64,
+                2 => rng.next(80 * DAY as u64) as i64,
+                _ => rng.next(400 * DAY as u64) as i64,
+            };
+            event(i, now - 1 - age, &mut rng)
+        })
+        .collect()
+}
+
+async fn publish(stream: &str, events: &[UsageEvent]) {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut pipe = redis::pipe();
+    for e in events {
+        pipe.cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("e")
+            .arg(shared::encode(e))
+            .ignore();
+    }
+    pipe.query_async::<()>(&mut conn).await.unwrap();
+}
+
+/// Waits until the aggregator's group has read and acknowledged every entry of the stream.
+async fn wait_applied(stream: &str) {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    eventually(Duration::from_secs(30), || {
+        let mut conn = conn.clone();
+        async move {
+            let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            let number = |g: &std::collections::HashMap<String, redis::Value>, name: &str| {
+                g.get(name)
+                    .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+            };
+            let ours = groups.first()?;
+            (number(ours, "lag")? == 0 && number(ours, "pending")? == 0).then_some(())
+        }
+    })
+    .await;
+}
+
+struct Api {
+    http: reqwest::Client,
+    addr: SocketAddr,
+}
+
+impl Api {
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("http://{}{path}", self.addr))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn ok(&self, path: &str) -> Value {
+        let (status, body) = self.get(path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    }
+
+    async fn metric(&self, name: &str) -> u64 {
+        let text = self
+            .http
+            .get(format!("http://{}/metrics", self.addr))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap()
+    }
+
+    async fn refused(&self, path: &str, param: &str) {
+        let (status, body) = self.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["param"], param, "{path}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap().len() > 10);
+    }
+}
+
+fn ms(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .unwrap()
+        .timestamp_millis()
+}
+
+fn number(v: &Value) -> Decimal {
+    match v {
+        Value::String(s) => Decimal::from_str(s).unwrap(),
+        v => Decimal::from(v.as_i64().unwrap()),
+    }
+}
+
+const FIELDS: [&str; 6] = [
+    "requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cost_usd",
+];
+
+/// The independent figures of a set of events, in the order of [`FIELDS`].
+fn figures<'a>(events: impl Iterator<Item = &'a UsageEvent>) -> [Decimal; 6] {
+    let mut out = [Decimal::ZERO; 6];
+    for e in events {
+        out[0] += Decimal::ONE;
+        out[1] += Decimal::from(u8::from(e.status >= 400));
+        out[2] += Decimal::from(e.input_tokens);
+        out[3] += Decimal::from(e.output_tokens);
+        out[4] += Decimal::from(e.cache_read_input_tokens);
+        out[5] += hand_cost(e);
+    }
+    out
+}
+
+fn row_figures(row: &Value) -> [Decimal; 6] {
+    FIELDS.map(|f| number(&row[f]))
+}
+
+fn sum_rows(rows: &Value) -> [Decimal; 6] {
+    let mut out = [Decimal::ZERO; 6];
+    for row in rows.as_array().unwrap() {
+        for (o, v) in out.iter_mut().zip(row_figures(row)) {
+            *o += v;
+        }
+    }
+    out
+}
+
+/// Checks a bucketed answer against the events: rows keyed by `bucket_start`, each equal to the
+/// figures of the events in the effective range whose local bucket starts there.
+#[track_caller]
+fn check_buckets(all: &[UsageEvent], answer: &Value, bucket_of: impl Fn(i64) -> i64) {
+    let (from, to) = (
+        ms(answer["from"].as_str().unwrap()),
+        ms(answer["to"].as_str().unwrap()),
+    );
+    let mut want: BTreeMap<i64, Vec<&UsageEvent>> = BTreeMap::new();
+    for e in all.iter().filter(|e| (from..to).contains(&e.ts)) {
+        want.entry(bucket_of(e.ts)).or_default().push(e);
+    }
+    let got: BTreeMap<i64, [Decimal; 6]> = answer["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (ms(r["bucket_start"].as_str().unwrap()), row_figures(r)))
+        .collect();
+    let want: BTreeMap<i64, [Decimal; 6]> = want
+        .into_iter()
+        .map(|(k, v)| (k, figures(v.into_iter())))
+        .collect();
+    assert_eq!(got.len(), want.len(), "bucket count");
+    for ((gk, gv), (wk, wv)) in got.iter().zip(&want) {
+        assert_eq!(gk, wk);
+        assert_eq!(gv[..5], wv[..5], "bucket {gk}");
+        assert!((gv[5] - wv[5]).abs() <= Decimal::from_str("0.000000001").unwrap());
+    }
+}
+
+/// Start of the local day (or month) of `ts` in a fixed offset.
+fn local_day(ts: i64, offset: i64) -> i64 {
+    (ts + offset).div_euclid(DAY) * DAY - offset
+}
+
+fn local_month(ts: i64, offset: i64) -> i64 {
+    use chrono::{Datelike, TimeZone};
+    let t = chrono::Utc.timestamp_millis_opt(ts + offset).unwrap();
+    chrono::Utc
+        .with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
+        .unwrap()
+        .timestamp_millis()
+        - offset
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bucket_and_time_zone_matches_an_independent_computation() {
+    let stream = unique_stream();
+    let now = chrono::Utc::now().timestamp_millis();
+    let all = events(now);
+    publish(&stream, &all).await;
+    let (addr, _stop) = spawn_aggregator(redis_url(), &stream).await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        addr,
+    };
+    wait_applied(&stream).await;
+
+    // Everything, from 1970 on: months in the middle, exact totals.
+    let everything = api.ok(&format!("/v1/usage?from=0&to={}", now + DAY)).await;
+    assert_eq!(everything["from"], "1970-01-01T00:00:00Z");
+    let totals = sum_rows(&everything["rows"]);
+    let want = figures(all.iter());
+    assert_eq!(totals[..5], want[..5]);
+    assert!((totals[5] - want[5]).abs() <= Decimal::from_str("0.000000001").unwrap());
+
+    // Conservation: every grouping sums to the same totals.
+    for group_by in [
+        "key",
+        "model",
+        "account",
+        "provider",
+        "endpoint",
+        "status",
+        "model,status",
+        "key,model,account,provider,endpoint,status",
+    ] {
+        for bucket in ["all", "month", "day"] {
+            let from = if bucket == "day" { now - 300 * DAY } else { 0 };
+            let ungrouped = api
+                .ok(&format!("/v1/usage?from={from}&to={now}&bucket={bucket}"))
+                .await;
+            let grouped = api
+                .ok(&format!(
+                    "/v1/usage?from={from}&to={now}&bucket={bucket}&group_by={group_by}"
+                ))
+                .await;
+            assert_eq!(
+                sum_rows(&grouped["rows"]),
+                sum_rows(&ungrouped["rows"]),
+                "{group_by} {bucket}"
+            );
+        }
+    }
+
+    // Minutes over the last three hours; `from` and `to` echo their minute alignment.
+    let from = now - 3 * HOUR + 1234;
+    let minutes = api
+        .ok(&format!("/v1/usage?from={from}&to={now}&bucket=minute"))
+        .await;
+    assert_eq!(
+        ms(minutes["from"].as_str().unwrap()),
+        from / MINUTE * MINUTE
+    );
+    assert_eq!(ms(minutes["to"].as_str().unwrap()), now / MINUTE * MINUTE);
+    check_buckets(&all, &minutes, |ts| ts / MINUTE * MINUTE);
+
+    // Hours over 80 days: `from` is older than 48 h, so it is aligned to its hour.
+    let from = now - 80 * DAY + 1234;
+    let hours = api
+        .ok(&format!("/v1/usage?from={from}&to={now}&bucket=hour"))
+        .await;
+    assert_eq!(ms(hours["from"].as_str().unwrap()), from / HOUR * HOUR);
+    check_buckets(&all, &hours, |ts| ts / HOUR * HOUR);
+
+    // UTC days over 400 days (days before 90 days ago: aligned to the day) and months.
+    let from = now - 399 * DAY;
+    let days = api
+        .ok(&format!("/v1/usage?from={from}&to={now}&bucket=day"))
+        .await;
+    assert_eq!(ms(days["from"].as_str().unwrap()), from / DAY * DAY);
+    check_buckets(&all, &days, |ts| local_day(ts, 0));
+    let months = api
+        .ok(&format!("/v1/usage?from={from}&to={now}&bucket=month"))
+        .await;
+    check_buckets(&all, &months, |ts| local_month(ts, 0));
+
+    // Local days and months: +08:00 from hours over 80 days, -05:30 from minutes over 40 h.
+    for (tz, offset, range) in [
+        ("%2B08:00", 8 * HOUR, 80 * DAY),
+        ("-05:30", -(5 * HOUR + 30 * MINUTE), 40 * HOUR),
+        ("%2B05:45", 5 * HOUR + 45 * MINUTE, 40 * HOUR),
+    ] {
+        let from = now - range;
+        let days = api
+            .ok(&format!(
+                "/v1/usage?from={from}&to={now}&bucket=day&tz={tz}"
+            ))
+            .await;
+        check_buckets(&all, &days, |ts| local_day(ts, offset));
+        let months = api
+            .ok(&format!(
+                "/v1/usage?from={from}&to={now}&bucket=month&tz={tz}"
+            ))
+            .await;
+        check_buckets(&all, &months, |ts| local_month(ts, offset));
+    }
+    // `bucket_start` is written in the offset asked for.
+    let days = api
+        .ok(&format!(
+            "/v1/usage?from={}&to={now}&bucket=day&tz=-05:30",
+            now - 40 * HOUR
+        ))
+        .await;
+    assert!(
+        days["rows"][0]["bucket_start"]
+            .as_str()
+            .unwrap()
+            .ends_with("T00:00:00-05:30")
+    );
+
+    // Latency per local day equals the exact quantiles of the same events, within 1 %.
+    let from = now - 30 * HOUR;
+    let latency = api
+        .ok(&format!(
+            "/v1/latency?from={from}&to={now}&bucket=day&tz=%2B08:00&quantiles=0.5,0.99"
+        ))
+        .await;
+    let (from, to) = (
+        ms(latency["from"].as_str().unwrap()),
+        ms(latency["to"].as_str().unwrap()),
+    );
+    for row in latency["rows"].as_array().unwrap() {
+        let start = ms(row["bucket_start"].as_str().unwrap());
+        let mut values: Vec<u64> = all
+            .iter()
+            .filter(|e| (from..to).contains(&e.ts) && local_day(e.ts, 8 * HOUR) == start)
+            .map(|e| e.latency_us)
+            .collect();
+        values.sort_unstable();
+        assert_eq!(row["count"].as_u64().unwrap() as usize, values.len());
+        for (label, q) in [("p50", 0.5), ("p99", 0.99)] {
+            let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+            let want = values[rank - 1] as f64 / 1000.0;
+            let got = row["latency_ms"][label].as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 0.01 * want,
+                "{label}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_parameters_are_refused_naming_the_parameter() {
+    let stream = unique_stream();
+    let (addr, _stop) = spawn_aggregator(redis_url(), &stream).await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        addr,
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    for (query, param) in [
+        ("from=yesterday", "from"),
+        ("to=2026-13-01T00:00:00Z", "to"),
+        ("from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z", "from"),
+        ("from=-5", "from"),
+        ("to=99999999999999999", "to"),
+        ("bucket=week", "bucket"),
+        ("group_by=model,colour", "group_by"),
+        ("tz=Europe/Paris", "tz"),
+        ("tz=%2B25:00", "tz"),
+        ("status=ok", "status"),
+        ("limit=10", "limit"),
+        ("quantiles=0.5", "quantiles"),
+        // More than 10,000 buckets.
+        ("from=0&bucket=day", "bucket"),
+        // Minutes are kept 48 h, hours 90 days.
+        (
+            &format!("from={}&to={}&bucket=minute", now - 5 * DAY, now - 4 * DAY),
+            "bucket",
+        ),
+        (
+            &format!(
+                "from={}&to={}&bucket=hour",
+                now - 200 * DAY,
+                now - 199 * DAY
+            ),
+            "bucket",
+        ),
+        // A half-hour offset needs minutes at every local midnight.
+        (
+            &format!("from={}&bucket=day&tz=%2B05:30", now - 5 * DAY),
+            "tz",
+        ),
+        // A whole-hour offset needs hours.
+        (
+            &format!(
+                "from={}&to={}&bucket=day&tz=-03:00",
+                now - 200 * DAY,
+                now - 190 * DAY
+            ),
+            "tz",
+        ),
+    ] {
+        api.refused(&format!("/v1/usage?{query}"), param).await;
+    }
+    api.refused("/v1/latency?quantiles=1.5", "quantiles").await;
+    api.refused("/v1/latency?quantiles=", "quantiles").await;
+    api.refused("/v1/latency?bucket=fortnight", "bucket").await;
+    // The same offset in UTC, and the default range, are fine.
+    api.ok(&format!("/v1/usage?from={}&bucket=day", now - 5 * DAY))
+        .await;
+    let default = api.ok("/v1/latency").await;
+    let (from, to) = (
+        ms(default["from"].as_str().unwrap()),
+        ms(default["to"].as_str().unwrap()),
+    );
+    // The server's clock may have passed a minute boundary since `now`.
+    assert!(
+        [1, 2].contains(&((to - now / MINUTE * MINUTE) / MINUTE)),
+        "{default}"
+    );
+    assert_eq!(from, (to - 7 * DAY) / HOUR * HOUR);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_token_guards_the_stats_routes_only() {
+    let stream = unique_stream();
+    let (addr, _stop) = spawn_aggregator_with(redis_url(), &stream, |args| {
+        args.admin_token = Some("s3cret".into());
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let get = |path: &str, token: Option<&str>| {
+        let mut request = http.get(format!("http://{addr}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    for path in ["/v1/usage", "/v1/latency?group_by=model"] {
+        for token in [None, Some("wrong"), Some("s3cret-and-more"), Some("")] {
+            let response = get(path, token).await.unwrap();
+            assert_eq!(response.status(), 401, "{path} {token:?}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["type"], "authentication_error");
+        }
+        assert_eq!(get(path, Some("s3cret")).await.unwrap().status(), 200);
+    }
+    // Bad parameters are only judged once admitted.
+    let response = get("/v1/usage?bucket=week", None).await.unwrap();
+    assert_eq!(response.status(), 401);
+    for path in ["/healthz", "/metrics"] {
+        assert_eq!(get(path, None).await.unwrap().status(), 200, "{path}");
+    }
+}
+
+/// The cache of reduced cells must never answer with a figure Redis no longer holds, whoever
+/// changed it: a late event committed by the aggregator, or another client deleting and
+/// rewriting a cell (as a replay would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_cells_follow_every_change_at_once() {
+    let stream = unique_stream();
+    let now = chrono::Utc::now().timestamp_millis();
+    let hour = (now - 5 * DAY) / HOUR * HOUR;
+    let mut rng = Lcg(5);
+    let first: Vec<UsageEvent> = (0..20)
+        .map(|i| event(i, hour + (i as i64) * MINUTE, &mut rng))
+        .collect();
+    publish(&stream, &first).await;
+    let (addr, _stop) = spawn_aggregator(redis_url(), &stream).await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        addr,
+    };
+    wait_applied(&stream).await;
+    let query = format!(
+        "/v1/usage?from={}&to={}&bucket=hour&group_by=model",
+        hour - 2 * HOUR,
+        hour + 3 * HOUR
+    );
+    let requests = |answer: &Value| sum_rows(&answer["rows"])[0];
+    // Twice: the second answer comes from the cache.
+    assert_eq!(requests(&api.ok(&query).await), Decimal::from(20));
+    assert_eq!(requests(&api.ok(&query).await), Decimal::from(20));
+    let hits = api.metric("meter_stats_cache_hits_total").await;
+    assert!(hits >= 5, "the five hour cells were cached: {hits}");
+
+    // A late event for that hour: the first answer after it is applied includes it.
+    let late = vec![event(1000, hour + 30 * MINUTE, &mut rng)];
+    publish(&stream, &late).await;
+    wait_applied(&stream).await;
+    assert_eq!(requests(&api.ok(&query).await), Decimal::from(21));
+
+    // Another client deletes the hour's cell and writes one counter.
+    let keyspace = shared::Keyspace::new(&stream).unwrap();
+    let cell = keyspace.key(&format!("st:h:{hour}"));
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("DEL")
+        .arg(&cell)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(requests(&api.ok(&query).await), Decimal::ZERO);
+    let tuple = ["k", "m", "a", "anthropic", "messages", "200"].join("\u{1f}");
+    redis::cmd("HINCRBY")
+        .arg(&cell)
+        .arg(format!("r:{tuple}"))
+        .arg(7)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(requests(&api.ok(&query).await), Decimal::from(7));
+    redis::cmd("HINCRBY")
+        .arg(&cell)
+        .arg(format!("r:{tuple}"))
+        .arg(1)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let answer = api.ok(&query).await;
+    assert_eq!(requests(&answer), Decimal::from(8));
+    assert_eq!(answer["rows"][0]["model"], "m");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_command_prints_what_the_api_answers() {
+    let stream = unique_stream();
+    let now = chrono::Utc::now().timestamp_millis();
+    let all = events(now);
+    publish(&stream, &all).await;
+    let (addr, _stop) = spawn_aggregator(redis_url(), &stream).await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        addr,
+    };
+    wait_applied(&stream).await;
+    let (from, to) = (now - 30 * DAY, now - 10 * DAY);
+    let http = api
+        .ok(&format!(
+            "/v1/usage?from={from}&to={to}&group_by=model&bucket=month"
+        ))
+        .await;
+    let binary = tests::process::binary("aggregator", "aggregator");
+    let run = |extra: &[&str]| {
+        let output = std::process::Command::new(&binary)
+            .env_clear()
+            .args(["usage", "--redis-url", redis_url(), "--stream", &stream])
+            .args(["--from", &from.to_string(), "--to", &to.to_string()])
+            .args(["--group-by", "model", "--bucket", "month"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let json: Value = serde_json::from_str(&run(&["--json"])).unwrap();
+    assert_eq!(json, http);
+    let table = run(&[]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[1].starts_with("bucket_start"), "{table}");
+    assert_eq!(
+        lines.len(),
+        2 + http["rows"].as_array().unwrap().len() + 1,
+        "{table}"
+    );
+    let total = lines.last().unwrap();
+    let want = sum_rows(&http["rows"]);
+    assert!(total.starts_with("total"), "{table}");
+    assert!(total.contains(&format!(" {} ", want[0])), "{table}");
+    // A bad parameter: a one-line reason and a non-zero exit.
+    let output = std::process::Command::new(&binary)
+        .env_clear()
+        .args(["usage", "--redis-url", redis_url(), "--bucket", "week"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("bucket"));
+}
