@@ -396,7 +396,6 @@ pub async fn run(
     let rebuilt = rebuild(
         config,
         &args,
-        &keyspace,
         &mut conn,
         rid,
         (from_ms, to_ms),
@@ -443,13 +442,13 @@ struct Counts {
 async fn rebuild(
     config: &Config,
     args: &ReplayArgs,
-    keyspace: &Keyspace,
     conn: &mut ConnectionManager,
     rid: i64,
     (from_ms, to_ms): (i64, i64),
     pricing: Option<Arc<Pricing>>,
     progress: &mut impl Write,
 ) -> Result<Counts, ReplayError> {
+    let keyspace = &config.keyspace;
     let stream = keyspace.stream();
     let committer = Committer::new(
         keyspace.clone(),
