@@ -467,3 +467,123 @@ async fn a_range_replay_reprices_only_its_days() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_dies_changes_nothing_and_a_second_one_waits_for_it() {
+    let stream = unique_stream();
+    let now = chrono::Utc::now().timestamp_millis();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let events = history(17, 20_000, now, 3);
+    write(&mut conn, &stream, &events).await;
+    let (aggregator, _stop) = spawn_aggregator(redis_url(), &stream).await;
+    let http = reqwest::Client::new();
+    let n = distinct(&events).len() as i64;
+    eventually(Duration::from_secs(60), || async {
+        (usage_requests(&http, aggregator, now).await == n).then_some(())
+    })
+    .await;
+    let original = figures(&mut conn, &stream).await;
+
+    // A replay with new prices, killed in the middle of its rebuild.
+    let file = price_file();
+    let mut first = Command::new(
+        tokio::task::spawn_blocking(|| binary("aggregator", "aggregator"))
+            .await
+            .unwrap(),
+    )
+    .args([
+        "replay",
+        "--batch-size",
+        "200",
+        "--pricing",
+        file.to_str().unwrap(),
+    ])
+    .env_clear()
+    .env("REDIS_URL", redis_url())
+    .env("METER_STREAM", &stream)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let ks = keyspace(&stream);
+    let rid: i64 = eventually(Duration::from_secs(30), || {
+        let mut conn = conn.clone();
+        let ks = ks.clone();
+        async move {
+            let applied: Option<i64> = conn
+                .hget(ks.key("rp1:days"), (now.div_euclid(DAY) * DAY).to_string())
+                .await
+                .ok()?;
+            applied.filter(|a| *a > 0)?;
+            Some(1)
+        }
+    })
+    .await;
+
+    // While it lives, a second replay is refused.
+    let refused = Command::new(binary("aggregator", "aggregator"))
+        .arg("replay")
+        .env_clear()
+        .env("REDIS_URL", redis_url())
+        .env("METER_STREAM", &stream)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("already running"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Its lease runs out (30 s; here at once), and the next live commit abandons it.
+    let _: () = conn.del(ks.key(&format!("rp{rid}:lease"))).await.unwrap();
+    let mut rng = Lcg(3);
+    let late = vec![event(&mut rng, "after-the-crash".into(), now)];
+    write(&mut conn, &stream, &late).await;
+    eventually(Duration::from_secs(30), || async {
+        (usage_requests(&http, aggregator, now).await == n + 1).then_some(())
+    })
+    .await;
+    let running: Option<String> = conn.hget(ks.key("ctl"), "rid").await.unwrap();
+    assert_eq!(running, None, "the dead replay is abandoned");
+
+    // Figures are the original ones plus the new event at the old prices; the abandoned
+    // replay's prices never took effect.
+    let mut want = original.clone();
+    let now_day = now.div_euclid(DAY) * DAY;
+    let day = want
+        .0
+        .get(&ks.key(&format!("st:d:{now_day}")))
+        .cloned()
+        .unwrap();
+    let got = figures(&mut conn, &stream).await;
+    let got_day = &got.0[&ks.key(&format!("st:d:{now_day}"))];
+    let requests = |cell: &BTreeMap<String, i128>| -> i128 {
+        cell.iter()
+            .filter(|(f, _)| f.starts_with("r:"))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    assert_eq!(requests(got_day), requests(&day) + 1);
+    let cost_of = |cell: &BTreeMap<String, i128>| -> i128 {
+        cell.iter()
+            .filter(|(f, _)| f.starts_with("cost:"))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let added = Decimal::from_i128_with_scale(cost_of(got_day) - cost_of(&day), 18);
+    assert_eq!(added, hand_cost(&late[0]));
+    want.0.remove(&ks.key(&format!("st:d:{now_day}")));
+    let untouched_days: Vec<&String> = want.0.keys().filter(|k| k.contains(":st:d:")).collect();
+    for key in untouched_days {
+        assert_eq!(got.0[key], want.0[key], "{key}");
+    }
+
+    // Now a new replay runs, and cleans the dead one's shadow up.
+    replay(&stream, &[]);
+    let leftovers: Vec<String> = conn.keys(ks.key("rp*")).await.unwrap();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
