@@ -53,45 +53,45 @@ pub enum ConfigError {
 #[derive(Debug, clap::Args, Default)]
 pub struct Args {
     /// TOML file with any of the settings below (flags and environment win over it).
-    #[arg(long, env = "AGGREGATOR_CONFIG", global = true)]
+    #[arg(global = true, long, env = "AGGREGATOR_CONFIG", global = true)]
     pub config: Option<PathBuf>,
-    #[arg(long, env = "AGGREGATOR_LISTEN")]
+    #[arg(global = true, long, env = "AGGREGATOR_LISTEN")]
     pub listen: Option<String>,
-    #[arg(long, env = "REDIS_URL", global = true)]
+    #[arg(global = true, long, env = "REDIS_URL", global = true)]
     pub redis_url: Option<String>,
-    #[arg(long, env = "METER_STREAM", global = true)]
+    #[arg(global = true, long, env = "METER_STREAM", global = true)]
     pub stream: Option<String>,
-    #[arg(long, env = "METER_GROUP")]
+    #[arg(global = true, long, env = "METER_GROUP")]
     pub group: Option<String>,
     /// Consumer name within the group; default hostname + pid.
-    #[arg(long, env = "METER_CONSUMER")]
+    #[arg(global = true, long, env = "METER_CONSUMER")]
     pub consumer: Option<String>,
     /// LiteLLM-format price file; default the bundled snapshot.
-    #[arg(long = "pricing", env = "PRICING_FILE")]
+    #[arg(global = true, long = "pricing", env = "PRICING_FILE")]
     pub pricing: Option<PathBuf>,
-    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(global = true, long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Stream entries read per batch.
-    #[arg(long, env = "METER_BATCH_SIZE")]
+    #[arg(global = true, long, env = "METER_BATCH_SIZE")]
     pub batch_size: Option<usize>,
     /// Entries pending this long on another consumer are taken over, milliseconds.
-    #[arg(long, env = "METER_CLAIM_IDLE_MS")]
+    #[arg(global = true, long, env = "METER_CLAIM_IDLE_MS")]
     pub claim_idle_ms: Option<u64>,
     /// Copies of an event id arriving within this many seconds of each other count once.
-    #[arg(long, env = "METER_DEDUPE_WINDOW_SECS")]
+    #[arg(global = true, long, env = "METER_DEDUPE_WINDOW_SECS")]
     pub dedupe_window_secs: Option<i64>,
     /// Keep acknowledged stream entries this many seconds (replay reads them); default 7 days.
-    #[arg(long, env = "METER_STREAM_RETENTION_SECS")]
+    #[arg(global = true, long, env = "METER_STREAM_RETENTION_SECS")]
     pub stream_retention_secs: Option<u64>,
     /// Seconds between two trims of the stream; default 60.
-    #[arg(long, env = "METER_TRIM_INTERVAL_SECS")]
+    #[arg(global = true, long, env = "METER_TRIM_INTERVAL_SECS")]
     pub trim_interval_secs: Option<u64>,
     /// Milliseconds a partial batch waits for more events (fewer, larger commits); default 50.
-    #[arg(long, env = "METER_LINGER_MS")]
+    #[arg(global = true, long, env = "METER_LINGER_MS")]
     pub linger_ms: Option<u64>,
     /// Rows of reduced stats cells the stats API caches (about 200 bytes each); 0 disables;
     /// default 500000.
-    #[arg(long, env = "METER_STATS_CACHE_ROWS")]
+    #[arg(global = true, long, env = "METER_STATS_CACHE_ROWS")]
     pub stats_cache_rows: Option<usize>,
 }
 
