@@ -207,6 +207,12 @@ pub fn spawn_aggregator(
         .env("METER_CONSUMER", "aggbench")
         .env("AGGREGATOR_LISTEN", listen.to_string())
         .env("RUST_LOG", "warn")
+        // Batching knobs pass through, so their effect can be measured.
+        .envs(
+            ["METER_BATCH_SIZE", "METER_LINGER_MS"]
+                .into_iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| (k, v))),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
