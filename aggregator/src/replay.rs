@@ -93,6 +93,8 @@ pub struct Summary {
     pub duplicates: u64,
     pub days: usize,
     pub elapsed: Duration,
+    /// How long the switch script held Redis (plus one round trip).
+    pub switch_time: Duration,
     pub models: BTreeMap<String, CostChange>,
 }
 
@@ -112,7 +114,8 @@ impl Summary {
         writeln!(
             out,
             "replay {} done: {} events applied from {} entries in {:.2} s ({:.0} events/s); \
-             {} days rebuilt from {} to {}; {} left to the live consumers, {} duplicates",
+             {} days rebuilt from {} to {} (switch {:.1} ms); {} left to the live consumers, \
+             {} duplicates",
             self.rid,
             self.events_applied,
             self.entries_read,
@@ -125,6 +128,7 @@ impl Summary {
             } else {
                 rfc3339(self.to_ms)
             },
+            self.switch_time.as_secs_f64() * 1000.0,
             self.left_to_live,
             self.duplicates,
         )?;
@@ -403,15 +407,18 @@ pub async fn run(
         progress,
     )
     .await;
+    let mut switch_started = None;
     let result = match rebuilt {
         Ok(counts) => {
             let _ = writeln!(progress, "replay {rid}: switching");
+            switch_started = Some(Instant::now());
             switch(&mut conn, &keyspace, rid, (from_ms, to_ms), &args)
                 .await
                 .map(|(days, models)| (counts, days, models))
         }
         Err(e) => Err(e),
     };
+    let switch_time = switch_started.map(|t| t.elapsed()).unwrap_or_default();
     let _ = stop_lease.send(());
     let _ = lease_task.await;
     // Whatever happened, the shadow is of no further use.
@@ -427,6 +434,7 @@ pub async fn run(
         duplicates: counts.duplicates,
         days,
         elapsed: started.elapsed(),
+        switch_time,
         models,
     })
 }
