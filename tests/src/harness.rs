@@ -292,6 +292,24 @@ pub async fn spawn_gateway(
     (addr, tx)
 }
 
+/// Writes events straight to the stream, as a gateway would, in one pipeline.
+pub async fn xadd_events(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    events: &[shared::UsageEvent],
+) {
+    let mut pipe = redis::pipe();
+    for e in events {
+        pipe.cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg(shared::EVENT_FIELD)
+            .arg(shared::encode(e))
+            .ignore();
+    }
+    pipe.query_async::<()>(conn).await.unwrap();
+}
+
 /// An in-process aggregator on a free port; it stops when the returned sender is sent or dropped.
 pub async fn spawn_aggregator(redis_url: &str, stream: &str) -> (SocketAddr, oneshot::Sender<()>) {
     spawn_aggregator_with(redis_url, stream, |_| {}).await

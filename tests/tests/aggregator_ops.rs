@@ -34,16 +34,7 @@ fn event(i: usize, model: &str) -> UsageEvent {
 }
 
 async fn add(conn: &mut redis::aio::MultiplexedConnection, stream: &str, events: &[UsageEvent]) {
-    let mut pipe = redis::pipe();
-    for e in events {
-        pipe.cmd("XADD")
-            .arg(stream)
-            .arg("*")
-            .arg("e")
-            .arg(shared::encode(e))
-            .ignore();
-    }
-    pipe.query_async::<()>(conn).await.unwrap();
+    tests::harness::xadd_events(conn, stream, events).await;
 }
 
 async fn usage_row(http: &reqwest::Client, port: u16) -> Option<Value> {

@@ -97,16 +97,7 @@ async fn every_grouping_bucket_and_quantile_matches_an_independent_computation()
     let all = events(now);
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut pipe = redis::pipe();
-    for e in &all {
-        pipe.cmd("XADD")
-            .arg(&stream)
-            .arg("*")
-            .arg("e")
-            .arg(shared::encode(e))
-            .ignore();
-    }
-    pipe.query_async::<()>(&mut conn).await.unwrap();
+    tests::harness::xadd_events(&mut conn, &stream, &all).await;
 
     let (addr, _stop) = spawn_aggregator(redis_url(), &stream).await;
     let http = reqwest::Client::new();

@@ -91,16 +91,7 @@ fn history(seed: u64, n: usize, now: i64, days: i64) -> Vec<UsageEvent> {
 }
 
 async fn write(conn: &mut redis::aio::MultiplexedConnection, stream: &str, events: &[UsageEvent]) {
-    let mut pipe = redis::pipe();
-    for e in events {
-        pipe.cmd("XADD")
-            .arg(stream)
-            .arg("*")
-            .arg("e")
-            .arg(shared::encode(e))
-            .ignore();
-    }
-    pipe.query_async::<()>(conn).await.unwrap();
+    tests::harness::xadd_events(conn, stream, events).await;
 }
 
 /// Distinct events (the first copy of an id counts).

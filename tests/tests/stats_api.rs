@@ -76,16 +76,7 @@ fn events(now: i64) -> Vec<UsageEvent> {
 async fn publish(stream: &str, events: &[UsageEvent]) {
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut pipe = redis::pipe();
-    for e in events {
-        pipe.cmd("XADD")
-            .arg(stream)
-            .arg("*")
-            .arg("e")
-            .arg(shared::encode(e))
-            .ignore();
-    }
-    pipe.query_async::<()>(&mut conn).await.unwrap();
+    tests::harness::xadd_events(&mut conn, stream, events).await;
 }
 
 /// Waits until the aggregator's group has read and acknowledged every entry of the stream.

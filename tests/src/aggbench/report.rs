@@ -260,18 +260,7 @@ impl Report {
             out,
             "\n## Conservation (`GET /v1/usage?group_by=model` and `/metrics`)\n"
         )?;
-        writeln!(out, "| check | expected | actual | |")?;
-        writeln!(out, "|---|---:|---:|---|")?;
-        for check in &self.checks {
-            writeln!(
-                out,
-                "| {} | {} | {} | {} |",
-                check.what,
-                check.expected,
-                check.actual,
-                if check.ok() { "OK" } else { "**MISMATCH**" }
-            )?;
-        }
+        checks_table(out, "check", &self.checks)?;
         if let Some(replay) = &self.replay {
             writeln!(
                 out,
@@ -284,18 +273,7 @@ impl Report {
                 n as f64 / replay.wall.as_secs_f64().max(1e-9),
                 replay.summary
             )?;
-            writeln!(out, "| check after the switch | expected | actual | |")?;
-            writeln!(out, "|---|---:|---:|---|")?;
-            for check in &replay.checks {
-                writeln!(
-                    out,
-                    "| {} | {} | {} | {} |",
-                    check.what,
-                    check.expected,
-                    check.actual,
-                    if check.ok() { "OK" } else { "**MISMATCH**" }
-                )?;
-            }
+            checks_table(out, "check after the switch", &replay.checks)?;
         }
         writeln!(
             out,
@@ -303,6 +281,22 @@ impl Report {
             if self.passed() { "OK" } else { "MISMATCH" }
         )
     }
+}
+
+fn checks_table(out: &mut String, header: &str, checks: &[Check]) -> std::fmt::Result {
+    writeln!(out, "| {header} | expected | actual | |")?;
+    writeln!(out, "|---|---:|---:|---|")?;
+    for check in checks {
+        writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            check.what,
+            check.expected,
+            check.actual,
+            if check.ok() { "OK" } else { "**MISMATCH**" }
+        )?;
+    }
+    Ok(())
 }
 
 /// A row of samples in MiB; `per_mib` is how many sample units make one MiB.
