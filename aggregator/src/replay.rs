@@ -36,7 +36,7 @@ use crate::commit::{Batch, Committer, Outcome, Seen};
 use crate::consumer::usage_of;
 use crate::control::{self, Control, LEASE_MS};
 use crate::pricing::{Cost, Pricing, PricingError};
-use crate::rollup::DAY_MS;
+use crate::rollup::{DAY_MS, HOUR_MS};
 use crate::stats::Delta;
 
 /// `aggregator replay`; Redis, stream, group and dedupe window come from the aggregator's own
@@ -344,8 +344,9 @@ pub async fn run(
     let trimmed_until = trimmed_until(&mut conn, keyspace.stream()).await?;
     let from_ms = match &args.from {
         Some(raw) => day_floor(parse_bound("from", raw)?),
-        // The first day whose every event is still in the stream.
-        None => trimmed_until.map_or(0, |t| day_floor(t + DAY_MS)),
+        // The first day whose every event is still in the stream, at least an hour ahead of
+        // the trimming, which goes on while the replay runs.
+        None => trimmed_until.map_or(0, |t| day_floor(t + HOUR_MS) + DAY_MS),
     };
     let to_ms = match &args.to {
         Some(raw) => day_ceil(parse_bound("to", raw)?),
