@@ -346,7 +346,9 @@ pub async fn run(
         Some(raw) => day_floor(parse_bound("from", raw)?),
         // The first day whose every event is still in the stream, at least an hour ahead of
         // the trimming, which goes on while the replay runs.
-        None => trimmed_until.map_or(0, |t| day_floor(t + HOUR_MS) + DAY_MS),
+        None => trimmed_until.map_or(0, |t| {
+            day_floor(t.saturating_add(HOUR_MS)).saturating_add(DAY_MS)
+        }),
     };
     let to_ms = match &args.to {
         Some(raw) => day_ceil(parse_bound("to", raw)?),
@@ -763,7 +765,7 @@ async fn delete_matching(
     Ok(())
 }
 
-/// The arrival time (ms) of the newest entry trimmed away, if any was.
+/// A time (ms) at or after the newest entry trimmed away, if any was.
 async fn trimmed_until(
     conn: &mut ConnectionManager,
     stream: &str,
@@ -792,13 +794,26 @@ async fn trimmed_until(
             .collect(),
         _ => Vec::new(),
     };
-    Ok(fields
-        .iter()
-        .find(|(k, _)| k == "max-deleted-entry-id")
-        .and_then(|(_, v)| id_string(v))
-        .and_then(|id| parse_id(&id))
-        .filter(|id| *id != (0, 0))
-        .map(|(ms, _)| ms as i64))
+    let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+    let count = |name: &str| match field(name) {
+        Some(Value::Int(n)) => *n,
+        _ => 0,
+    };
+    // Trimming (XTRIM, MAXLEN) removes a prefix and, unlike XDEL, does not record what it
+    // removed: entries were removed when more were added than are left, and all of them lay
+    // before the first entry left.
+    if count("entries-added") <= count("length") {
+        return Ok(None);
+    }
+    let first = match field("first-entry") {
+        Some(Value::Array(entry)) => entry.first().and_then(id_string),
+        _ => None,
+    };
+    Ok(Some(
+        first
+            .and_then(|id| parse_id(&id))
+            .map_or(i64::MAX, |(ms, _)| ms as i64),
+    ))
 }
 
 /// RFC 3339, Unix ms, or a stream id (`<ms>-<seq>`, its time part counts).

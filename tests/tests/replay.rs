@@ -578,3 +578,60 @@ async fn a_replay_that_dies_changes_nothing_and_a_second_one_waits_for_it() {
     let leftovers: Vec<String> = conn.keys(ks.key("rp*")).await.unwrap();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_refuses_days_the_stream_no_longer_holds_whole() {
+    let stream = unique_stream();
+    let now = chrono::Utc::now().timestamp_millis();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let events = history(19, 500, now, 4);
+    write(&mut conn, &stream, &events).await;
+    let (aggregator, _stop) = spawn_aggregator(redis_url(), &stream).await;
+    let http = reqwest::Client::new();
+    let n = distinct(&events).len() as i64;
+    eventually(Duration::from_secs(30), || async {
+        (usage_requests(&http, aggregator, now).await == n).then_some(())
+    })
+    .await;
+    let original = figures(&mut conn, &stream).await;
+    // Retention trimmed the oldest entries.
+    let ids: Vec<Vec<redis::Value>> = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(100)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let redis::Value::BulkString(cut) = &ids[99][0] else {
+        panic!("an entry id")
+    };
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(&stream)
+        .arg("MINID")
+        .arg(cut.as_slice())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let output = Command::new(binary("aggregator", "aggregator"))
+        .args(["replay", "--from", "0"])
+        .env_clear()
+        .env("REDIS_URL", redis_url())
+        .env("METER_STREAM", &stream)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("trimmed"), "{stderr}");
+    // By default it starts after the trimmed entries' day, and changes nothing there.
+    let summary = replay(&stream, &[]);
+    assert!(!summary.contains("1970"), "{summary}");
+    assert_same_figures(
+        &figures(&mut conn, &stream).await,
+        &original,
+        "after the replay",
+    );
+}
