@@ -34,6 +34,9 @@ pub(crate) struct Scenario {
     pub hang: bool,
     pub cut_after_events: Option<usize>,
     pub omit_terminator: bool,
+    /// Mix malformed events (bad JSON, wrong types, invalid UTF-8, stray lines) into the
+    /// stream after its first event; the well-formed events still follow.
+    pub malformed_sse: bool,
     pub delta_usage_full: bool,
     pub delta_input_tokens: Option<u64>,
     pub delta_cache_creation_5m: Option<u64>,
