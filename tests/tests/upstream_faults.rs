@@ -192,6 +192,17 @@ async fn upstream_faults_end_cleanly_are_metered_once_and_leave_the_gateway_heal
     );
     println!("slow drip: complete after {took:?}");
 
+    // Absurd usage (2^64 − 1 output tokens) is clamped to 2^40 rather than overflowing the
+    // aggregator's counters.
+    let (status, whole, body, _) = send(
+        &p,
+        &secret,
+        "/v1/messages",
+        messages(json!({"input_tokens": 1, "output_tokens": u64::MAX}), false),
+    )
+    .await;
+    assert_eq!((status, whole), (200, true), "{body}");
+
     // Healthy afterwards.
     let health = p.http.get(p.gateway_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
@@ -205,7 +216,7 @@ async fn upstream_faults_end_cleanly_are_metered_once_and_leave_the_gateway_heal
     assert_eq!((status, whole), (200, true), "{body}");
 
     // Exactly one event per request, each with its error kind.
-    let want = 1 + 1 + 1 + 3 + 60 + 1 + 1;
+    let want = 1 + 1 + 1 + 3 + 60 + 1 + 1 + 1;
     let events = p.wait_for_events(want).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let events = if p.events().await.len() == events.len() {
@@ -222,7 +233,7 @@ async fn upstream_faults_end_cleanly_are_metered_once_and_leave_the_gateway_heal
         ((504, Some("upstream_timeout".to_owned())), 1),
         ((200, Some("upstream_timeout".to_owned())), 1),
         ((200, Some("upstream_error".to_owned())), 1),
-        ((200, None), 3 + 1 + 1),
+        ((200, None), 3 + 1 + 1 + 1),
         ((429, Some("upstream_rate_limited".to_owned())), 60),
     ]
     .into_iter()
@@ -233,5 +244,22 @@ async fn upstream_faults_end_cleanly_are_metered_once_and_leave_the_gateway_heal
         (malformed.input_tokens, malformed.output_tokens),
         (11, 7),
         "usage survives malformed events"
+    );
+    assert_eq!(
+        events[want - 2].output_tokens,
+        1 << 40,
+        "{:?}",
+        events[want - 2]
+    );
+    // The aggregator counts every one of them, the clamped event included.
+    let usage = tests::harness::eventually(Duration::from_secs(20), || async {
+        let usage = p.try_usage("").await?;
+        (usage["rows"][0]["requests"].as_u64()? == want as u64).then_some(usage)
+    })
+    .await;
+    assert_eq!(
+        usage["rows"][0]["output_tokens"].as_u64().unwrap() >> 40,
+        1,
+        "{usage}"
     );
 }
