@@ -169,7 +169,25 @@ fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .fallback(unknown_route)
         .with_state(state)
+}
+
+/// An unknown path gets a 404 in the shape of the provider the client seems to speak, so an SDK
+/// pointed at a wrong base URL reports an error it can parse rather than an empty body.
+async fn unknown_route(
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    let provider = if uri.path().starts_with("/v1/messages")
+        || headers.contains_key("anthropic-version")
+        || headers.contains_key("x-api-key")
+    {
+        provider::Provider::Anthropic
+    } else {
+        provider::Provider::OpenAi
+    };
+    error::GatewayError::NotFound("route").into_response_for(provider)
 }
 
 async fn connect_redis(url: &str) -> Result<ConnectionManager, StartError> {

@@ -12,10 +12,21 @@ pub trait SseHandler {
     fn on_event(&mut self, event: &str, data: &str);
 }
 
+/// Longest event the parser holds (its current line plus its data so far). A stream that never
+/// ends a line or an event would otherwise grow the parser without bound; a larger event is
+/// dropped, unseen by the handler, while its bytes still pass through to the client untouched.
+/// Real events are far smaller: the largest, a Responses `response.completed` carrying the
+/// whole output, stays under a few MiB even at the output token cap.
+pub const MAX_EVENT_BYTES: usize = 16 << 20;
+
 #[derive(Debug, Default)]
 pub struct SseParser {
     /// Bytes of the current, unfinished line.
     line: Vec<u8>,
+    /// The current event outgrew [`MAX_EVENT_BYTES`]: skip it up to the blank line that ends it.
+    oversized: bool,
+    /// While `oversized`: the current line had bytes, so its end is not the event's blank line.
+    skipped_text: bool,
     /// The previous chunk ended in `\r`: a `\n` opening the next chunk ends nothing new.
     pending_cr: bool,
     event: String,
@@ -34,7 +45,7 @@ impl SseParser {
             }
         }
         while let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
-            self.line.extend_from_slice(&rest[..end]);
+            self.push_line(&rest[..end]);
             let is_cr = rest[end] == b'\r';
             rest = &rest[end + 1..];
             if is_cr {
@@ -46,12 +57,35 @@ impl SseParser {
             }
             self.end_line(handler);
         }
-        self.line.extend_from_slice(rest);
+        self.push_line(rest);
+    }
+
+    fn push_line(&mut self, bytes: &[u8]) {
+        if self.oversized {
+            self.skipped_text |= !bytes.is_empty();
+            return;
+        }
+        if self.line.len() + self.data.len() + bytes.len() > MAX_EVENT_BYTES {
+            self.oversized = true;
+            self.skipped_text = true;
+            // Give the memory back: this is the case the cap exists for.
+            self.line = Vec::new();
+            self.data = String::new();
+            self.has_data = false;
+            return;
+        }
+        self.line.extend_from_slice(bytes);
     }
 
     fn end_line<H: SseHandler + ?Sized>(&mut self, handler: &mut H) {
         let line = std::mem::take(&mut self.line);
-        if line.is_empty() {
+        if self.oversized {
+            // Only the blank line that ends the oversized event resumes normal parsing.
+            if !std::mem::take(&mut self.skipped_text) {
+                self.oversized = false;
+                self.event.clear();
+            }
+        } else if line.is_empty() {
             if self.has_data {
                 handler.on_event(&self.event, &self.data);
             }
@@ -89,7 +123,7 @@ impl SseParser {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -161,6 +195,62 @@ mod tests {
             let whole = parse_in_chunks(SAMPLE.as_bytes(), &[]);
             prop_assert_eq!(whole.len(), 3);
             prop_assert_eq!(parse_in_chunks(SAMPLE.as_bytes(), &cuts), whole);
+        }
+    }
+
+    #[test]
+    fn an_event_over_the_cap_is_dropped_and_the_next_one_is_seen() {
+        let mut parser = SseParser::default();
+        let mut out = Collect::default();
+        parser.feed(b"data: {\"a\":1}\n\nevent: big\ndata: ", &mut out);
+        // 20 MiB without a line end, in 1 MiB reads, as a broken upstream might send it.
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..20 {
+            parser.feed(&chunk, &mut out);
+            assert!(parser.line.capacity() + parser.data.capacity() <= MAX_EVENT_BYTES + (1 << 20));
+        }
+        parser.feed(
+            b"\ndata: more of the big event\n\ndata: after\n\n",
+            &mut out,
+        );
+        let events: Vec<&str> = out.0.iter().map(|(_, d)| d.as_str()).collect();
+        assert_eq!(events, ["{\"a\":1}", "after"]);
+        assert_eq!(
+            out.0[1].0, "",
+            "the oversized event's name does not leak into the next"
+        );
+    }
+
+    /// Bytes that look like SSE more often than uniform noise would: field names, separators,
+    /// every line end, and some arbitrary bytes (invalid UTF-8 included).
+    pub(crate) fn sse_like_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let token = prop_oneof![
+            Just(b"data: ".to_vec()),
+            Just(b"data:".to_vec()),
+            Just(b"event: ".to_vec()),
+            Just(b": comment".to_vec()),
+            Just(b"\n".to_vec()),
+            Just(b"\r".to_vec()),
+            Just(b"\r\n".to_vec()),
+            Just(b"\n\n".to_vec()),
+            Just(b"[DONE]".to_vec()),
+            Just(b"{\"type\":\"message_start\"}".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..8),
+        ];
+        proptest::collection::vec(token, 0..64).prop_map(|tokens| tokens.concat())
+    }
+
+    proptest! {
+        // Fuzz target (scripts/fuzz.sh raises PROPTEST_CASES): any bytes, in any chunking,
+        // never panic and give the events the whole input gives.
+        #[test]
+        fn arbitrary_bytes_in_any_chunking_parse_like_the_whole(
+            input in prop_oneof![sse_like_bytes(), proptest::collection::vec(any::<u8>(), 0..512)],
+            cuts in proptest::collection::vec(any::<usize>(), 0..16),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (input.len() + 1)).collect();
+            cuts.sort_unstable();
+            prop_assert_eq!(parse_in_chunks(&input, &cuts), parse_in_chunks(&input, &[]));
         }
     }
 }

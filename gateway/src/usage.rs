@@ -65,7 +65,8 @@ impl Call {
         }
     }
 
-    /// The event for this request, finished now.
+    /// The event for this request, finished now. Token counts come from the upstream and are
+    /// clamped to [`MAX_TOKENS`].
     pub fn finish(&self, status: u16, usage: &Usage, error: Option<&str>) -> UsageEvent {
         let model = usage
             .model
@@ -85,15 +86,31 @@ impl Call {
             stream: self.stream,
             latency_us: self.elapsed_us(),
             ttft_us: self.ttft_us,
-            input_tokens: usage.input_tokens,
-            output_tokens: usage.output_tokens,
-            cache_creation_input_tokens: usage.cache_creation_input_tokens,
-            cache_creation_1h_input_tokens: usage.cache_creation_1h_input_tokens,
-            cache_read_input_tokens: usage.cache_read_input_tokens,
+            input_tokens: clamp_tokens(usage.input_tokens),
+            output_tokens: clamp_tokens(usage.output_tokens),
+            cache_creation_input_tokens: clamp_tokens(usage.cache_creation_input_tokens),
+            cache_creation_1h_input_tokens: clamp_tokens(usage.cache_creation_1h_input_tokens),
+            cache_read_input_tokens: clamp_tokens(usage.cache_read_input_tokens),
             service_tier: usage.service_tier.clone(),
             error: error.map(str::to_owned),
         }
     }
+}
+
+/// The most tokens one event reports in any column. No request comes near a trillion tokens,
+/// so a larger count is a broken (or hostile) upstream report; passed on, it would overflow the
+/// aggregator's 64-bit counters (Redis refuses the increment), losing the event's figures.
+/// Clamped, a cell can still sum 8 million such events.
+pub const MAX_TOKENS: u64 = 1 << 40;
+
+fn clamp_tokens(n: u64) -> u64 {
+    if n > MAX_TOKENS {
+        tracing::warn!(
+            reported = n,
+            "upstream reported an implausible token count; clamped"
+        );
+    }
+    n.min(MAX_TOKENS)
 }
 
 #[cfg(test)]
@@ -128,5 +145,16 @@ mod tests {
         call.first_byte_sent();
         assert_eq!(call.ttft_us, first);
         assert!(call.finish(200, &Usage::default(), None).latency_us >= first.unwrap_or(0));
+    }
+
+    #[test]
+    fn implausible_token_counts_are_clamped() {
+        let usage = Usage {
+            output_tokens: u64::MAX,
+            input_tokens: 12,
+            ..Usage::default()
+        };
+        let event = Call::start(Endpoint::Messages).finish(200, &usage, None);
+        assert_eq!((event.input_tokens, event.output_tokens), (12, MAX_TOKENS));
     }
 }

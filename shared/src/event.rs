@@ -34,12 +34,14 @@ pub struct UsageEvent {
 }
 
 impl UsageEvent {
-    /// All tokens the event consumed, the quantity `tokens` limits count.
+    /// All tokens the event consumed, the quantity `tokens` limits count. Saturating: the
+    /// counts come off the wire, and a corrupt or hostile event must not overflow (a panic in
+    /// debug builds, a wrapped and therefore tiny total in release ones).
     pub fn total_tokens(&self) -> u64 {
         self.input_tokens
-            + self.output_tokens
-            + self.cache_creation_input_tokens
-            + self.cache_read_input_tokens
+            .saturating_add(self.output_tokens)
+            .saturating_add(self.cache_creation_input_tokens)
+            .saturating_add(self.cache_read_input_tokens)
     }
 }
 
@@ -195,6 +197,57 @@ mod tests {
         #[test]
         fn every_event_round_trips(event in any_event()) {
             prop_assert_eq!(decode(&encode(&event)).unwrap(), event);
+        }
+    }
+
+    #[test]
+    fn total_tokens_saturates_instead_of_overflowing() {
+        // Found by `decoding_arbitrary_bytes_never_panics`: a decoded event with huge counts
+        // made `total_tokens` overflow.
+        let huge = UsageEvent {
+            input_tokens: u64::MAX,
+            output_tokens: 1,
+            ..sample()
+        };
+        assert_eq!(huge.total_tokens(), u64::MAX);
+    }
+
+    /// An encoded event with some bytes overwritten, some cut off, or some inserted.
+    fn mangled() -> impl Strategy<Value = Vec<u8>> {
+        (
+            any_event(),
+            proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
+            proptest::option::of(any::<usize>()),
+        )
+            .prop_map(|(event, edits, cut)| {
+                let mut bytes = encode(&event);
+                for (at, byte) in edits {
+                    let at = at % (bytes.len() + 1);
+                    if at == bytes.len() || byte % 2 == 0 {
+                        bytes.insert(at, byte);
+                    } else {
+                        bytes[at] = byte;
+                    }
+                }
+                if let Some(cut) = cut {
+                    bytes.truncate(cut % (bytes.len() + 1));
+                }
+                bytes
+            })
+    }
+
+    proptest! {
+        // Fuzz target (scripts/fuzz.sh raises PROPTEST_CASES): the aggregator decodes whatever
+        // is on the stream, so no input may panic, and whatever decodes is usable.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(
+            bytes in prop_oneof![proptest::collection::vec(any::<u8>(), 0..300), mangled()],
+        ) {
+            if let Ok(event) = decode(&bytes) {
+                prop_assert!(event.v <= SCHEMA_VERSION);
+                let _ = event.total_tokens();
+                prop_assert_eq!(decode(&encode(&event)).unwrap(), event);
+            }
         }
     }
 }

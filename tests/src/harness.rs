@@ -412,6 +412,22 @@ impl RedisServer {
         wait_for_redis(&self.url());
     }
 
+    /// Starts the server again with nothing in it, as a Redis without persistence comes back
+    /// after a restart.
+    pub fn restart_empty(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let _ = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+            }
+        }
+        self.restart();
+    }
+
     /// SIGTERM: Redis flushes its append-only file and exits.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

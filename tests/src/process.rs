@@ -50,19 +50,46 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(package: &str, bin: &str, env: &[(&str, String)]) -> Self {
+        let mut command = Self::command(package, bin, env);
+        command.stdout(Stdio::inherit());
+        Self {
+            child: command.spawn().expect("binary starts"),
+        }
+    }
+
+    /// Like [`Process::spawn`], with stdout and stderr appended to the file `log`, for tests
+    /// that read what a process printed.
+    pub fn spawn_logged(
+        package: &str,
+        bin: &str,
+        env: &[(&str, String)],
+        log: &std::path::Path,
+    ) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file opens");
+        let mut command = Self::command(package, bin, env);
+        command
+            .stdout(file.try_clone().expect("log file handle"))
+            .stderr(file);
+        Self {
+            child: command.spawn().expect("binary starts"),
+        }
+    }
+
+    fn command(package: &str, bin: &str, env: &[(&str, String)]) -> Command {
         let mut command = Command::new(binary(package, bin));
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::inherit());
+            .stdin(Stdio::null());
         for (k, v) in env {
             command.env(k, v);
         }
-        Self {
-            child: command.spawn().expect("binary starts"),
-        }
+        command
     }
 
     pub fn pid(&self) -> u32 {

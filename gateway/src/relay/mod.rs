@@ -11,6 +11,9 @@ mod openai;
 
 mod metered;
 
+#[cfg(test)]
+mod fuzz;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -34,6 +34,9 @@ pub(crate) struct Scenario {
     pub hang: bool,
     pub cut_after_events: Option<usize>,
     pub omit_terminator: bool,
+    /// Mix malformed events (bad JSON, wrong types, invalid UTF-8, stray lines) into the
+    /// stream after its first event; the well-formed events still follow.
+    pub malformed_sse: bool,
     pub delta_usage_full: bool,
     pub delta_input_tokens: Option<u64>,
     pub delta_cache_creation_5m: Option<u64>,
@@ -266,7 +269,7 @@ mod tests {
             "cache_creation_1h": 10, "cache_read": 4000, "reasoning_tokens": 5, "cache_write": 7,
             "model": "m2", "service_tier": "priority", "text": "Hi", "latency_ms": 3,
             "chunk_delay_ms": 4, "error": {"status": 429, "retry_after": 7, "message": "slow"},
-            "hang": false, "cut_after_events": 3, "omit_terminator": true,
+            "hang": false, "cut_after_events": 3, "omit_terminator": true, "malformed_sse": true,
             "delta_usage_full": true, "delta_input_tokens": 9, "final_chunk_with_choices": true,
             "responses_terminal": "incomplete"
         }));
@@ -276,6 +279,7 @@ mod tests {
             Some((429, Some(7)))
         );
         assert_eq!(s.cut_after_events, Some(3));
+        assert!(s.malformed_sse);
         assert_eq!(s.responses_terminal, Some(Terminal::Incomplete));
         assert_eq!(s.delta_input_tokens, Some(9));
     }

@@ -22,7 +22,21 @@ pub(crate) enum Frame {
     Data(Value),
     /// OpenAI Chat's `data: [DONE]` sentinel.
     Done,
+    /// Bytes sent as they are, for malformed streams.
+    Raw(&'static [u8]),
 }
+
+/// What `malformed_sse` mixes in: each is something a broken upstream or proxy might emit, and
+/// none is a well-formed event of any provider.
+const MALFORMED: &[&[u8]] = &[
+    b"data: {not json\n\n",
+    b"data: \xff\xfe\xfd invalid utf-8\n\n",
+    b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":\"many\"}}\n\n",
+    b"a line without a colon\r\n\r\n",
+    b"data:\n\n",
+    b": just a comment\n\n",
+    b"event: \ndata: [1,2,3]\n\n",
+];
 
 impl Frame {
     pub(crate) fn named(event: &'static str, data: Value) -> Frame {
@@ -31,6 +45,7 @@ impl Frame {
 
     pub(crate) fn render(&self) -> Bytes {
         let text = match self {
+            Frame::Raw(bytes) => return Bytes::from_static(bytes),
             Frame::Named { event, data } => format!("event: {event}\ndata: {data}\n\n"),
             Frame::Data(data) => format!("data: {data}\n\n"),
             Frame::Done => "data: [DONE]\n\n".to_owned(),
@@ -45,6 +60,8 @@ pub(crate) struct Pacing {
     pub chunk_delay: Duration,
     /// Abort the connection after this many frames instead of finishing the body.
     pub cut_after: Option<usize>,
+    /// Insert the [`MALFORMED`] events after the first frame.
+    pub malformed: bool,
 }
 
 impl From<&Scenario> for Pacing {
@@ -52,6 +69,7 @@ impl From<&Scenario> for Pacing {
         Pacing {
             chunk_delay: scenario.chunk_delay(),
             cut_after: scenario.cut_after_events,
+            malformed: scenario.malformed_sse,
         }
     }
 }
@@ -63,6 +81,11 @@ pub(crate) fn response(
     pacing: Pacing,
     closed: impl Future<Output = ()> + Send + 'static,
 ) -> Response {
+    let mut frames = frames;
+    if pacing.malformed {
+        let at = frames.len().min(1);
+        frames.splice(at..at, MALFORMED.iter().map(|bytes| Frame::Raw(bytes)));
+    }
     let delay = pacing.chunk_delay;
     let cut = pacing.cut_after.filter(|&n| n < frames.len());
     let keep = cut.unwrap_or(frames.len());
