@@ -554,3 +554,103 @@ async fn a_wait_that_runs_out_gets_the_usual_429_and_a_client_that_leaves_frees_
         "a request whose client left while waiting never reaches the upstream"
     );
 }
+
+#[tokio::test]
+async fn the_admin_api_shows_current_usage_against_each_limit() {
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    let (id, secret) = p
+        .add_key(json!({"name": "watched",
+            "limits": [
+                {"metric": "requests", "max": 5, "window_secs": 60},
+                {"metric": "tokens", "max": 10000, "window_secs": 3600},
+                {"metric": "cost_usd", "max": 1.0, "window_secs": 86400}],
+            "budget_usd": 2.0,
+            "max_concurrency": 2}))
+        .await;
+    // 1000 input + 20 output tokens on claude-sonnet-4-5: $0.003 + $0.0003 each.
+    let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [],
+                      "mock": {"input_tokens": 1000, "output_tokens": 20}});
+    for _ in 0..3 {
+        let r = p
+            .http
+            .post(p.gateway_url("/v1/messages"))
+            .header("x-api-key", &secret)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let mut holder = p
+        .http
+        .post(p.gateway_url("/v1/messages"))
+        .header("x-api-key", &secret)
+        .json(&tagged(
+            "holder",
+            true,
+            json!({"chunk_delay_ms": 300, "input_tokens": 0, "output_tokens": 0}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(holder.status(), 200);
+
+    // Tokens and cost appear once the aggregator has counted the three responses.
+    let usage = eventually(Duration::from_secs(5), || async {
+        let (status, key) = p
+            .admin(reqwest::Method::GET, &format!("/admin/keys/{id}"), None)
+            .await;
+        assert_eq!(status, 200, "{key}");
+        let usage = key["usage"].as_array().unwrap().clone();
+        (usage[1]["used"] == 3060.0).then_some(usage)
+    })
+    .await;
+    let find = |metric: &str| {
+        usage
+            .iter()
+            .find(|u| u["metric"] == metric)
+            .unwrap_or_else(|| panic!("no {metric} in {usage:?}"))
+            .clone()
+    };
+    let requests = find("requests");
+    assert_eq!(requests["window_secs"], 60);
+    assert_eq!(requests["max"], 5.0);
+    assert_eq!(requests["used"], 4.0, "three answered and one streaming");
+    assert_eq!(requests["remaining"], 1.0);
+    let resets = requests["resets_in_secs"].as_u64().unwrap();
+    assert!((55..=60).contains(&resets), "{resets}");
+    let tokens = find("tokens");
+    assert_eq!(tokens["remaining"], 10000.0 - 3060.0);
+    assert!(tokens["resets_in_secs"].as_u64().unwrap() > 3500);
+    let cost = find("cost_usd");
+    assert!(
+        (cost["used"].as_f64().unwrap() - 0.0099).abs() < 1e-9,
+        "{cost}"
+    );
+    let budget = find("budget_usd");
+    assert!(
+        (budget["used"].as_f64().unwrap() - 0.0099).abs() < 1e-9,
+        "{budget}"
+    );
+    assert!(budget["resets_in_secs"].is_null());
+    let concurrency = find("concurrency");
+    assert_eq!(concurrency["max"], 2.0);
+    assert_eq!(concurrency["used"], 1.0, "the stream holds a slot");
+    assert_eq!(concurrency["waiting"], 0);
+
+    // The list shows the same, for every key.
+    while holder.chunk().await.unwrap().is_some() {}
+    let (status, list) = p.admin(reqwest::Method::GET, "/admin/keys", None).await;
+    assert_eq!(status, 200);
+    let listed = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(listed["usage"].as_array().unwrap().len(), 5);
+    assert_eq!(listed["usage"][0]["used"], 4.0);
+}

@@ -23,6 +23,7 @@
 //! of replicas.
 
 mod check;
+mod usage;
 mod wait;
 
 use std::collections::HashMap;
@@ -40,6 +41,7 @@ use crate::metrics::Metrics;
 use crate::store::KeyRecord;
 
 pub use check::{Attempt, Check, RequestBudget, SCRIPT, Verdict, is_limited};
+pub use usage::LimitUsage;
 
 /// How often the first waiter of a key on this replica re-checks for a slot that another
 /// replica released (its own releases wake it at once). The others re-check more rarely, as a
@@ -347,6 +349,17 @@ impl Limiter {
             Verdict::Full { .. } => Admission::default(),
         };
         Ok((verdict, admission))
+    }
+
+    /// Current usage against each limit of `keys`, one Redis round trip for all of them.
+    pub async fn usage(
+        &self,
+        keys: &[KeyRecord],
+        now_ms: i64,
+    ) -> Result<Vec<Vec<LimitUsage>>, GatewayError> {
+        self.metrics.redis_round_trips.inc();
+        let mut conn = self.conn.clone();
+        usage::read_usage(&mut conn, &self.keyspace, keys, now_ms).await
     }
 
     fn redis_down(&self, e: redis::RedisError) -> Result<Admission, GatewayError> {
