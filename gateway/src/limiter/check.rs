@@ -46,13 +46,26 @@ local wait_until = tonumber(ARGV[pos + 2]); pos = pos + 3
 local nspend = tonumber(ARGV[pos]); pos = pos + 1
 for c = 1, nspend do
   local max = tonumber(ARGV[pos]); local nf = tonumber(ARGV[pos + 1]); pos = pos + 2
+  -- one HMGET per hash (a window spans up to five), not one HGET per field (up to ~150)
   local values = {}
-  local sum = 0
+  local hashes = {}
   for f = 1, nf do
-    local v = tonumber(redis.call('HGET', KEYS[tonumber(ARGV[pos])], ARGV[pos + 1])) or 0
-    values[f] = {v, tonumber(ARGV[pos + 2])}
-    sum = sum + v
+    local k = tonumber(ARGV[pos])
+    local h = hashes[k]
+    if not h then h = {fields = {}, at = {}}; hashes[k] = h end
+    h.fields[#h.fields + 1] = ARGV[pos + 1]
+    h.at[#h.at + 1] = f
+    values[f] = {0, tonumber(ARGV[pos + 2])}
     pos = pos + 3
+  end
+  local sum = 0
+  for k, h in pairs(hashes) do
+    local got = redis.call('HMGET', KEYS[k], unpack(h.fields))
+    for n = 1, #h.at do
+      local v = tonumber(got[n]) or 0
+      values[h.at[n]][1] = v
+      sum = sum + v
+    end
   end
   if sum >= max then
     local wait = 0
