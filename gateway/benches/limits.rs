@@ -49,6 +49,15 @@ fn decide(c: &mut Criterion) {
         ],
         Some(1_000.0),
     );
+    let loadgen_key = key(
+        &[
+            ("requests", 100.0, 60),
+            ("tokens", 200_000.0, 3_600),
+            ("cost_usd", 5.0, 86_400),
+        ],
+        Some(1_000.0),
+    );
+    let month_only = key(&[("cost_usd", 100.0, 30 * 86_400)], None);
     let request_id = "0192f1c2-d3e4-7f5a-b7c8-d9e0f1a2b3c4";
     let admitted = [1, 3, 41, 59_000];
 
@@ -59,6 +68,12 @@ fn decide(c: &mut Criterion) {
             &requests_only,
             &admitted[..],
         ),
+        (
+            "requests, tokens 1 h, cost 1 d, budget, concurrency (loadgen's key)",
+            &loadgen_key,
+            &admitted[..],
+        ),
+        ("cost 30 d + concurrency", &month_only, &[1, 3][..]),
         (
             "requests, tokens 1 h, cost 1 d, cost 30 d, budget, concurrency",
             &every_limit,

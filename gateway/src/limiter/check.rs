@@ -41,35 +41,31 @@ end
 local cc_max = tonumber(ARGV[pos]); local ttl = tonumber(ARGV[pos + 1])
 local wait_until = tonumber(ARGV[pos + 2]); pos = pos + 3
 
--- 2. token and cost windows from the aggregator's spend counters: fields oldest first, each
---    with the milliseconds until it leaves the window
+-- 2. token and cost windows from the aggregator's spend counters. Each window comes as runs
+--    of consecutive buckets of one hash (key, first bucket start, width, count), oldest first;
+--    the field names are built here, so the request carries a few numbers, not ~150 names.
 local nspend = tonumber(ARGV[pos]); pos = pos + 1
 for c = 1, nspend do
-  local max = tonumber(ARGV[pos]); local nf = tonumber(ARGV[pos + 1]); pos = pos + 2
-  -- one HMGET per hash (a window spans up to five), not one HGET per field (up to ~150)
+  local prefix = ARGV[pos]; local max = tonumber(ARGV[pos + 1])
+  local window = tonumber(ARGV[pos + 2]); local nruns = tonumber(ARGV[pos + 3]); pos = pos + 4
   local values = {}
-  local hashes = {}
-  for f = 1, nf do
-    local k = tonumber(ARGV[pos])
-    local h = hashes[k]
-    if not h then h = {fields = {}, at = {}}; hashes[k] = h end
-    h.fields[#h.fields + 1] = ARGV[pos + 1]
-    h.at[#h.at + 1] = f
-    values[f] = {0, tonumber(ARGV[pos + 2])}
-    pos = pos + 3
-  end
   local sum = 0
-  for k, h in pairs(hashes) do
-    local got = redis.call('HMGET', KEYS[k], unpack(h.fields))
-    for n = 1, #h.at do
-      local v = tonumber(got[n]) or 0
-      values[h.at[n]][1] = v
+  for r = 1, nruns do
+    local k = tonumber(ARGV[pos]); local first = tonumber(ARGV[pos + 1])
+    local width = tonumber(ARGV[pos + 2]); local n = tonumber(ARGV[pos + 3]); pos = pos + 4
+    local fields = {}
+    for i = 0, n - 1 do fields[i + 1] = prefix .. string.format('%d', first + i * width) end
+    local got = redis.call('HMGET', KEYS[k], unpack(fields))
+    for i = 0, n - 1 do
+      local v = tonumber(got[i + 1]) or 0
+      -- when this bucket's spend leaves the window
+      values[#values + 1] = {v, math.max(0, first + (i + 1) * width + window - now)}
       sum = sum + v
     end
   end
   if sum >= max then
     local wait = 0
-    for f = 1, nf do
+    for f = 1, #values do
       sum = sum - values[f][1]
       wait = values[f][2]
       if sum < max then break end
@@ -231,28 +227,27 @@ impl<'a> Check<'a> {
             .arg(a.lease_ttl_ms)
             .arg(a.wait_until_ms);
         invocation.arg(spend.len());
-        let now_ms = a.now_ms;
         for limit in &spend {
             let window_ms =
                 i64::try_from(limit.window_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
             let (prefix, max) = match limit.metric.as_str() {
-                "tokens" => ('t', limit.max as i64),
-                _ => ('c', nanodollars(limit.max)),
+                "tokens" => ("t", limit.max as i64),
+                _ => ("c", nanodollars(limit.max)),
             };
-            let mut fields: Vec<(usize, String, i64)> = Vec::new();
-            for read in spend::window_reads(now_ms, window_ms) {
-                let k = key_index(format!("{spend_prefix}{}", read.hash_suffix));
-                let width = bucket_width(&read.hash_suffix);
-                for bucket in &read.buckets {
-                    // When this bucket's spend leaves the window.
-                    let leaves_in = (bucket + width + window_ms - now_ms).max(0);
-                    fields.push((k, format!("{prefix}{bucket}"), leaves_in));
-                }
-            }
-            fields.sort_by_key(|(_, _, leaves)| *leaves);
-            invocation.arg(max).arg(fields.len());
-            for (k, field, leaves) in fields {
-                invocation.arg(k).arg(field).arg(leaves);
+            let reads = spend::window_reads(a.now_ms, window_ms);
+            let runs = runs(&reads);
+            invocation
+                .arg(prefix)
+                .arg(max)
+                .arg(window_ms)
+                .arg(runs.len());
+            for run in runs {
+                let k = key_index(format!("{spend_prefix}{}", run.hash_suffix));
+                invocation
+                    .arg(k)
+                    .arg(run.first)
+                    .arg(run.width)
+                    .arg(run.count);
             }
         }
         match key.budget_usd {
@@ -352,6 +347,42 @@ pub fn concurrency_refusal(key: &KeyRecord, waited_ms: Option<u64>) -> GatewayEr
         },
         retry_after_secs: Some(CONCURRENCY_RETRY_AFTER_SECS),
     }
+}
+
+/// Consecutive buckets of one spend hash.
+#[derive(Debug, PartialEq, Eq)]
+struct Run<'r> {
+    hash_suffix: &'r str,
+    first: i64,
+    width: i64,
+    count: usize,
+}
+
+/// The tiling's buckets as runs, oldest first (the script relies on that order to compute how
+/// long until enough spend leaves the window).
+fn runs(reads: &[spend::Read]) -> Vec<Run<'_>> {
+    let mut runs: Vec<Run<'_>> = Vec::with_capacity(reads.len());
+    for read in reads {
+        let width = bucket_width(&read.hash_suffix);
+        for &bucket in &read.buckets {
+            match runs.last_mut() {
+                Some(run)
+                    if run.hash_suffix == read.hash_suffix
+                        && run.first + run.width * run.count as i64 == bucket =>
+                {
+                    run.count += 1
+                }
+                _ => runs.push(Run {
+                    hash_suffix: &read.hash_suffix,
+                    first: bucket,
+                    width,
+                    count: 1,
+                }),
+            }
+        }
+    }
+    runs.sort_by_key(|run| run.first);
+    runs
 }
 
 /// USD → whole nanodollars (limits are compared in the unit the spend counters use).
@@ -462,6 +493,27 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_day_window_is_a_handful_of_runs_oldest_first_covering_it_whole() {
+        let now = 20_000 * 86_400_000 + 13 * 3_600_000 + 17 * 60_000 + 5_000;
+        let reads = spend::window_reads(now, 86_400_000);
+        let runs = runs(&reads);
+        assert!(runs.len() <= 5, "{runs:?}");
+        for pair in runs.windows(2) {
+            assert_eq!(
+                pair[0].first + pair[0].width * pair[0].count as i64,
+                pair[1].first
+            );
+        }
+        let first = runs.first().unwrap();
+        let last = runs.last().unwrap();
+        assert_eq!(first.first, now - 5_000 - 86_400_000);
+        assert_eq!(
+            last.first + last.width * last.count as i64,
+            now - 5_000 + 60_000
+        );
     }
 
     #[test]
