@@ -49,6 +49,9 @@ pub use usage::LimitUsage;
 const RECHECK_FIRST: Duration = Duration::from_millis(100);
 const RECHECK_OTHERS: Duration = Duration::from_millis(500);
 
+/// Releases sent to Redis in one pipeline at most.
+const RELEASE_BATCH: usize = 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RedisDownPolicy {
     Open,
@@ -379,39 +382,46 @@ impl KeeperTask {
     pub async fn run(mut self) {
         // Renewed four times per TTL, so a slow round trip or two cannot let a live lease lapse.
         let mut renew = tokio::time::interval(self.lease_ttl / 4);
+        let mut batch = Vec::new();
         loop {
             let release = tokio::select! {
                 _ = self.shutdown.wait_for(|stop| *stop) => break,
-                Some(release) = self.releases.recv() => Some(release),
-                _ = renew.tick() => None,
+                n = self.releases.recv_many(&mut batch, RELEASE_BATCH) => n > 0,
+                _ = renew.tick() => false,
             };
-            match release {
-                Some(Release::Lease(id, key)) => {
-                    let result: redis::RedisResult<()> = redis::cmd("ZREM")
-                        .arg(&key)
-                        .arg(&id)
-                        .query_async(&mut self.conn)
-                        .await;
-                    if let Err(e) = result {
-                        // It expires by itself within the lease TTL.
-                        tracing::warn!(error = %e, "releasing a concurrency lease failed");
-                    }
-                    // Only now is the slot free in Redis for a waiter's attempt to find.
-                    self.keeper.room.wake_first(&key);
-                }
-                Some(Release::QueueEntry(id, queue)) => {
-                    let result: redis::RedisResult<()> = redis::cmd("ZREM")
-                        .arg(&queue)
-                        .arg(&id)
-                        .query_async(&mut self.conn)
-                        .await;
-                    if let Err(e) = result {
-                        // It leaves the queue by itself at its deadline.
-                        tracing::warn!(error = %e, "leaving the concurrency wait queue failed");
-                    }
-                }
-                None => self.renew().await,
+            if release {
+                self.release(&mut batch).await;
+            } else {
+                self.renew().await;
             }
+        }
+    }
+
+    /// Removes every release queued so far in one pipeline. One ZREM round trip per release
+    /// could not keep up with thousands of short requests a second: leases of finished
+    /// requests piled up in Redis and refused requests far below `max_concurrency`.
+    async fn release(&mut self, batch: &mut Vec<Release>) {
+        let mut pipe = redis::pipe();
+        let mut freed: Vec<String> = Vec::new();
+        for release in batch.drain(..) {
+            let (id, key) = match release {
+                Release::Lease(id, key) => {
+                    if !freed.contains(&key) {
+                        freed.push(key.clone());
+                    }
+                    (id, key)
+                }
+                Release::QueueEntry(id, queue) => (id, queue),
+            };
+            pipe.cmd("ZREM").arg(key).arg(id).ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut self.conn).await {
+            // Leases expire by themselves within the lease TTL, queue entries at their deadline.
+            tracing::warn!(error = %e, "releasing concurrency leases failed");
+        }
+        // Only now are the slots free in Redis for a waiter's attempt to find.
+        for key in &freed {
+            self.keeper.room.wake_first(key);
         }
     }
 
