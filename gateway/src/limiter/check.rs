@@ -91,8 +91,13 @@ if cc_max >= 0 then
   local q = KEYS[nwin + 2]
   redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
   local free = cc_max - redis.call('ZCARD', k)
-  redis.call('ZREMRANGEBYSCORE', q, '-inf', now)
-  local ahead = redis.call('ZRANK', q, member) or redis.call('ZCARD', q)
+  -- nobody waiting (the common case) costs one ZCARD
+  local ahead = redis.call('ZCARD', q)
+  local queued = ahead > 0
+  if queued then
+    redis.call('ZREMRANGEBYSCORE', q, '-inf', now)
+    ahead = redis.call('ZRANK', q, member) or redis.call('ZCARD', q)
+  end
   if free <= ahead then
     if wait_until > now then
       redis.call('ZADD', q, 'NX', wait_until, member)
@@ -102,7 +107,7 @@ if cc_max >= 0 then
     end
     return {0, 0, ahead}
   end
-  redis.call('ZREM', q, member)
+  if queued then redis.call('ZREM', q, member) end
   redis.call('ZADD', k, now + ttl, member)
   redis.call('PEXPIRE', k, ttl * 2)
   free_after = free - 1
