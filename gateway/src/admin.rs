@@ -17,6 +17,7 @@ use subtle::ConstantTimeEq;
 
 use crate::auth::{self, SECRET_PREFIX};
 use crate::error::GatewayError;
+use crate::limiter::LimitUsage;
 use crate::provider::Provider;
 use crate::state::AppState;
 use crate::store::{AccountRecord, KeyRecord, Limit};
@@ -369,6 +370,48 @@ struct KeyView {
     expires_at: Option<String>,
     disabled: bool,
     created_at: Option<String>,
+    /// Current usage against each limit; on `GET` only, which reads it from Redis.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Vec<UsageView>>,
+}
+
+/// One limit's usage, e.g. `{"metric":"requests","window_secs":60,"max":5,"used":3,
+/// "remaining":2,"resets_in_secs":41}`.
+#[derive(Serialize)]
+struct UsageView {
+    metric: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window_secs: Option<u64>,
+    max: f64,
+    used: f64,
+    remaining: f64,
+    /// Until the oldest usage in the window leaves it; null when none is counted or the
+    /// limit has no window.
+    resets_in_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    waiting: Option<u64>,
+}
+
+impl From<&LimitUsage> for UsageView {
+    fn from(u: &LimitUsage) -> Self {
+        Self {
+            metric: u.metric.clone(),
+            window_secs: u.window_secs,
+            max: u.max,
+            used: u.used,
+            remaining: u.remaining(),
+            resets_in_secs: u.resets_in_secs,
+            waiting: u.waiting,
+        }
+    }
+}
+
+impl KeyView {
+    fn with_usage(r: &KeyRecord, usage: &[LimitUsage]) -> Self {
+        let mut view = Self::from(r);
+        view.usage = Some(usage.iter().map(UsageView::from).collect());
+        view
+    }
 }
 
 impl From<&KeyRecord> for KeyView {
@@ -393,6 +436,7 @@ impl From<&KeyRecord> for KeyView {
             expires_at: r.expires_at_ms.and_then(rfc3339),
             disabled: r.disabled,
             created_at: rfc3339(r.created_at_ms),
+            usage: None,
         }
     }
 }
@@ -439,7 +483,12 @@ async fn create_key(State(state): State<AppState>, body: Bytes) -> Result<Respon
 
 async fn list_keys(State(state): State<AppState>) -> Result<Response, GatewayError> {
     let keys = state.store.keys().await?;
-    let views: Vec<KeyView> = keys.iter().map(KeyView::from).collect();
+    let usage = state.limiter.usage(&keys, now_ms()).await?;
+    let views: Vec<KeyView> = keys
+        .iter()
+        .zip(&usage)
+        .map(|(k, u)| KeyView::with_usage(k, u))
+        .collect();
     Ok(Json(serde_json::json!({ "data": views })).into_response())
 }
 
@@ -452,7 +501,12 @@ async fn get_key(
         .key(&id)
         .await?
         .ok_or(GatewayError::NotFound("key"))?;
-    Ok(Json(KeyView::from(&record)).into_response())
+    let usage = state
+        .limiter
+        .usage(std::slice::from_ref(&record), now_ms())
+        .await?;
+    let usage = usage.first().map_or(&[][..], Vec::as_slice);
+    Ok(Json(KeyView::with_usage(&record, usage)).into_response())
 }
 
 async fn patch_key(

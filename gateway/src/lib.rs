@@ -31,6 +31,14 @@ mod metrics;
 
 mod admin;
 
+/// The pure part of the limit decision (script arguments, key names, window tiling, reading
+/// the reply), exposed for `benches/limits.rs`. Not an API.
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::limiter::{Attempt, Check, SCRIPT, Verdict};
+    pub use crate::store::{KeyRecord, Limit};
+}
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

@@ -44,7 +44,7 @@ impl Gauge {
     }
 }
 
-/// Upper bounds, seconds, of the upstream latency histogram.
+/// Upper bounds, seconds, of the latency histograms (upstream, concurrency waits).
 const BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
@@ -66,6 +66,28 @@ impl Histogram {
         self.counts[index].inc();
         self.sum_micros
             .add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// `labels` is empty or ends with a comma: `provider="openai",`.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += count.get();
+            let le = BUCKETS.get(i).map_or("+Inf".to_owned(), |b| b.to_string());
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {cumulative}");
+        }
+        let labels = labels.trim_end_matches(',');
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {}",
+            self.sum_micros.get() as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
     }
 }
 
@@ -93,6 +115,13 @@ pub struct Metrics {
     pub redis_round_trips: Counter,
     pub auth_served_stale: Counter,
     pub limits_failed_open: Counter,
+    /// Requests waiting for a concurrency slot (`concurrency_wait_ms`), and how waits ended.
+    pub concurrency_waiting: Gauge,
+    pub concurrency_wait: Histogram,
+    pub concurrency_wait_admitted: Counter,
+    pub concurrency_wait_timeouts: Counter,
+    pub concurrency_wait_refused: Counter,
+    pub concurrency_wait_cancelled: Counter,
     cooldowns: Mutex<Vec<(String, u64)>>,
 }
 
@@ -159,6 +188,11 @@ impl Metrics {
                 self.spool_skipped.get(),
             ),
             (
+                "meter_gateway_concurrency_waiting",
+                "Requests waiting for a free concurrency slot of their key.",
+                self.concurrency_waiting.get(),
+            ),
+            (
                 "meter_gateway_spool_bytes",
                 "Bytes of usage events waiting in the local spool.",
                 self.spool_bytes.get(),
@@ -203,27 +237,35 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
+            "# HELP meter_gateway_concurrency_waits_total Waits for a concurrency slot, by how they ended.\n# TYPE meter_gateway_concurrency_waits_total counter"
+        );
+        for (outcome, counter) in [
+            ("admitted", &self.concurrency_wait_admitted),
+            ("timed_out", &self.concurrency_wait_timeouts),
+            ("refused", &self.concurrency_wait_refused),
+            ("cancelled", &self.concurrency_wait_cancelled),
+        ] {
+            let _ = writeln!(
+                out,
+                "meter_gateway_concurrency_waits_total{{outcome=\"{outcome}\"}} {}",
+                counter.get()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meter_gateway_concurrency_wait_seconds Time requests spent waiting for a concurrency slot.\n# TYPE meter_gateway_concurrency_wait_seconds histogram"
+        );
+        self.concurrency_wait
+            .render(&mut out, "meter_gateway_concurrency_wait_seconds", "");
+        let _ = writeln!(
+            out,
             "# HELP meter_gateway_upstream_seconds Time to upstream response headers.\n# TYPE meter_gateway_upstream_seconds histogram"
         );
         for provider in [Provider::Anthropic, Provider::OpenAi] {
-            let h = &self.upstream_latency[provider_index(provider)];
-            let mut cumulative = 0;
-            for (i, count) in h.counts.iter().enumerate() {
-                cumulative += count.get();
-                let le = BUCKETS.get(i).map_or("+Inf".to_owned(), |b| b.to_string());
-                let _ = writeln!(
-                    out,
-                    "meter_gateway_upstream_seconds_bucket{{provider=\"{provider}\",le=\"{le}\"}} {cumulative}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "meter_gateway_upstream_seconds_sum{{provider=\"{provider}\"}} {}",
-                h.sum_micros.get() as f64 / 1e6
-            );
-            let _ = writeln!(
-                out,
-                "meter_gateway_upstream_seconds_count{{provider=\"{provider}\"}} {cumulative}"
+            self.upstream_latency[provider_index(provider)].render(
+                &mut out,
+                "meter_gateway_upstream_seconds",
+                &format!("provider=\"{provider}\","),
             );
         }
         let _ = writeln!(

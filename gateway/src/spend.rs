@@ -19,29 +19,53 @@ pub struct Read {
 
 /// The hashes and bucket fields covering `[now − window, now]`.
 pub fn window_reads(now_ms: i64, window_ms: i64) -> Vec<Read> {
-    let mut reads: Vec<Read> = Vec::new();
-    let mut push =
-        |suffix: String, bucket: i64| match reads.iter_mut().find(|r| r.hash_suffix == suffix) {
-            Some(read) => read.buckets.push(bucket),
-            None => reads.push(Read {
-                hash_suffix: suffix,
-                buckets: vec![bucket],
-            }),
-        };
+    // Hashes are told apart by number while tiling and named once at the end: this runs on
+    // every request of a key with a spend limit, up to ~200 buckets for a 30-day window.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Hash {
+        Days,
+        Hours { day: i64 },
+        Minutes { hour: i64 },
+    }
+    let mut reads: Vec<(Hash, Vec<i64>)> = Vec::new();
+    let mut push = |hash: Hash, bucket: i64| match reads.iter_mut().find(|(h, _)| *h == hash) {
+        Some((_, buckets)) => buckets.push(bucket),
+        None => reads.push((hash, vec![bucket])),
+    };
     let mut t = (now_ms - window_ms).div_euclid(MINUTE_MS) * MINUTE_MS;
     while t <= now_ms {
         if t.rem_euclid(DAY_MS) == 0 && t + DAY_MS <= now_ms {
-            push(":d".into(), t);
+            push(Hash::Days, t);
             t += DAY_MS;
         } else if t.rem_euclid(HOUR_MS) == 0 && t + HOUR_MS <= now_ms {
-            push(format!(":h:{}", t.div_euclid(DAY_MS) * DAY_MS), t);
+            push(
+                Hash::Hours {
+                    day: t.div_euclid(DAY_MS) * DAY_MS,
+                },
+                t,
+            );
             t += HOUR_MS;
         } else {
-            push(format!(":m:{}", t.div_euclid(HOUR_MS) * HOUR_MS), t);
+            push(
+                Hash::Minutes {
+                    hour: t.div_euclid(HOUR_MS) * HOUR_MS,
+                },
+                t,
+            );
             t += MINUTE_MS;
         }
     }
     reads
+        .into_iter()
+        .map(|(hash, buckets)| Read {
+            hash_suffix: match hash {
+                Hash::Days => ":d".to_owned(),
+                Hash::Hours { day } => format!(":h:{day}"),
+                Hash::Minutes { hour } => format!(":m:{hour}"),
+            },
+            buckets,
+        })
+        .collect()
 }
 
 #[cfg(test)]

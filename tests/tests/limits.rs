@@ -319,3 +319,338 @@ async fn deleting_a_key_on_one_replica_stops_it_on_another_once_its_1_s_cache_ex
         "the other replica still accepted the key after {took:?}"
     );
 }
+
+/// A line's value from the gateway's `/metrics` at `addr`, e.g.
+/// `meter_gateway_concurrency_waits_total{outcome="admitted"}`.
+async fn metric(p: &Pipeline, addr: std::net::SocketAddr, series: &str) -> f64 {
+    let text = p
+        .http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+        .parse()
+        .unwrap()
+}
+
+/// Waits until `series` on the gateway at `addr` reads `want`.
+async fn metric_reaches(p: &Pipeline, addr: std::net::SocketAddr, series: &str, want: f64) {
+    eventually(Duration::from_secs(5), || async {
+        (metric(p, addr, series).await == want).then_some(())
+    })
+    .await;
+}
+
+/// An Anthropic message whose first user turn is `tag`, so the upstream log tells requests apart.
+fn tagged(tag: &str, stream: bool, extra: Value) -> Value {
+    json!({"model": "claude-haiku-4-5", "max_tokens": 5, "stream": stream,
+           "messages": [{"role": "user", "content": tag}], "mock": extra})
+}
+
+const WAITING: &str = "meter_gateway_concurrency_waiting";
+const ADMITTED: &str = "meter_gateway_concurrency_waits_total{outcome=\"admitted\"}";
+const TIMED_OUT: &str = "meter_gateway_concurrency_waits_total{outcome=\"timed_out\"}";
+const CANCELLED: &str = "meter_gateway_concurrency_waits_total{outcome=\"cancelled\"}";
+
+#[tokio::test]
+async fn with_a_wait_a_request_over_max_concurrency_waits_for_the_stream_ahead_to_end() {
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    let (_, secret) = p
+        .add_key(json!({"name": "patient", "max_concurrency": 1, "concurrency_wait_ms": 2000}))
+        .await;
+    let send = |body: Value| {
+        p.http
+            .post(p.gateway_url("/v1/messages"))
+            .header("x-api-key", &secret)
+            .json(&body)
+            .send()
+    };
+    let mut slow = send(tagged("first", true, json!({"chunk_delay_ms": 100})))
+        .await
+        .unwrap();
+    assert_eq!(slow.status(), 200);
+    let second = tokio::spawn(send(tagged("second", false, json!({}))));
+    metric_reaches(&p, p.gateway, WAITING, 1.0).await;
+    assert!(
+        !second.is_finished(),
+        "the second request went past a held slot"
+    );
+
+    while slow.chunk().await.unwrap().is_some() {}
+    let first_ended = std::time::Instant::now();
+    let second = second.await.unwrap().unwrap();
+    let woke_after = first_ended.elapsed();
+    assert_eq!(second.status(), 200);
+    second.bytes().await.unwrap();
+    eprintln!("the waiter was answered {woke_after:?} after the stream ahead ended");
+    assert!(
+        woke_after < Duration::from_millis(500),
+        "a local release must wake the waiter at once, not after {woke_after:?}"
+    );
+    let bodies: Vec<Value> = p.upstream.received().into_iter().map(|r| r.body).collect();
+    assert_eq!(bodies.len(), 2);
+    assert_eq!(bodies[1]["messages"][0]["content"], "second");
+
+    metric_reaches(&p, p.gateway, WAITING, 0.0).await;
+    assert_eq!(metric(&p, p.gateway, ADMITTED).await, 1.0);
+    assert_eq!(metric(&p, p.gateway, TIMED_OUT).await, 0.0);
+    assert_eq!(
+        metric(
+            &p,
+            p.gateway,
+            "meter_gateway_concurrency_wait_seconds_count"
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_served_in_arrival_order_across_two_replicas() {
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    let (_, secret) = p
+        .add_key(json!({"name": "queue", "max_concurrency": 1, "concurrency_wait_ms": 10000}))
+        .await;
+    let (second_gateway, _stop) = spawn_gateway(&p.redis_url, &p.stream, |_| {}).await;
+    eventually(Duration::from_secs(5), || async {
+        let r = p
+            .http
+            .get(format!("http://{second_gateway}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let send = |addr: std::net::SocketAddr, body: Value| {
+        p.http
+            .post(format!("http://{addr}/v1/messages"))
+            .header("x-api-key", &secret)
+            .json(&body)
+            .send()
+    };
+    let mut holder = send(
+        p.gateway,
+        tagged("holder", true, json!({"chunk_delay_ms": 200})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(holder.status(), 200);
+    // Each waiter is queued before the next one is sent, alternating between the replicas; the
+    // replica of the first waiter releases every slot, so the others must not jump it.
+    let order = ["w1", "w2", "w3", "w4"];
+    let mut waiters = Vec::new();
+    let mut queued = [0.0, 0.0];
+    for (i, tag) in order.iter().enumerate() {
+        let addr = if i % 2 == 0 {
+            second_gateway
+        } else {
+            p.gateway
+        };
+        waiters.push(tokio::spawn(send(addr, tagged(tag, false, json!({})))));
+        queued[i % 2] += 1.0;
+        metric_reaches(&p, addr, WAITING, queued[i % 2]).await;
+    }
+    while holder.chunk().await.unwrap().is_some() {}
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap().unwrap().status(), 200);
+    }
+    let served: Vec<String> = p
+        .upstream
+        .received()
+        .into_iter()
+        .map(|r| {
+            r.body["messages"][0]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(served, ["holder", "w1", "w2", "w3", "w4"]);
+}
+
+#[tokio::test]
+async fn a_wait_that_runs_out_gets_the_usual_429_and_a_client_that_leaves_frees_its_place() {
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    let (id, secret) = p
+        .add_key(json!({"name": "short", "max_concurrency": 1, "concurrency_wait_ms": 300}))
+        .await;
+    let send = |body: Value| {
+        p.http
+            .post(p.gateway_url("/v1/messages"))
+            .header("x-api-key", &secret)
+            .json(&body)
+    };
+    let mut holder = send(tagged("holder", true, json!({"chunk_delay_ms": 500})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(holder.status(), 200);
+
+    let started = std::time::Instant::now();
+    let refused = send(tagged("late", false, json!({}))).send().await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(refused.status(), 429);
+    assert!(
+        waited >= Duration::from_millis(300),
+        "gave up after {waited:?}"
+    );
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_concurrency 1 reached"),
+        "{body}"
+    );
+    assert_eq!(metric(&p, p.gateway, TIMED_OUT).await, 1.0);
+
+    // A client that gives up while waiting leaves nothing behind: not in the gauge, not in the
+    // Redis queue (where it would block the key's next requests until its deadline).
+    let gone = send(tagged("gone", false, json!({})))
+        .timeout(Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client timed out");
+    metric_reaches(&p, p.gateway, CANCELLED, 1.0).await;
+    metric_reaches(&p, p.gateway, WAITING, 0.0).await;
+    let client = redis::Client::open(p.redis_url.as_str()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let queue = shared::Keyspace::new(&p.stream)
+        .unwrap()
+        .key(&format!("cq:{id}"));
+    eventually(Duration::from_secs(5), || async {
+        let n: u64 = redis::cmd("ZCARD")
+            .arg(&queue)
+            .query_async(&mut conn.clone())
+            .await
+            .ok()?;
+        (n == 0).then_some(())
+    })
+    .await;
+
+    while holder.chunk().await.unwrap().is_some() {}
+    eventually(Duration::from_secs(5), || async {
+        let r = send(tagged("after", false, json!({}))).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    assert!(
+        !p.upstream
+            .received()
+            .iter()
+            .any(|r| r.body["messages"][0]["content"] == "gone"),
+        "a request whose client left while waiting never reaches the upstream"
+    );
+}
+
+#[tokio::test]
+async fn the_admin_api_shows_current_usage_against_each_limit() {
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    let (id, secret) = p
+        .add_key(json!({"name": "watched",
+            "limits": [
+                {"metric": "requests", "max": 5, "window_secs": 60},
+                {"metric": "tokens", "max": 10000, "window_secs": 3600},
+                {"metric": "cost_usd", "max": 1.0, "window_secs": 86400}],
+            "budget_usd": 2.0,
+            "max_concurrency": 2}))
+        .await;
+    // 1000 input + 20 output tokens on claude-sonnet-4-5: $0.003 + $0.0003 each.
+    let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [],
+                      "mock": {"input_tokens": 1000, "output_tokens": 20}});
+    for _ in 0..3 {
+        let r = p
+            .http
+            .post(p.gateway_url("/v1/messages"))
+            .header("x-api-key", &secret)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let mut holder = p
+        .http
+        .post(p.gateway_url("/v1/messages"))
+        .header("x-api-key", &secret)
+        .json(&tagged(
+            "holder",
+            true,
+            json!({"chunk_delay_ms": 300, "input_tokens": 0, "output_tokens": 0}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(holder.status(), 200);
+
+    // Tokens and cost appear once the aggregator has counted the three responses.
+    let usage = eventually(Duration::from_secs(5), || async {
+        let (status, key) = p
+            .admin(reqwest::Method::GET, &format!("/admin/keys/{id}"), None)
+            .await;
+        assert_eq!(status, 200, "{key}");
+        let usage = key["usage"].as_array().unwrap().clone();
+        (usage[1]["used"] == 3060.0).then_some(usage)
+    })
+    .await;
+    let find = |metric: &str| {
+        usage
+            .iter()
+            .find(|u| u["metric"] == metric)
+            .unwrap_or_else(|| panic!("no {metric} in {usage:?}"))
+            .clone()
+    };
+    let requests = find("requests");
+    assert_eq!(requests["window_secs"], 60);
+    assert_eq!(requests["max"], 5.0);
+    assert_eq!(requests["used"], 4.0, "three answered and one streaming");
+    assert_eq!(requests["remaining"], 1.0);
+    let resets = requests["resets_in_secs"].as_u64().unwrap();
+    assert!((55..=60).contains(&resets), "{resets}");
+    let tokens = find("tokens");
+    assert_eq!(tokens["remaining"], 10000.0 - 3060.0);
+    assert!(tokens["resets_in_secs"].as_u64().unwrap() > 3500);
+    let cost = find("cost_usd");
+    assert!(
+        (cost["used"].as_f64().unwrap() - 0.0099).abs() < 1e-9,
+        "{cost}"
+    );
+    let budget = find("budget_usd");
+    assert!(
+        (budget["used"].as_f64().unwrap() - 0.0099).abs() < 1e-9,
+        "{budget}"
+    );
+    assert!(budget["resets_in_secs"].is_null());
+    let concurrency = find("concurrency");
+    assert_eq!(concurrency["max"], 2.0);
+    assert_eq!(concurrency["used"], 1.0, "the stream holds a slot");
+    assert_eq!(concurrency["waiting"], 0);
+
+    // The list shows the same, for every key.
+    while holder.chunk().await.unwrap().is_some() {}
+    let (status, list) = p.admin(reqwest::Method::GET, "/admin/keys", None).await;
+    assert_eq!(status, 200);
+    let listed = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(listed["usage"].as_array().unwrap().len(), 5);
+    assert_eq!(listed["usage"][0]["used"], 4.0);
+}

@@ -10,8 +10,13 @@
 //! most 30 s of waiting for the aggregator.
 //!
 //! ```text
-//! cargo run --release -p tests --bin loadgen -- [--duration-secs 10] [--out FILE.md]
+//! cargo run --release -p tests --bin loadgen -- [--duration-secs 10] [--limits] [--out FILE.md]
 //! ```
+//!
+//! With `--limits`, every gateway run is repeated right after with a second key that has a
+//! requests window, token and cost windows, a budget and `max_concurrency`, all out of the
+//! load's reach, so each request pays for the whole limit check and is admitted; the report
+//! then compares limits on and off.
 //!
 //! Layout, in the order this file uses them: `processes` (the binaries and the guard that kills
 //! the children), `deployment` (starting and provisioning the servers), `load` (the closed
@@ -53,6 +58,10 @@ struct Args {
     /// Run `cargo build --release` for the binaries even when they are already there.
     #[arg(long)]
     rebuild: bool,
+    /// Also run every gateway row with a key that has every kind of limit (requests, tokens and
+    /// cost windows, budget, max_concurrency), none reachable, and compare limits on and off.
+    #[arg(long)]
+    limits: bool,
 }
 
 const WARMUP: Duration = Duration::from_secs(1);
@@ -86,6 +95,17 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
     let mut deployment = Deployment::start(&mut children, binaries).await?;
     let key = deployment.provision().await?;
     let mut served = deployment.preflight(&key).await?;
+    let limited = if args.limits {
+        let limited = deployment.provision_limited().await?;
+        served += deployment.preflight(&limited).await?;
+        Some(limited)
+    } else {
+        None
+    };
+    let mut targets = vec![Target::Direct, Target::Gateway];
+    if limited.is_some() {
+        targets.push(Target::GatewayLimited);
+    }
 
     let duration = Duration::from_secs(args.duration_secs);
     let hz = probes::clock_ticks_per_sec();
@@ -93,10 +113,15 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
     let mut rows = Vec::new();
     for concurrency in CONCURRENCIES {
         for stream in [false, true] {
-            for target in [Target::Direct, Target::Gateway] {
+            for &target in &targets {
+                let api_key = match target {
+                    Target::Direct => "sk-mock",
+                    Target::Gateway => &key,
+                    Target::GatewayLimited => limited.as_deref().unwrap_or(&key),
+                };
                 let row = run(
                     &mut deployment,
-                    &key,
+                    api_key,
                     concurrency,
                     stream,
                     target,
@@ -108,7 +133,7 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
                     format!("run: concurrency {concurrency}, stream {stream}, {target:?}")
                 })?;
                 children.check_alive()?;
-                if target == Target::Gateway {
+                if target != Target::Direct {
                     served += row.result.responses;
                 }
                 rows.push(row);
@@ -182,16 +207,16 @@ fn by_command(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> 
 
 async fn run(
     d: &mut Deployment,
-    key: &str,
+    api_key: &str,
     concurrency: usize,
     stream: bool,
     target: Target,
     duration: Duration,
     hz: u64,
 ) -> anyhow::Result<Row> {
-    let (base, api_key) = match target {
-        Target::Direct => (&d.mock, "sk-mock"),
-        Target::Gateway => (&d.gateway, key),
+    let base = match target {
+        Target::Direct => &d.mock,
+        Target::Gateway | Target::GatewayLimited => &d.gateway,
     };
     eprintln!("loadgen: concurrency {concurrency:>2}, stream {stream:<5}, {target:?} …");
     let running = load::start(&LoadSpec {
@@ -202,7 +227,7 @@ async fn run(
         warmup: WARMUP,
         duration,
     })?;
-    let cost = if target == Target::Gateway {
+    let cost = if target != Target::Direct {
         tokio::time::sleep_until(running.start).await;
         let before = GatewaySample::take(d).await?;
         tokio::time::sleep_until(running.end).await;

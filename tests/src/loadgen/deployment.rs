@@ -132,6 +132,27 @@ impl Deployment {
 
     /// Creates the upstream account (the mock) and a client key; returns the key's secret.
     pub async fn provision(&self) -> anyhow::Result<String> {
+        self.add_account().await?;
+        self.add_key(json!({"name": "bench"})).await
+    }
+
+    /// A second key with every kind of limit, none of which the load can reach, so each of its
+    /// requests pays for the full check (sliding log, spend windows, budget, concurrency lease)
+    /// and is admitted.
+    pub async fn provision_limited(&self) -> anyhow::Result<String> {
+        self.add_key(json!({
+            "name": "bench-limits",
+            "limits": [
+                {"metric": "requests", "max": 1_000_000_000u64, "window_secs": 60},
+                {"metric": "tokens", "max": 1_000_000_000_000u64, "window_secs": 3600},
+                {"metric": "cost_usd", "max": 1_000_000.0, "window_secs": 86400}],
+            "budget_usd": 1_000_000_000.0,
+            "max_concurrency": 10_000,
+        }))
+        .await
+    }
+
+    async fn add_account(&self) -> anyhow::Result<()> {
         let token = &self.admin_token;
         let account = json!({
             "name": "mock", "provider": "anthropic", "base_url": self.mock, "api_key": "sk-mock",
@@ -145,11 +166,16 @@ impl Deployment {
             .await
             .context("POST /admin/accounts")?;
         expect_success(response, "creating the upstream account").await?;
+        Ok(())
+    }
+
+    /// Creates a client key; returns its secret.
+    async fn add_key(&self, body: Value) -> anyhow::Result<String> {
         let response = self
             .control
             .post(format!("{}/admin/keys", self.gateway))
-            .bearer_auth(token)
-            .json(&json!({"name": "bench"}))
+            .bearer_auth(&self.admin_token)
+            .json(&body)
             .send()
             .await
             .context("POST /admin/keys")?;

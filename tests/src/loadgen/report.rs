@@ -10,6 +10,8 @@ use crate::load::LoadResult;
 pub enum Target {
     Direct,
     Gateway,
+    /// Through the gateway with a key that has every kind of limit (`--limits`).
+    GatewayLimited,
 }
 
 impl Target {
@@ -17,6 +19,7 @@ impl Target {
         match self {
             Self::Direct => "direct to mock",
             Self::Gateway => "through gateway",
+            Self::GatewayLimited => "through gateway, limits on",
         }
     }
 }
@@ -161,6 +164,8 @@ impl Report {
             )?;
         }
 
+        self.write_limits(out)?;
+
         writeln!(out)?;
         writeln!(
             out,
@@ -235,6 +240,67 @@ impl Report {
                     error.replace('\n', " "),
                 )?;
             }
+        }
+        Ok(())
+    }
+}
+
+impl Report {
+    /// Limits on against off, when the run had both.
+    fn write_limits(&self, out: &mut String) -> std::fmt::Result {
+        let pairs: Vec<(&Row, &Row)> = self
+            .rows
+            .iter()
+            .filter(|r| r.target == Target::GatewayLimited)
+            .filter_map(|on| {
+                let off = self.rows.iter().find(|r| {
+                    r.target == Target::Gateway
+                        && r.concurrency == on.concurrency
+                        && r.stream == on.stream
+                })?;
+                Some((off, on))
+            })
+            .collect();
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        writeln!(out, "\n### Limits on against off, same run\n")?;
+        writeln!(
+            out,
+            "| concurrency | stream | req/s off | req/s on | throughput on / off \
+             | p50 off | p50 on | added p50 ms | p99 off | p99 on | added p99 ms |"
+        )?;
+        writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+        for (off, on) in pairs {
+            let (a, b) = (&off.result, &on.result);
+            let ratio = if a.requests_per_sec() > 0.0 {
+                format!("{:.3}×", b.requests_per_sec() / a.requests_per_sec())
+            } else {
+                "–".to_owned()
+            };
+            let q = |r: &crate::load::LoadResult, q: f64| fixed(r.percentile_ms(q), 3);
+            let added = |q: f64| {
+                fixed(
+                    b.percentile_ms(q)
+                        .zip(a.percentile_ms(q))
+                        .map(|(b, a)| b - a),
+                    3,
+                )
+            };
+            writeln!(
+                out,
+                "| {} | {} | {} | {} | {ratio} | {} | {} | {} | {} | {} | {} |",
+                on.concurrency,
+                yes_no(on.stream),
+                thousands(a.requests_per_sec().round() as u64),
+                thousands(b.requests_per_sec().round() as u64),
+                q(a, 0.50),
+                q(b, 0.50),
+                added(0.50),
+                q(a, 0.99),
+                q(b, 0.99),
+                added(0.99),
+            )?;
         }
         Ok(())
     }

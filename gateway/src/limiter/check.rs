@@ -1,0 +1,543 @@
+//! One request's limit check without the round trip: the script, its keys and arguments, and
+//! what its reply means. Pure (time is passed in), so it is unit-tested and benchmarked
+//! (`gateway/benches/limits.rs`) apart from Redis.
+
+use std::fmt::Write as _;
+
+use redis::{Script, ScriptInvocation};
+use shared::Keyspace;
+
+use crate::error::GatewayError;
+use crate::spend;
+use crate::store::{KeyRecord, Limit};
+
+/// A concurrency slot frees when some response ends, which cannot be predicted; clients retry
+/// after this.
+pub const CONCURRENCY_RETRY_AFTER_SECS: u64 = 1;
+
+/// Checks and counts one request. KEYS: the `requests` windows' logs, the lease set, the wait
+/// queue, then the spend hashes. Replies `{1, free slots left, (count, reset ms) per window}`,
+/// `{0, 0, waiters ahead}` when no concurrency slot is free (queued when ARGV wait_until is in
+/// the future), `{0, i, wait ms}` for requests window i, `{0, -c, wait ms}` for spend limit c,
+/// `{0, -1000000, 0}` for the budget.
+pub const SCRIPT: &str = r#"
+local now = tonumber(ARGV[1])
+local nwin = tonumber(ARGV[2])
+local member = ARGV[3]
+local pos = 4
+
+-- 1. requests windows (read only here)
+local counts = {}
+for i = 1, nwin do
+  local window = tonumber(ARGV[pos]); local max = tonumber(ARGV[pos + 1]); pos = pos + 2
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  local n = redis.call('ZCARD', KEYS[i])
+  if n >= max then
+    local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    local wait = window
+    if oldest[2] then wait = tonumber(oldest[2]) + window - now end
+    return {0, i, wait}
+  end
+  counts[i] = n
+end
+local cc_max = tonumber(ARGV[pos]); local ttl = tonumber(ARGV[pos + 1])
+local wait_until = tonumber(ARGV[pos + 2]); pos = pos + 3
+
+-- 2. token and cost windows from the aggregator's spend counters. Each window comes as runs
+--    of consecutive buckets of one hash, oldest first: key, first bucket start, width, count,
+--    then the count field names, handed to HMGET as they are (building ~150 names in Lua cost
+--    Redis ~60 µs per request; this costs it ~10).
+local nspend = tonumber(ARGV[pos]); pos = pos + 1
+for c = 1, nspend do
+  local max = tonumber(ARGV[pos]); local window = tonumber(ARGV[pos + 1])
+  local nruns = tonumber(ARGV[pos + 2]); pos = pos + 3
+  -- only buckets with spend: {value, ms until it leaves the window}, oldest first
+  local values = {}
+  local sum = 0
+  for r = 1, nruns do
+    local k = tonumber(ARGV[pos]); local first = tonumber(ARGV[pos + 1])
+    local width = tonumber(ARGV[pos + 2]); local n = tonumber(ARGV[pos + 3]); pos = pos + 4
+    local got = redis.call('HMGET', KEYS[k], unpack(ARGV, pos, pos + n - 1))
+    pos = pos + n
+    for i = 1, n do
+      local v = tonumber(got[i])
+      if v and v ~= 0 then
+        sum = sum + v
+        values[#values + 1] = {v, math.max(0, first + i * width + window - now)}
+      end
+    end
+  end
+  if sum >= max then
+    local wait = 0
+    for f = 1, #values do
+      sum = sum - values[f][1]
+      wait = values[f][2]
+      if sum < max then break end
+    end
+    return {0, -c, wait}
+  end
+end
+
+-- 3. lifetime budget, nanodollars
+local bk = tonumber(ARGV[pos]); local budget = tonumber(ARGV[pos + 1]); pos = pos + 2
+if bk > 0 then
+  local v = redis.call('HMGET', KEYS[bk], 'ch', 'cl')
+  local spent = (tonumber(v[1]) or 0) + math.ceil((tonumber(v[2]) or 0) / 1e9)
+  if spent >= budget then return {0, -1000000, 0} end
+end
+
+-- 4. concurrency: take a lease, unless the waiters queued before this request need every free
+--    slot. The queue is scored by each waiter's deadline (arrival + the key's wait), so its
+--    order is arrival order, and a waiter whose deadline passed has given up.
+local free_after = 0
+if cc_max >= 0 then
+  local k = KEYS[nwin + 1]
+  local q = KEYS[nwin + 2]
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+  local free = cc_max - redis.call('ZCARD', k)
+  -- nobody waiting (the common case) costs one ZCARD
+  local ahead = redis.call('ZCARD', q)
+  local queued = ahead > 0
+  if queued then
+    redis.call('ZREMRANGEBYSCORE', q, '-inf', now)
+    ahead = redis.call('ZRANK', q, member) or redis.call('ZCARD', q)
+  end
+  if free <= ahead then
+    if wait_until > now then
+      redis.call('ZADD', q, 'NX', wait_until, member)
+      if redis.call('PTTL', q) < wait_until - now then
+        redis.call('PEXPIRE', q, wait_until - now)
+      end
+    end
+    return {0, 0, ahead}
+  end
+  if queued then redis.call('ZREM', q, member) end
+  redis.call('ZADD', k, now + ttl, member)
+  redis.call('PEXPIRE', k, ttl * 2)
+  free_after = free - 1
+end
+
+-- 5. admitted: count the request in every window
+local out = {1, free_after}
+pos = 4
+for i = 1, nwin do
+  local window = tonumber(ARGV[pos]); pos = pos + 2
+  redis.call('ZADD', KEYS[i], now, member)
+  redis.call('PEXPIRE', KEYS[i], window)
+  local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  out[#out + 1] = counts[i] + 1
+  out[#out + 1] = tonumber(oldest[2]) + window - now
+end
+return out
+"#;
+
+/// Where the most constrained `requests` window of an admitted request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestBudget {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until the oldest counted request leaves the window.
+    pub reset_ms: u64,
+}
+
+/// What the script decided for one attempt.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    Admitted {
+        budget: Option<RequestBudget>,
+        /// Concurrency slots still free after this one: another waiter may go too.
+        free_after: u64,
+    },
+    /// Every concurrency slot is taken (or claimed by earlier waiters).
+    Full { ahead: u64 },
+}
+
+/// The lease set, the wait queue and the spend hashes of a key.
+pub fn lease_key(keyspace: &Keyspace, key_id: &str) -> String {
+    keyspace.key(&format!("cc:{key_id}"))
+}
+
+pub fn queue_key(keyspace: &Keyspace, key_id: &str) -> String {
+    keyspace.key(&format!("cq:{key_id}"))
+}
+
+pub fn spend_key(keyspace: &Keyspace, key_id: &str) -> String {
+    keyspace.key(&format!("sp:{key_id}"))
+}
+
+pub fn window_key(keyspace: &Keyspace, key_id: &str, window_secs: u64) -> String {
+    keyspace.key(&format!("rl:{key_id}:{window_secs}"))
+}
+
+/// The inputs of one attempt.
+pub struct Attempt<'a> {
+    pub key: &'a KeyRecord,
+    pub request_id: &'a str,
+    pub now_ms: i64,
+    pub lease_ttl_ms: u64,
+    /// Until when the request may wait in the queue; 0 = it does not wait.
+    pub wait_until_ms: i64,
+}
+
+/// One attempt's script call, and what is needed to read its reply.
+pub struct Check<'a> {
+    key: &'a KeyRecord,
+    windows: Vec<(u64, u64)>,
+    spend: Vec<&'a Limit>,
+    pub invocation: ScriptInvocation<'a>,
+}
+
+/// Whether a key has any limit the script must check.
+pub fn is_limited(key: &KeyRecord) -> bool {
+    !key.limits.is_empty() || key.budget_usd.is_some() || key.max_concurrency.is_some()
+}
+
+impl<'a> Check<'a> {
+    pub fn new(script: &'a Script, keyspace: &Keyspace, a: &Attempt<'a>) -> Self {
+        let key = a.key;
+        let windows: Vec<(u64, u64)> = key
+            .limits
+            .iter()
+            .filter(|l| l.metric == "requests")
+            .map(|l| (l.window_secs.saturating_mul(1000), l.max as u64))
+            .collect();
+        let spend: Vec<&Limit> = key
+            .limits
+            .iter()
+            .filter(|l| matches!(l.metric.as_str(), "tokens" | "cost_usd"))
+            .collect();
+        let spend_prefix = spend_key(keyspace, &key.id);
+        let mut keys: Vec<String> = windows
+            .iter()
+            .map(|(window_ms, _)| window_key(keyspace, &key.id, window_ms / 1000))
+            .collect();
+        keys.push(lease_key(keyspace, &key.id));
+        keys.push(queue_key(keyspace, &key.id));
+        let mut key_index = |name: String| -> usize {
+            match keys.iter().position(|k| *k == name) {
+                Some(i) => i + 1,
+                None => {
+                    keys.push(name);
+                    keys.len()
+                }
+            }
+        };
+
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .arg(a.now_ms)
+            .arg(windows.len())
+            .arg(a.request_id);
+        for (window_ms, max) in &windows {
+            invocation.arg(*window_ms).arg(*max);
+        }
+        invocation
+            .arg(key.max_concurrency.map_or(-1, i64::from))
+            .arg(a.lease_ttl_ms)
+            .arg(a.wait_until_ms);
+        invocation.arg(spend.len());
+        for limit in &spend {
+            let window_ms =
+                i64::try_from(limit.window_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
+            let (prefix, max) = match limit.metric.as_str() {
+                "tokens" => ('t', limit.max as i64),
+                _ => ('c', nanodollars(limit.max)),
+            };
+            let reads = spend::window_reads(a.now_ms, window_ms);
+            let runs = runs(&reads);
+            invocation.arg(max).arg(window_ms).arg(runs.len());
+            let mut field = String::with_capacity(16);
+            for run in runs {
+                let k = key_index(format!("{spend_prefix}{}", run.hash_suffix));
+                invocation
+                    .arg(k)
+                    .arg(run.first)
+                    .arg(run.width)
+                    .arg(run.count);
+                for i in 0..run.count as i64 {
+                    field.clear();
+                    // Writing to a String cannot fail.
+                    let _ = write!(field, "{prefix}{}", run.first + i * run.width);
+                    invocation.arg(field.as_str());
+                }
+            }
+        }
+        match key.budget_usd {
+            Some(budget) => invocation
+                .arg(key_index(spend_prefix))
+                .arg(nanodollars(budget)),
+            None => invocation.arg(0).arg(0),
+        };
+        for k in &keys {
+            invocation.key(k);
+        }
+        Self {
+            key,
+            windows,
+            spend,
+            invocation,
+        }
+    }
+
+    /// Reads the script's reply: admitted, queued behind a full concurrency limit, or refused
+    /// for a window or the budget.
+    pub fn decide(&self, reply: &[i64]) -> Result<Verdict, GatewayError> {
+        let key = self.key;
+        // Round up: arriving a moment early would be refused again.
+        let secs_up = |ms: i64| Some(u64::try_from(ms).unwrap_or(0).div_ceil(1000).max(1));
+        match reply {
+            [1, free_after, counts @ ..] => {
+                let budget = self
+                    .windows
+                    .iter()
+                    .zip(counts.chunks(2))
+                    .filter_map(|((_, max), c)| {
+                        let used = u64::try_from(*c.first()?).ok()?;
+                        Some(RequestBudget {
+                            limit: *max,
+                            remaining: max.saturating_sub(used),
+                            reset_ms: u64::try_from(*c.get(1)?).unwrap_or(0),
+                        })
+                    })
+                    .min_by_key(|b| b.remaining);
+                Ok(Verdict::Admitted {
+                    budget,
+                    free_after: u64::try_from(*free_after).unwrap_or(0),
+                })
+            }
+            [0, 0, ahead] => Ok(Verdict::Full {
+                ahead: u64::try_from(*ahead).unwrap_or(0),
+            }),
+            [0, -1_000_000, _] => Err(GatewayError::QuotaExceeded {
+                limit: format!("budget_usd {} spent", key.budget_usd.unwrap_or(0.0)),
+                retry_after_secs: None,
+            }),
+            [0, index, wait_ms] if *index < 0 => {
+                let Some(limit) = usize::try_from(-index - 1)
+                    .ok()
+                    .and_then(|i| self.spend.get(i))
+                else {
+                    return Err(GatewayError::InvalidRequest("limiter failure".into()));
+                };
+                let what = format!("{} {} per {} s", limit.max, limit.metric, limit.window_secs);
+                let retry_after_secs = secs_up(*wait_ms);
+                Err(if limit.metric == "cost_usd" {
+                    GatewayError::QuotaExceeded {
+                        limit: what,
+                        retry_after_secs,
+                    }
+                } else {
+                    GatewayError::RateLimited {
+                        limit: what,
+                        retry_after_secs,
+                    }
+                })
+            }
+            [0, window, wait_ms] => {
+                let index = usize::try_from(*window - 1).unwrap_or(0);
+                let (window_ms, max) = self.windows.get(index).copied().unwrap_or_default();
+                Err(GatewayError::RateLimited {
+                    limit: format!("{max} requests per {} s", window_ms / 1000),
+                    retry_after_secs: secs_up(*wait_ms),
+                })
+            }
+            other => {
+                tracing::error!(reply = ?other, "unexpected limiter reply");
+                Err(GatewayError::InvalidRequest("limiter failure".into()))
+            }
+        }
+    }
+}
+
+/// The refusal for a full concurrency limit, after waiting `waited_ms` for a slot.
+pub fn concurrency_refusal(key: &KeyRecord, waited_ms: Option<u64>) -> GatewayError {
+    let max = key.max_concurrency.unwrap_or(0);
+    GatewayError::RateLimited {
+        limit: match waited_ms {
+            Some(ms) => format!("max_concurrency {max} reached (no slot freed within {ms} ms)"),
+            None => format!("max_concurrency {max} reached"),
+        },
+        retry_after_secs: Some(CONCURRENCY_RETRY_AFTER_SECS),
+    }
+}
+
+/// Consecutive buckets of one spend hash.
+#[derive(Debug, PartialEq, Eq)]
+struct Run<'r> {
+    hash_suffix: &'r str,
+    first: i64,
+    width: i64,
+    count: usize,
+}
+
+/// The tiling's buckets as runs, oldest first (the script relies on that order to compute how
+/// long until enough spend leaves the window).
+fn runs(reads: &[spend::Read]) -> Vec<Run<'_>> {
+    let mut runs: Vec<Run<'_>> = Vec::with_capacity(reads.len());
+    for read in reads {
+        let width = bucket_width(&read.hash_suffix);
+        for &bucket in &read.buckets {
+            match runs.last_mut() {
+                Some(run)
+                    if run.hash_suffix == read.hash_suffix
+                        && run.first + run.width * run.count as i64 == bucket =>
+                {
+                    run.count += 1
+                }
+                _ => runs.push(Run {
+                    hash_suffix: &read.hash_suffix,
+                    first: bucket,
+                    width,
+                    count: 1,
+                }),
+            }
+        }
+    }
+    runs.sort_by_key(|run| run.first);
+    runs
+}
+
+/// USD → whole nanodollars (limits are compared in the unit the spend counters use).
+pub fn nanodollars(usd: f64) -> i64 {
+    (usd * 1e9).round() as i64
+}
+
+pub fn bucket_width(hash_suffix: &str) -> i64 {
+    match hash_suffix.as_bytes().get(1) {
+        Some(b'd') => 86_400_000,
+        Some(b'h') => 3_600_000,
+        _ => 60_000,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> KeyRecord {
+        KeyRecord {
+            id: "key_1".into(),
+            name: "k".into(),
+            hash: String::new(),
+            prefix: String::new(),
+            limits: vec![
+                Limit {
+                    metric: "requests".into(),
+                    max: 5.0,
+                    window_secs: 60,
+                },
+                Limit {
+                    metric: "requests".into(),
+                    max: 100.0,
+                    window_secs: 3600,
+                },
+                Limit {
+                    metric: "cost_usd".into(),
+                    max: 1.5,
+                    window_secs: 86_400,
+                },
+            ],
+            budget_usd: Some(10.0),
+            max_concurrency: Some(2),
+            concurrency_wait_ms: 1000,
+            models: None,
+            expires_at_ms: None,
+            disabled: false,
+            created_at_ms: 0,
+        }
+    }
+
+    #[track_caller]
+    fn check(reply: &[i64]) -> Result<Verdict, GatewayError> {
+        let script = Script::new(SCRIPT);
+        let keyspace = Keyspace::new("meter:events").unwrap();
+        let key = key();
+        let attempt = Attempt {
+            key: &key,
+            request_id: "r1",
+            now_ms: 1_700_000_000_000,
+            lease_ttl_ms: 60_000,
+            wait_until_ms: 0,
+        };
+        Check::new(&script, &keyspace, &attempt).decide(reply)
+    }
+
+    #[test]
+    fn an_admitted_request_reports_its_most_constrained_window() {
+        let verdict = check(&[1, 1, 3, 40_000, 10, 3_000_000]).unwrap();
+        assert_eq!(
+            verdict,
+            Verdict::Admitted {
+                budget: Some(RequestBudget {
+                    limit: 5,
+                    remaining: 2,
+                    reset_ms: 40_000
+                }),
+                free_after: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_full_concurrency_limit_is_not_an_error_so_the_request_can_wait() {
+        assert_eq!(check(&[0, 0, 3]).unwrap(), Verdict::Full { ahead: 3 });
+    }
+
+    #[test]
+    fn a_spent_cost_window_is_a_quota_error_with_a_rounded_up_retry_after() {
+        match check(&[0, -1, 1_001]) {
+            Err(GatewayError::QuotaExceeded {
+                limit,
+                retry_after_secs,
+            }) => {
+                assert_eq!(limit, "1.5 cost_usd per 86400 s");
+                assert_eq!(retry_after_secs, Some(2));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_full_requests_window_names_itself() {
+        match check(&[0, 2, 5_000]) {
+            Err(GatewayError::RateLimited { limit, .. }) => {
+                assert_eq!(limit, "100 requests per 3600 s")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_day_window_is_a_handful_of_runs_oldest_first_covering_it_whole() {
+        let now = 20_000 * 86_400_000 + 13 * 3_600_000 + 17 * 60_000 + 5_000;
+        let reads = spend::window_reads(now, 86_400_000);
+        let runs = runs(&reads);
+        assert!(runs.len() <= 5, "{runs:?}");
+        for pair in runs.windows(2) {
+            assert_eq!(
+                pair[0].first + pair[0].width * pair[0].count as i64,
+                pair[1].first
+            );
+        }
+        let first = runs.first().unwrap();
+        let last = runs.last().unwrap();
+        assert_eq!(first.first, now - 5_000 - 86_400_000);
+        assert_eq!(
+            last.first + last.width * last.count as i64,
+            now - 5_000 + 60_000
+        );
+    }
+
+    #[test]
+    fn every_key_of_the_script_shares_the_deployment_hash_tag() {
+        let keyspace = Keyspace::new("meter:events").unwrap();
+        for k in [
+            lease_key(&keyspace, "key_1"),
+            queue_key(&keyspace, "key_1"),
+            spend_key(&keyspace, "key_1"),
+            window_key(&keyspace, "key_1", 60),
+        ] {
+            assert!(k.starts_with("{meter:events}:"), "{k}");
+        }
+    }
+}
