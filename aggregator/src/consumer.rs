@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use redis::Value;
 use redis::aio::ConnectionManager;
-use shared::{EVENT_FIELD, Keyspace, UsageEvent};
+use shared::{EVENT_FIELD, Keyspace, MAX_TOKENS, UsageEvent};
 use tokio::sync::watch;
 
 use crate::commit::{Batch, Committer, Outcome, Seen};
@@ -229,7 +229,9 @@ impl Consumer {
         let mut dead: Vec<(&Entry, String)> = Vec::new();
         for entry in &entries {
             let decoded = match &entry.payload {
-                Some(bytes) => shared::decode(bytes).map_err(|e| e.to_string()),
+                Some(bytes) => shared::decode(bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(plausible),
                 None => Err(format!("entry has no `{EVENT_FIELD}` field")),
             };
             match decoded {
@@ -353,6 +355,29 @@ impl Consumer {
     }
 }
 
+/// An event whose token counts no real request has (above [`MAX_TOKENS`]) is dead-lettered, not
+/// counted: its counters could overflow, and a commit script that fails half-way keeps the
+/// writes it made.
+pub fn plausible(event: UsageEvent) -> Result<UsageEvent, String> {
+    let counts = [
+        ("input_tokens", event.input_tokens),
+        ("output_tokens", event.output_tokens),
+        (
+            "cache_creation_input_tokens",
+            event.cache_creation_input_tokens,
+        ),
+        (
+            "cache_creation_1h_input_tokens",
+            event.cache_creation_1h_input_tokens,
+        ),
+        ("cache_read_input_tokens", event.cache_read_input_tokens),
+    ];
+    match counts.iter().find(|(_, n)| *n > MAX_TOKENS) {
+        Some((name, n)) => Err(format!("implausible {name}: {n} (more than {MAX_TOKENS})")),
+        None => Ok(event),
+    }
+}
+
 pub fn usage_of(event: &UsageEvent) -> Usage<'_> {
     Usage {
         model: &event.model,
@@ -407,6 +432,35 @@ fn parse_entry(value: &Value) -> Option<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn implausible_token_counts_are_refused() {
+        let mut event = shared::UsageEvent {
+            v: 1,
+            id: "x".into(),
+            ts: 0,
+            key_id: None,
+            account_id: None,
+            provider: "anthropic".into(),
+            endpoint: "messages".into(),
+            model: "m".into(),
+            status: 200,
+            stream: false,
+            latency_us: 1,
+            ttft_us: None,
+            input_tokens: MAX_TOKENS,
+            output_tokens: 0,
+            cache_creation_input_tokens: 0,
+            cache_creation_1h_input_tokens: 0,
+            cache_read_input_tokens: 0,
+            service_tier: None,
+            error: None,
+        };
+        assert!(plausible(event.clone()).is_ok());
+        event.cache_read_input_tokens = u64::MAX;
+        let reason = plausible(event).unwrap_err();
+        assert!(reason.contains("cache_read_input_tokens"), "{reason}");
+    }
 
     #[test]
     fn arrival_time_is_the_id_millisecond_part() {

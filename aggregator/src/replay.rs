@@ -558,8 +558,11 @@ async fn rebuild(
                 counts.left += 1;
                 continue;
             }
-            // Undecodable entries were dead-lettered live; they count nowhere.
-            let Some(Ok(event)) = bytes.as_deref().map(shared::decode) else {
+            // Entries the live consumers dead-lettered count nowhere.
+            let Some(Ok(Ok(event))) = bytes
+                .as_deref()
+                .map(|b| shared::decode(b).map(crate::consumer::plausible))
+            else {
                 continue;
             };
             if !(from_ms..to_ms).contains(&event.ts) {

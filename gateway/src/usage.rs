@@ -97,11 +97,9 @@ impl Call {
     }
 }
 
-/// The most tokens one event reports in any column. No request comes near a trillion tokens,
-/// so a larger count is a broken (or hostile) upstream report; passed on, it would overflow the
-/// aggregator's 64-bit counters (Redis refuses the increment), losing the event's figures.
-/// Clamped, a cell can still sum 8 million such events.
-pub const MAX_TOKENS: u64 = 1 << 40;
+/// A larger count is a broken (or hostile) upstream report; the aggregator would dead-letter
+/// the event (see [`shared::MAX_TOKENS`]), so it is clamped here and the request still counts.
+pub use shared::MAX_TOKENS;
 
 fn clamp_tokens(n: u64) -> u64 {
     if n > MAX_TOKENS {

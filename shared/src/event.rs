@@ -45,6 +45,12 @@ impl UsageEvent {
     }
 }
 
+/// The most tokens an event may report in any one count: far above any real request (the
+/// largest context windows hold a few million tokens) and far enough below 2^63 that no
+/// counter the aggregator keeps can overflow. The gateway clamps larger upstream reports to it;
+/// the aggregator dead-letters events above it.
+pub const MAX_TOKENS: u64 = 1 << 32;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("not a usage event: {0}")]

@@ -9,5 +9,5 @@
 pub mod event;
 pub mod keyspace;
 
-pub use event::{DecodeError, SCHEMA_VERSION, UsageEvent, decode, encode};
+pub use event::{DecodeError, MAX_TOKENS, SCHEMA_VERSION, UsageEvent, decode, encode};
 pub use keyspace::{DEFAULT_STREAM, EVENT_FIELD, InvalidStreamName, Keyspace};

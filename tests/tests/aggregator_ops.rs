@@ -199,3 +199,71 @@ async fn sighup_reloads_prices_for_new_events() {
     assert!(aggregator.terminate().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn implausible_token_counts_are_dead_lettered() {
+    let stream = unique_stream();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut fine = event(1, "claude-sonnet-4-5");
+    fine.ts = now;
+    // Twice u64::MAX output tokens would overflow a counter half-way through a commit.
+    let mut huge = event(2, "claude-sonnet-4-5");
+    huge.ts = now;
+    huge.output_tokens = u64::MAX;
+    let mut huge2 = huge.clone();
+    huge2.id = "huge-2".into();
+    tests::harness::xadd_events(&mut conn, &stream, &[fine, huge, huge2]).await;
+    let (aggregator, _stop) = tests::harness::spawn_aggregator(redis_url(), &stream).await;
+    let http = reqwest::Client::new();
+    let dead = format!("{stream}:dead");
+    eventually(Duration::from_secs(20), || {
+        let mut conn = conn.clone();
+        let dead = dead.clone();
+        async move {
+            let n: usize = redis::cmd("XLEN")
+                .arg(&dead)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (n == 2).then_some(())
+        }
+    })
+    .await;
+    let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+        .arg(&dead)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let reason = entries[0]
+        .1
+        .iter()
+        .find(|(f, _)| f == "reason")
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .unwrap();
+    assert!(reason.contains("implausible output_tokens"), "{reason}");
+    let from = now - 3_600_000;
+    let to = now + 3_600_000;
+    let body: Value = http
+        .get(format!("http://{aggregator}/v1/usage?from={from}&to={to}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["rows"][0]["requests"], 1, "{body}");
+    let summary: redis::Value = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("aggregator")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let redis::Value::Array(parts) = summary else {
+        panic!("XPENDING summary")
+    };
+    assert_eq!(parts[0], redis::Value::Int(0), "nothing left pending");
+}

@@ -192,8 +192,8 @@ async fn upstream_faults_end_cleanly_are_metered_once_and_leave_the_gateway_heal
     );
     println!("slow drip: complete after {took:?}");
 
-    // Absurd usage (2^64 − 1 output tokens) is clamped to 2^40 rather than overflowing the
-    // aggregator's counters.
+    // Absurd usage (2^64 − 1 output tokens) is clamped to `shared::MAX_TOKENS` (2^32) rather
+    // than overflowing the aggregator's counters; the aggregator accepts it.
     let (status, whole, body, _) = send(
         &p,
         &secret,
@@ -247,7 +247,7 @@ async fn upstream_faults_end_cleanly_are_metered_once_and_leave_the_gateway_heal
     );
     assert_eq!(
         events[want - 2].output_tokens,
-        1 << 40,
+        shared::MAX_TOKENS,
         "{:?}",
         events[want - 2]
     );
