@@ -4,6 +4,7 @@
 #   shared   event decoder (arbitrary and mangled MessagePack)
 #   gateway  SSE parser, usage extractors and stream handlers, usage-chunk hider,
 #            include_usage injection (gateway/src/relay/fuzz.rs)
+#   aggregator  stats query parser and planner (aggregator/src/query.rs)
 # Each property is run again and again with a fresh random seed and PROPTEST_CASES per run
 # until its share of the time budget is spent. A failure stops the script; proptest saves the
 # shrunk input under <crate>/proptest-regressions/, which is committed as a regression test.
@@ -21,8 +22,9 @@ TARGETS=(
   "gateway relay::fuzz::stream_handlers_never_panic_and_ignore_chunking"
   "gateway relay::fuzz::the_usage_hider_ignores_chunking_and_passes_usage_free_streams_unchanged"
   "gateway relay::fuzz::injecting_include_usage_never_panics_and_yields_a_request_that_asks_for_usage"
+  "aggregator query::tests::fuzz::query_parsing_and_planning_never_panic_and_stay_bounded"
 )
-cargo test -q -p shared -p gateway --lib --no-run
+cargo test -q -p shared -p gateway -p aggregator --lib --no-run
 for target in "${TARGETS[@]}"; do
   read -r crate name <<<"$target"
   runs=0

@@ -452,4 +452,63 @@ mod tests {
         let row = &rows.latency[&(None, vec![])];
         assert_eq!((row.latency.count(), row.ttft.count()), (3, 1));
     }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::plan::{MAX_BUCKETS, MAX_CELLS, Retention, plan};
+
+        /// Values near the parser's edges: any integer, times and offsets with random digits,
+        /// the words it knows, and arbitrary text.
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                (0i64..=4_102_444_800_000).prop_map(|n| n.to_string()),
+                "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(Z|[+-][0-9]{2}:[0-9]{2})",
+                "[+-][0-9]{1,3}:[0-9]{1,3}",
+                prop::sample::select(vec!["minute", "hour", "day", "month", "all", "week", ""])
+                    .prop_map(str::to_owned),
+                "(key|model|account|provider|endpoint|status|,|x){0,8}",
+                "(0\\.[0-9]{0,3}|1|,|-|e9|NaN){0,6}",
+                ".{0,40}",
+            ]
+        }
+
+        fn params() -> impl Strategy<Value = HashMap<String, String>> {
+            let names = prop::sample::select(vec![
+                "from",
+                "to",
+                "bucket",
+                "group_by",
+                "tz",
+                "quantiles",
+                "key",
+                "model",
+                "status",
+                "junk",
+            ]);
+            prop::collection::hash_map(names.prop_map(str::to_owned), value(), 0..7)
+        }
+
+        proptest! {
+            /// The stats query parser and planner, fed anything: never a panic, and whatever
+            /// they accept stays within the caps (bounded work).
+            #[test]
+            fn query_parsing_and_planning_never_panic_and_stay_bounded(
+                params in params(),
+                now in 0i64..=4_102_444_800_000,
+            ) {
+                for kind in [Kind::Usage, Kind::Latency] {
+                    let _ = parse_quantiles(&params);
+                    if let Ok(query) = Query::parse(&params, kind) {
+                        if let Ok(plan) = plan(query.request, now, Retention::serving()) {
+                            prop_assert!(plan.buckets.len() <= MAX_BUCKETS);
+                            prop_assert!(plan.cell_count() <= MAX_CELLS);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -303,19 +303,38 @@ async fn no_secret_appears_in_logs_streams_metrics_errors_or_admin_reads() {
 
     // Every request's event is in, and counted.
     let usage_url = format!("{agg}/v1/usage");
+    // The stats API is behind the admin token too (ADMIN_TOKEN is set).
     eventually(Duration::from_secs(30), || async {
-        let usage: Value = http.get(&usage_url).send().await.ok()?.json().await.ok()?;
+        let usage: Value = http
+            .get(&usage_url)
+            .bearer_auth(&admin_token)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
         (usage["rows"][0]["requests"].as_i64()? == sent).then_some(())
     })
     .await;
     for url in [
         format!("{gw}/metrics"),
         format!("{agg}/metrics"),
-        usage_url,
+        usage_url.clone(),
         format!("{agg}/v1/latency"),
     ] {
-        seen.push(http.get(url).send().await.unwrap().text().await.unwrap());
+        let response = http
+            .get(url)
+            .bearer_auth(&admin_token)
+            .send()
+            .await
+            .unwrap();
+        seen.push(response.text().await.unwrap());
     }
+    // Without the token the stats API answers 401, and its error names no secret either.
+    let refused = http.get(&usage_url).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    seen.push(refused.text().await.unwrap());
 
     // Redis: every key of this deployment's keyspace, whatever its type, plus the stream and
     // its dead letters.
