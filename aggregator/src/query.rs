@@ -501,11 +501,11 @@ mod tests {
             ) {
                 for kind in [Kind::Usage, Kind::Latency] {
                     let _ = parse_quantiles(&params);
-                    if let Ok(query) = Query::parse(&params, kind) {
-                        if let Ok(plan) = plan(query.request, now, Retention::serving()) {
-                            prop_assert!(plan.buckets.len() <= MAX_BUCKETS);
-                            prop_assert!(plan.cell_count() <= MAX_CELLS);
-                        }
+                    if let Ok(query) = Query::parse(&params, kind)
+                        && let Ok(plan) = plan(query.request, now, Retention::serving())
+                    {
+                        prop_assert!(plan.buckets.len() <= MAX_BUCKETS);
+                        prop_assert!(plan.cell_count() <= MAX_CELLS);
                     }
                 }
             }
