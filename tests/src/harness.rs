@@ -136,6 +136,13 @@ impl Pipeline {
         format!("http://{}{path}", self.gateway)
     }
 
+    /// `POST /v1/messages` on the gateway with a client key, body still to add.
+    pub fn messages(&self, secret: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(self.gateway_url("/v1/messages"))
+            .header("x-api-key", secret)
+    }
+
     pub fn aggregator_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.aggregator)
     }

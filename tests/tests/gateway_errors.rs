@@ -7,9 +7,7 @@ use tests::harness::Pipeline;
 
 async fn post_messages(p: &Pipeline, secret: &str, body: reqwest::Body) -> (u16, Value) {
     let response = p
-        .http
-        .post(p.gateway_url("/v1/messages"))
-        .header("x-api-key", secret)
+        .messages(secret)
         .header("content-type", "application/json")
         .body(body)
         .send()

@@ -21,9 +21,7 @@ async fn the_sixth_request_of_a_5_per_minute_key_gets_a_429_naming_the_limit() {
         .await;
     for expected_remaining in (0..5).rev() {
         let response = p
-            .http
-            .post(p.gateway_url("/v1/messages"))
-            .header("x-api-key", &secret)
+            .messages(&secret)
             .json(&message(false, json!({})))
             .send()
             .await
@@ -38,9 +36,7 @@ async fn the_sixth_request_of_a_5_per_minute_key_gets_a_429_naming_the_limit() {
         assert!(h.contains_key("anthropic-ratelimit-requests-reset"));
     }
     let response = p
-        .http
-        .post(p.gateway_url("/v1/messages"))
-        .header("x-api-key", &secret)
+        .messages(&secret)
         .json(&message(false, json!({})))
         .send()
         .await
@@ -138,13 +134,8 @@ async fn a_streaming_request_holds_the_keys_only_concurrency_slot_until_it_ends(
     let (_, secret) = p
         .add_key(json!({"name": "one", "max_concurrency": 1}))
         .await;
-    let send = |stream: bool, extra: Value| {
-        p.http
-            .post(p.gateway_url("/v1/messages"))
-            .header("x-api-key", &secret)
-            .json(&message(stream, extra))
-            .send()
-    };
+    let send =
+        |stream: bool, extra: Value| p.messages(&secret).json(&message(stream, extra)).send();
     let slow = send(true, json!({"chunk_delay_ms": 100})).await.unwrap();
     assert_eq!(slow.status(), 200);
     let refused = send(false, json!({})).await.unwrap();
@@ -365,13 +356,7 @@ async fn with_a_wait_a_request_over_max_concurrency_waits_for_the_stream_ahead_t
     let (_, secret) = p
         .add_key(json!({"name": "patient", "max_concurrency": 1, "concurrency_wait_ms": 2000}))
         .await;
-    let send = |body: Value| {
-        p.http
-            .post(p.gateway_url("/v1/messages"))
-            .header("x-api-key", &secret)
-            .json(&body)
-            .send()
-    };
+    let send = |body: Value| p.messages(&secret).json(&body).send();
     let mut slow = send(tagged("first", true, json!({"chunk_delay_ms": 100})))
         .await
         .unwrap();
@@ -484,12 +469,7 @@ async fn a_wait_that_runs_out_gets_the_usual_429_and_a_client_that_leaves_frees_
     let (id, secret) = p
         .add_key(json!({"name": "short", "max_concurrency": 1, "concurrency_wait_ms": 300}))
         .await;
-    let send = |body: Value| {
-        p.http
-            .post(p.gateway_url("/v1/messages"))
-            .header("x-api-key", &secret)
-            .json(&body)
-    };
+    let send = |body: Value| p.messages(&secret).json(&body);
     let mut holder = send(tagged("holder", true, json!({"chunk_delay_ms": 500})))
         .send()
         .await
@@ -572,21 +552,12 @@ async fn the_admin_api_shows_current_usage_against_each_limit() {
     let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [],
                       "mock": {"input_tokens": 1000, "output_tokens": 20}});
     for _ in 0..3 {
-        let r = p
-            .http
-            .post(p.gateway_url("/v1/messages"))
-            .header("x-api-key", &secret)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = p.messages(&secret).json(&body).send().await.unwrap();
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
     }
     let mut holder = p
-        .http
-        .post(p.gateway_url("/v1/messages"))
-        .header("x-api-key", &secret)
+        .messages(&secret)
         .json(&tagged(
             "holder",
             true,

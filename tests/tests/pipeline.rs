@@ -38,9 +38,7 @@ async fn anthropic_requests_are_relayed_metered_and_priced_exactly() {
 
     // Non-streaming, with 5-minute and 1-hour cache writes and cache reads.
     let response = p
-        .http
-        .post(p.gateway_url("/v1/messages"))
-        .header("x-api-key", &secret)
+        .messages(&secret)
         .header("anthropic-version", "2023-06-01")
         .json(&json!({
             "model": "claude-sonnet-4-5",
@@ -185,9 +183,7 @@ async fn a_bad_key_gets_an_anthropic_401_and_is_still_metered() {
     let p = Pipeline::start().await;
     p.add_account("anthropic").await;
     let response = p
-        .http
-        .post(p.gateway_url("/v1/messages"))
-        .header("x-api-key", "mk-not-a-real-key")
+        .messages("mk-not-a-real-key")
         .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []}))
         .send()
         .await

@@ -20,10 +20,7 @@ async fn redis_stopped_while_200_requests_are_served_loses_no_event() {
     let send = |i: usize| {
         let (p, secret) = (&p, &secret);
         async move {
-            let response = p
-                .http
-                .post(p.gateway_url("/v1/messages"))
-                .header("x-api-key", secret)
+            let response = p.messages(secret)
                 .json(
                     &json!({"model": "claude-haiku-4-5", "max_tokens": 5, "stream": i.is_multiple_of(2),
                               "messages": [], "mock": {"input_tokens": 10, "output_tokens": 2}}),
@@ -79,9 +76,7 @@ async fn steady_load(p: &Pipeline, secret: &str, tally: &Tally, stop: &AtomicBoo
     let mut i = 0usize;
     while !stop.load(Ordering::Relaxed) {
         let response = p
-            .http
-            .post(p.gateway_url("/v1/messages"))
-            .header("x-api-key", secret)
+            .messages(secret)
             .json(
                 &json!({"model": "claude-haiku-4-5", "max_tokens": 5, "stream": i.is_multiple_of(2),
                           "messages": [], "mock": {"input_tokens": 10, "output_tokens": 2}}),
@@ -173,9 +168,7 @@ async fn redis_back_empty_gets_the_spooled_events_but_keys_and_stats_are_lost() 
     let (_, secret) = p.add_key(json!({"name": "amnesia"})).await;
     let send = || async {
         let response = p
-            .http
-            .post(p.gateway_url("/v1/messages"))
-            .header("x-api-key", &secret)
+            .messages(&secret)
             .json(
                 &json!({"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [],
                           "mock": {"input_tokens": 10, "output_tokens": 2}}),
