@@ -20,12 +20,12 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
     }
     let output = Command::new(env!("CARGO"))
         .args([
+            // Every binary of the workspace at once: with `-p <package>` cargo resolves another
+            // feature set and rebuilds reqwest, rustls and the binary on each test run.
             "build",
+            "--workspace",
+            "--bins",
             "--quiet",
-            "-p",
-            package,
-            "--bin",
-            bin,
             "--message-format=json",
         ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -36,7 +36,14 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
     let path = String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
+        .filter(|m| {
+            m["reason"] == "compiler-artifact"
+                && m["target"]["name"] == bin
+                && m["target"]["kind"] == serde_json::json!(["bin"])
+                && m["package_id"]
+                    .as_str()
+                    .is_some_and(|id| id.contains(package))
+        })
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .expect("cargo reports the executable");
     built.insert(bin.to_owned(), path.clone());
