@@ -18,6 +18,11 @@ pub struct Deployment {
     pub gateway: String,
     pub aggregator: String,
     pub gateway_pid: u32,
+    #[allow(
+        dead_code,
+        reason = "the soak reads it; loadgen, which includes this file too, does not"
+    )]
+    pub aggregator_pid: u32,
     /// The usage stream (`METER_STREAM`), unique to this run.
     pub stream: String,
     admin_token: String,
@@ -83,7 +88,8 @@ impl Deployment {
             env
         };
         let aggregator_env = with("AGGREGATOR_LISTEN", aggregator_addr.to_string());
-        children.spawn("aggregator", &binaries.aggregator, &[], &aggregator_env)?;
+        let aggregator_pid =
+            children.spawn("aggregator", &binaries.aggregator, &[], &aggregator_env)?;
         let mut gateway_env = with("GATEWAY_LISTEN", gateway_addr.to_string());
         gateway_env.push((
             "GATEWAY_SPOOL_DIR",
@@ -96,6 +102,7 @@ impl Deployment {
             gateway: format!("http://{gateway_addr}"),
             aggregator: format!("http://{aggregator_addr}"),
             gateway_pid,
+            aggregator_pid,
             stream,
             admin_token,
             redis,

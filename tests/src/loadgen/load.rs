@@ -78,7 +78,7 @@ impl LoadResult {
 
 /// Nearest-rank percentile of sorted samples: the smallest sample with at least `q` of all
 /// samples at or below it.
-fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
+pub fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
     let n = sorted.len();
     let rank = ((q * n as f64).ceil() as usize).clamp(1, n.max(1));
     sorted.get(rank - 1).copied()
@@ -130,7 +130,9 @@ impl RunningLoad {
     }
 }
 
-struct Request {
+/// A request ready to send again and again over one keep-alive pool (of `spec.concurrency`
+/// idle connections).
+pub struct Request {
     client: reqwest::Client,
     url: String,
     headers: HeaderMap,
@@ -139,7 +141,7 @@ struct Request {
 }
 
 impl Request {
-    fn new(spec: &LoadSpec) -> anyhow::Result<Self> {
+    pub fn new(spec: &LoadSpec) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .http1_only()
             .pool_max_idle_per_host(spec.concurrency)
@@ -182,7 +184,7 @@ impl Tally {
     }
 }
 
-enum Outcome {
+pub enum Outcome {
     Ok,
     /// The server answered, but not with a complete 2xx response.
     Failed(String),
@@ -223,7 +225,7 @@ async fn worker(request: Arc<Request>, start: Instant, end: Instant) -> Tally {
 }
 
 /// Sends one request and reads the whole body (for a stream, every SSE event up to the end).
-async fn send(request: &Request) -> Outcome {
+pub async fn send(request: &Request) -> Outcome {
     let response = match request
         .client
         .post(&request.url)

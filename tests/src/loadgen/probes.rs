@@ -93,17 +93,22 @@ impl RedisProbe {
     /// `total_commands_processed` from `INFO stats`: every command of every client, so also
     /// the aggregator's and the `INFO` calls of this probe.
     pub async fn commands_processed(&mut self) -> anyhow::Result<u64> {
+        self.info_u64("stats", "total_commands_processed").await
+    }
+
+    /// One integer field of an `INFO` section, such as `used_memory` of `memory`.
+    pub async fn info_u64(&mut self, section: &str, field: &str) -> anyhow::Result<u64> {
         let info: String = redis::cmd("INFO")
-            .arg("stats")
+            .arg(section)
             .query_async(&mut self.conn)
             .await
-            .context("INFO stats")?;
+            .with_context(|| format!("INFO {section}"))?;
         info.lines()
-            .find_map(|l| l.strip_prefix("total_commands_processed:"))
-            .context("INFO stats has no total_commands_processed")?
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .with_context(|| format!("INFO {section} has no {field}"))?
             .trim()
             .parse()
-            .context("total_commands_processed is not a number")
+            .with_context(|| format!("{field} is not a number"))
     }
 
     /// Calls per command so far, from `INFO commandstats` (`cmdstat_xadd:calls=12,...`).
@@ -159,7 +164,7 @@ pub async fn gateway_round_trips(http: &reqwest::Client, gateway: &str) -> Optio
 
 /// Sums the samples of `name` in a Prometheus text exposition: `name 12` or
 /// `name{label="v"} 12`, possibly followed by a timestamp.
-fn counter_sum(text: &str, name: &str) -> Option<f64> {
+pub fn counter_sum(text: &str, name: &str) -> Option<f64> {
     let mut found = None;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name) else {
