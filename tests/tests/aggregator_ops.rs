@@ -247,15 +247,19 @@ async fn implausible_token_counts_are_dead_lettered() {
     assert!(reason.contains("implausible output_tokens"), "{reason}");
     let from = now - 3_600_000;
     let to = now + 3_600_000;
-    let body: Value = http
-        .get(format!("http://{aggregator}/v1/usage?from={from}&to={to}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(body["rows"][0]["requests"], 1, "{body}");
+    // Dead letters are written before the batch's commit: wait for the commit too.
+    eventually(Duration::from_secs(20), || async {
+        let body: Value = http
+            .get(format!("http://{aggregator}/v1/usage?from={from}&to={to}"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (body["rows"][0]["requests"] == 1).then_some(())
+    })
+    .await;
     let summary: redis::Value = redis::cmd("XPENDING")
         .arg(&stream)
         .arg("aggregator")
