@@ -39,12 +39,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use tokio::time::Instant;
 
 use crate::deployment::Deployment;
 use crate::load::LoadSpec;
 use crate::processes::{Binaries, Children};
-use crate::report::{Conservation, GatewayCost, Report, Row, Target};
+use crate::report::{GatewayCost, Report, Row, Target};
 
 #[derive(Debug, Parser)]
 #[command(about = "Load harness: the gateway against direct calls to the mock upstream")]
@@ -141,7 +140,8 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
         }
     }
     let rss_after_kib = probes::rss_kib(deployment.gateway_pid)?;
-    let conservation = conservation(&mut deployment, served).await?;
+    eprintln!("loadgen: waiting for the aggregator to count {served} requests …");
+    let conservation = deployment.conservation(served, CONSERVATION_WAIT).await?;
     children.finish_cleanly();
     let report = Report {
         measured_at: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
@@ -243,35 +243,6 @@ async fn run(
         target,
         result,
         cost,
-    })
-}
-
-/// Waits (at most [`CONSERVATION_WAIT`]) until `/v1/usage` counts what the gateway answered,
-/// then reads the stream length.
-async fn conservation(d: &mut Deployment, served: u64) -> anyhow::Result<Conservation> {
-    eprintln!("loadgen: waiting for the aggregator to count {served} requests …");
-    let started = Instant::now();
-    let mut usage_requests = None;
-    while started.elapsed() < CONSERVATION_WAIT {
-        // A failed query (the aggregator busy, say) is retried until the deadline.
-        if let Ok(n) = d.usage_requests().await {
-            usage_requests = Some(n);
-            if n >= served {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let waited = started.elapsed();
-    let usage_requests = match usage_requests {
-        Some(n) => n,
-        None => d.usage_requests().await?,
-    };
-    Ok(Conservation {
-        served,
-        stream_len: d.redis.xlen(&d.stream).await?,
-        usage_requests,
-        waited,
     })
 }
 

@@ -40,7 +40,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use tokio::time::Instant;
 
-use crate::deployment::Deployment;
+use crate::deployment::{Conservation, Deployment};
 use crate::load::{LoadSpec, Outcome, Request};
 use crate::processes::{Binaries, Children};
 
@@ -205,7 +205,8 @@ async fn soak(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
     // Completions after the last sample (the drain) are counted in the totals, not in a row.
     let tail = std::mem::take(&mut *shared.window());
     let served = preflight + shared.responses.load(Ordering::Acquire);
-    let conservation = conservation(&mut deployment, served).await?;
+    eprintln!("soak: waiting for the aggregator to count {served} requests …");
+    let conservation = deployment.conservation(served, CONSERVATION_WAIT).await?;
     children.finish_cleanly();
     Ok(report(
         args,
@@ -315,42 +316,6 @@ async fn take_sample(
         redis_mib: redis_bytes as f64 / (1024.0 * 1024.0),
         lag: gauge("meter_consumer_lag"),
         pending: gauge("meter_consumer_pending"),
-    })
-}
-
-struct Conservation {
-    served: u64,
-    stream_len: u64,
-    usage_requests: u64,
-    waited: Duration,
-}
-
-/// Waits (at most [`CONSERVATION_WAIT`]) until `/v1/usage` counts what the gateway answered,
-/// then reads the stream length.
-async fn conservation(d: &mut Deployment, served: u64) -> anyhow::Result<Conservation> {
-    eprintln!("soak: waiting for the aggregator to count {served} requests …");
-    let started = Instant::now();
-    let mut usage_requests = None;
-    while started.elapsed() < CONSERVATION_WAIT {
-        // A failed query (the aggregator busy, say) is retried until the deadline.
-        if let Ok(n) = d.usage_requests().await {
-            usage_requests = Some(n);
-            if n >= served {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let waited = started.elapsed();
-    let usage_requests = match usage_requests {
-        Some(n) => n,
-        None => d.usage_requests().await?,
-    };
-    Ok(Conservation {
-        served,
-        stream_len: d.redis.xlen(&d.stream).await?,
-        usage_requests,
-        waited,
     })
 }
 

@@ -251,3 +251,46 @@ async fn expect_success(
     let body = response.text().await.unwrap_or_default();
     bail!("{what}: {status}: {body}")
 }
+
+/// What the gateway answered against what the pipeline recorded.
+pub struct Conservation {
+    /// Responses the gateway sent on `/v1/messages`.
+    pub served: u64,
+    pub stream_len: u64,
+    pub usage_requests: u64,
+    pub waited: std::time::Duration,
+}
+
+impl Deployment {
+    /// Waits (at most `wait`) until `/v1/usage` counts what the gateway answered, then reads
+    /// the stream length.
+    pub async fn conservation(
+        &mut self,
+        served: u64,
+        wait: Duration,
+    ) -> anyhow::Result<Conservation> {
+        let started = tokio::time::Instant::now();
+        let mut usage_requests = None;
+        while started.elapsed() < wait {
+            // A failed query (the aggregator busy, say) is retried until the deadline.
+            if let Ok(n) = self.usage_requests().await {
+                usage_requests = Some(n);
+                if n >= served {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let waited = started.elapsed();
+        let usage_requests = match usage_requests {
+            Some(n) => n,
+            None => self.usage_requests().await?,
+        };
+        Ok(Conservation {
+            served,
+            stream_len: self.redis.xlen(&self.stream).await?,
+            usage_requests,
+            waited,
+        })
+    }
+}

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::deployment::Conservation;
 use crate::load::LoadResult;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,14 +55,6 @@ impl Row {
         let n = self.completed();
         (n > 0).then(|| total / n as f64)
     }
-}
-
-pub struct Conservation {
-    /// Responses the gateway sent on `/v1/messages` over all gateway runs.
-    pub served: u64,
-    pub stream_len: u64,
-    pub usage_requests: u64,
-    pub waited: Duration,
 }
 
 pub struct Report {
