@@ -253,7 +253,7 @@ async fn fetch(
         for &i in chunk {
             pipe.cmd("HGETALL").arg(&keys[i]);
         }
-        let hashes: Vec<Vec<(String, i64)>> = pipe.query_async(conn).await?;
+        let hashes: Vec<Vec<(String, Vec<u8>)>> = pipe.query_async(conn).await?;
         for (&i, fields) in chunk.iter().zip(hashes) {
             out[i] = Some(Arc::new(reduce(spec, &fields)));
         }

@@ -1,5 +1,12 @@
-//! Applies a batch to Redis exactly once: state check, dedupe check, stats increments and `XACK`
-//! in one Lua script, so no crash can separate "counted" from "acknowledged".
+//! Applies a batch to Redis exactly once: state check, dedupe check, stats writes and `XACK` in
+//! one Lua script, so no crash can separate "counted" from "acknowledged".
+//!
+//! Stats cells are packed values (`cell.rs`) that Redis cannot add to, so a commit is two steps:
+//! read the current value of every cell the batch touches (one pipelined `HMGET` per bucket),
+//! add the batch in memory, then run the script, which writes the sums only if every cell still
+//! carries the stamp that was read. If one does not (another consumer, or a replay's switch,
+//! changed it in between), nothing is written and the commit starts over from the read. Each
+//! conflict means someone else's write landed, so the system as a whole always makes progress.
 //!
 //! Deduplication is by event id within a window of arrival time (the stream entry id's
 //! millisecond part, which Redis assigns, so every consumer and every replay agrees on it).
@@ -17,14 +24,16 @@
 //!
 //! Every key the script touches carries the deployment's hash tag, so it runs on a cluster too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use redis::Script;
 use redis::aio::ConnectionManager;
+use redis::{Script, Value};
 use shared::Keyspace;
 
+use crate::cell::{self, Cell};
 use crate::control;
-use crate::stats::BucketWrite;
+use crate::stats::{BucketWrite, CellWrite};
 
 const SCRIPT: &str = r#"
 local pos = 1
@@ -39,10 +48,12 @@ local prefix = take()
 local pv = redis.call('HGET', KEYS[2], 'pv') or '0'
 local rid = redis.call('HGET', KEYS[2], 'rid') or '0'
 if rid ~= '0' and redis.call('EXISTS', prefix .. 'rp' .. rid .. ':lease') == 0 then
-  redis.call('HDEL', KEYS[2], 'rid', 'rfrom', 'rto')
+  redis.call('HDEL', KEYS[2], 'rid', 'rfrom', 'rto', 'rfz')
   rid = '0'
 end
 if pv .. ':' .. rid ~= token then return {'stale'} end
+-- a replay is switching: it needs the figures still for a moment
+if rid ~= '0' and redis.call('HGET', KEYS[2], 'rfz') == rid then return {'frozen'} end
 
 -- 1. duplicates, live then shadow: nothing is written if any are found
 for _, status in ipairs({'dup', 'sdup'}) do
@@ -60,8 +71,35 @@ for _, status in ipairs({'dup', 'sdup'}) do
   if #out > 1 then return out end
 end
 
--- 2. record ids as seen
+-- 1b. cells: each must still carry the stamp the batch was computed from ('' = absent);
+--     per hash: key index, expiry, count, then (field, stamp, new value) triples. Every cell
+--     that does not is returned with its current value (false = absent), nothing written.
+local CHUNK = 256
+local cells_at = pos
+local conflicts = {'conflict'}
 local n = tonumber(take())
+for _ = 1, n do
+  local k = tonumber(take()); take(); local cnt = tonumber(take())
+  for s = pos, pos + 3 * cnt - 1, 3 * CHUNK do
+    local e = math.min(s + 3 * CHUNK - 1, pos + 3 * cnt - 1)
+    local fields = {}
+    for j = s, e, 3 do fields[#fields + 1] = ARGV[j] end
+    local current = redis.call('HMGET', KEYS[k], unpack(fields))
+    for j = 1, #current do
+      local stamp = current[j] and string.sub(current[j], 1, 8) or ''
+      if stamp ~= ARGV[s + (j - 1) * 3 + 1] then
+        conflicts[#conflicts + 1] = KEYS[k]
+        conflicts[#conflicts + 1] = fields[j]
+        conflicts[#conflicts + 1] = current[j]
+      end
+    end
+  end
+  pos = pos + 3 * cnt
+end
+if #conflicts > 1 then return conflicts end
+
+-- 2. record ids as seen
+n = tonumber(take())
 for _ = 1, n do
   local k = tonumber(take()); local cnt = tonumber(take())
   for s = pos, pos + cnt - 1, 512 do
@@ -71,7 +109,25 @@ for _ = 1, n do
   pos = pos + cnt
 end
 
--- 3. stats increments: key index, expiry (unix s, 0 = keep), pair count, then field/incr pairs
+-- 3. cells: write the new values checked in 1b
+local after = pos
+pos = cells_at
+n = tonumber(take())
+for _ = 1, n do
+  local k = tonumber(take()); local expire_at = tonumber(take()); local cnt = tonumber(take())
+  for s = pos, pos + 3 * cnt - 1, 3 * CHUNK do
+    local args = {}
+    for j = s, math.min(s + 3 * CHUNK - 1, pos + 3 * cnt - 1), 3 do
+      args[#args + 1] = ARGV[j]; args[#args + 1] = ARGV[j + 2]
+    end
+    redis.call('HSET', KEYS[k], unpack(args))
+  end
+  if expire_at > 0 then redis.call('EXPIREAT', KEYS[k], expire_at) end
+  pos = pos + 3 * cnt
+end
+pos = after
+
+-- 4. counter increments (spend): key index, expiry (unix s, 0 = keep), pair count, pairs
 n = tonumber(take())
 for _ = 1, n do
   local k = tonumber(take()); local expire_at = tonumber(take()); local cnt = tonumber(take())
@@ -81,7 +137,7 @@ for _ = 1, n do
   if expire_at > 0 then redis.call('EXPIREAT', KEYS[k], expire_at) end
 end
 
--- 4. acknowledge every entry of the batch, duplicates and dead letters included
+-- 5. acknowledge every entry of the batch, duplicates and dead letters included
 n = tonumber(take())
 for s = pos, pos + n - 1, 512 do
   redis.call('XACK', KEYS[1], group, unpack(ARGV, s, math.min(s + 511, pos + n - 1)))
@@ -102,7 +158,10 @@ pub struct Batch<'a> {
     pub live: &'a [Seen<'a>],
     /// The replay's shadow prefix (`rp<rid>:`) and the events applied to its copy.
     pub shadow: Option<(&'a str, &'a [Seen<'a>])>,
-    pub writes: &'a [BucketWrite],
+    /// What to add to each stats cell (live and shadow).
+    pub cells: &'a [CellWrite],
+    /// Counter increments (spend, the shadow's day list).
+    pub increments: &'a [BucketWrite],
     pub acks: &'a [String],
 }
 
@@ -115,6 +174,28 @@ pub enum Outcome {
     ShadowDuplicates(Vec<String>),
     /// Nothing was written: pricing or replay changed; reload the state and price again.
     Stale,
+    /// Nothing was written: a replay is switching; commit the same batch again in a moment.
+    Frozen,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// A stored cell is not one we wrote. Overwriting it would destroy figures, so the batch
+    /// waits (and is retried) until someone looks.
+    #[error("stats cell {key} field {field:?} holds a value that is not a cell")]
+    Corrupt { key: String, field: String },
+}
+
+impl CommitError {
+    /// The Redis error code, if Redis refused something (`NOGROUP` after a restart, say).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Redis(e) => e.code(),
+            Self::Corrupt { .. } => None,
+        }
+    }
 }
 
 pub struct Committer {
@@ -122,6 +203,63 @@ pub struct Committer {
     keyspace: Keyspace,
     group: String,
     window_secs: i64,
+    cache: CellCache,
+}
+
+/// The last known value of cells, as this committer wrote or was told them: a batch is merged
+/// into these and sent in one round trip, without reading first. A wrong entry (someone else
+/// wrote the cell, it expired, a replay replaced it) costs one refused attempt, whose reply
+/// carries the current value; the stamp check makes the cache a guess that is never trusted.
+#[derive(Default)]
+struct CellCache {
+    cells: HashMap<String, HashMap<String, Known>>,
+    len: usize,
+}
+
+/// A cell's stamp (empty: absent) and its counts.
+struct Known {
+    stamp: Vec<u8>,
+    cell: Cell,
+}
+
+/// Cells kept in the cache; beyond that it starts over (minute cells of the past pile up).
+const CACHE_CELLS: usize = 200_000;
+
+impl CellCache {
+    fn get(&self, key: &str, field: &str) -> Option<&Known> {
+        self.cells.get(key)?.get(field)
+    }
+
+    fn put(&mut self, key: &str, field: &str, known: Known) {
+        if self.len >= CACHE_CELLS {
+            self.cells.clear();
+            self.len = 0;
+        }
+        let fields = match self.cells.get_mut(key) {
+            Some(fields) => fields,
+            None => self.cells.entry(key.to_owned()).or_default(),
+        };
+        match fields.get_mut(field) {
+            Some(slot) => *slot = known,
+            None => {
+                fields.insert(field.to_owned(), known);
+                self.len += 1;
+            }
+        }
+    }
+}
+
+/// A cell's stamp as last known and its value after the batch.
+struct Merged {
+    stamp: Vec<u8>,
+    value: Vec<u8>,
+}
+
+/// The reply of one attempt.
+enum Attempt {
+    Done(Outcome),
+    /// Cells that did not carry the expected stamp: (key, field, current value).
+    Conflicts(Vec<(String, String, Option<Vec<u8>>)>),
 }
 
 impl Committer {
@@ -131,6 +269,7 @@ impl Committer {
             keyspace,
             group,
             window_secs: window_secs.max(1),
+            cache: CellCache::default(),
         }
     }
 
@@ -139,16 +278,90 @@ impl Committer {
         arrival_ms.div_euclid(self.window_secs * 1000)
     }
 
+    /// Commits `batch`, retrying with the current values as long as cells turn out to have
+    /// changed; `conflicts` counts such retries.
     pub async fn commit(
+        &mut self,
+        conn: &mut ConnectionManager,
+        batch: &Batch<'_>,
+        conflicts: &AtomicU64,
+    ) -> Result<Outcome, CommitError> {
+        let keys: Vec<String> = batch
+            .cells
+            .iter()
+            .map(|w| self.keyspace.key(&w.key))
+            .collect();
+        loop {
+            let merged = self.merge(&keys, batch.cells);
+            match self.invoke(conn, batch, &merged).await? {
+                Attempt::Done(outcome) => {
+                    if outcome == Outcome::Applied {
+                        for ((key, write), cells) in keys.iter().zip(batch.cells).zip(merged) {
+                            for ((field, _), (cell, value)) in write.cells.iter().zip(cells) {
+                                let stamp = cell::stamp_of(&value.value).to_vec();
+                                self.cache.put(key, field, Known { stamp, cell });
+                            }
+                        }
+                    }
+                    return Ok(outcome);
+                }
+                Attempt::Conflicts(current) => {
+                    conflicts.fetch_add(1, Ordering::Relaxed);
+                    for (key, field, value) in current {
+                        let known = match value {
+                            None => Known {
+                                stamp: Vec::new(),
+                                cell: Cell::default(),
+                            },
+                            Some(bytes) => match Cell::decode(&bytes) {
+                                Some(cell) => Known {
+                                    stamp: cell::stamp_of(&bytes).to_vec(),
+                                    cell,
+                                },
+                                None => return Err(CommitError::Corrupt { key, field }),
+                            },
+                        };
+                        self.cache.put(&key, &field, known);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Each cell of `writes` as last known plus the batch's change, with a new stamp.
+    fn merge(&self, keys: &[String], writes: &[CellWrite]) -> Vec<Vec<(Cell, Merged)>> {
+        keys.iter()
+            .zip(writes)
+            .map(|(key, write)| {
+                write
+                    .cells
+                    .iter()
+                    .map(|(field, change)| {
+                        let (stamp, mut cell) = match self.cache.get(key, field) {
+                            Some(known) => (known.stamp.clone(), known.cell.clone()),
+                            None => (Vec::new(), Cell::default()),
+                        };
+                        cell.add(change);
+                        let value = cell.encode(cell::new_stamp());
+                        (cell, Merged { stamp, value })
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Runs the script once.
+    async fn invoke(
         &self,
         conn: &mut ConnectionManager,
         batch: &Batch<'_>,
-    ) -> redis::RedisResult<Outcome> {
+        merged: &[Vec<(Cell, Merged)>],
+    ) -> redis::RedisResult<Attempt> {
         let mut keys: Vec<String> = vec![
             self.keyspace.stream().to_owned(),
             self.keyspace.key(control::CTL),
         ];
-        let mut index: BTreeMap<String, usize> = BTreeMap::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
         let mut key_index = |name: String, keys: &mut Vec<String>| -> usize {
             *index.entry(name.clone()).or_insert_with(|| {
                 keys.push(name);
@@ -191,13 +404,27 @@ impl Committer {
                     .map(|(slot, ids)| (self.seen_key(prefix, slot), ids)),
             );
         }
+        invocation.arg(batch.cells.len());
+        for (write, cells) in batch.cells.iter().zip(merged) {
+            let k = key_index(self.keyspace.key(&write.key), &mut keys);
+            invocation
+                .arg(k)
+                .arg(write.expire_at.unwrap_or(0))
+                .arg(cells.len());
+            for ((field, _), (_, cell)) in write.cells.iter().zip(cells) {
+                invocation
+                    .arg(field)
+                    .arg(&cell.stamp[..])
+                    .arg(&cell.value[..]);
+            }
+        }
         invocation.arg(records.len());
         for (key, ids) in records {
             let k = key_index(key, &mut keys);
             invocation.arg(k).arg(ids.len()).arg(ids);
         }
-        invocation.arg(batch.writes.len());
-        for write in batch.writes {
+        invocation.arg(batch.increments.len());
+        for write in batch.increments {
             let k = key_index(self.keyspace.key(&write.key), &mut keys);
             invocation
                 .arg(k)
@@ -211,21 +438,43 @@ impl Committer {
         for key in &keys {
             invocation.key(key);
         }
-        let mut reply: Vec<String> = invocation.invoke_async(conn).await?;
-        let status = if reply.is_empty() {
-            String::new()
-        } else {
-            reply.remove(0)
-        };
-        Ok(match status.as_str() {
+        let reply: Vec<Value> = invocation.invoke_async(conn).await?;
+        let mut reply = reply.into_iter();
+        let status = reply.next().and_then(|v| text(&v)).unwrap_or_default();
+        let strings = |rest: std::vec::IntoIter<Value>| rest.filter_map(|v| text(&v)).collect();
+        Ok(Attempt::Done(match status.as_str() {
             "ok" => Outcome::Applied,
-            "dup" => Outcome::Duplicates(reply),
-            "sdup" => Outcome::ShadowDuplicates(reply),
+            "dup" => Outcome::Duplicates(strings(reply)),
+            "sdup" => Outcome::ShadowDuplicates(strings(reply)),
+            "frozen" => Outcome::Frozen,
+            "conflict" => {
+                let rest: Vec<Value> = reply.collect();
+                let current = rest
+                    .chunks(3)
+                    .filter_map(|c| match c {
+                        [key, field, value] => Some((text(key)?, text(field)?, bytes(value))),
+                        _ => None,
+                    })
+                    .collect();
+                return Ok(Attempt::Conflicts(current));
+            }
             _ => Outcome::Stale,
-        })
+        }))
     }
 
     fn seen_key(&self, prefix: &str, slot: i64) -> String {
         self.keyspace.key(&format!("{prefix}seen:{slot}"))
     }
+}
+
+fn bytes(value: &Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        _ => None,
+    }
+}
+
+fn text(value: &Value) -> Option<String> {
+    bytes(value).and_then(|b| String::from_utf8(b).ok())
 }

@@ -18,11 +18,14 @@ use redis::aio::ConnectionManager;
 use shared::{EVENT_FIELD, Keyspace, MAX_TOKENS, UsageEvent};
 use tokio::sync::watch;
 
-use crate::commit::{Batch, Committer, Outcome, Seen};
+use crate::commit::{Batch, CommitError, Committer, Outcome, Seen};
 use crate::control::{self, Control, Snapshot};
 use crate::metrics::Metrics;
 use crate::pricing::Usage;
 use crate::stats::Delta;
+
+/// How long a batch waits before trying again while a replay switches (a few hundred ms).
+const FROZEN_RETRY: Duration = Duration::from_millis(20);
 
 pub struct ConsumerConfig {
     pub keyspace: Keyspace,
@@ -219,7 +222,7 @@ impl Consumer {
             .unwrap_or_default())
     }
 
-    async fn process(&mut self, entries: Vec<Entry>) -> redis::RedisResult<()> {
+    async fn process(&mut self, entries: Vec<Entry>) -> Result<(), CommitError> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -268,7 +271,8 @@ impl Consumer {
                 unpriced += usize::from(cost.is_none());
                 delta.add(event, cost, now_ms);
             }
-            let mut writes = delta.writes(now_ms);
+            let mut cells = delta.cell_writes("");
+            let mut increments = delta.increments(now_ms);
             let seen: Vec<Seen> = events
                 .iter()
                 .map(|(arrival, e)| Seen {
@@ -292,7 +296,8 @@ impl Consumer {
                         });
                     }
                 }
-                writes.extend(shadow.shadow_writes(prefix, now_ms));
+                cells.extend(shadow.cell_writes(prefix));
+                increments.extend(shadow.shadow_increments(prefix, now_ms));
             }
             let outcome = self
                 .committer
@@ -304,9 +309,11 @@ impl Consumer {
                         shadow: shadow_prefix
                             .as_deref()
                             .map(|p| (p, shadow_seen.as_slice())),
-                        writes: &writes,
+                        cells: &cells,
+                        increments: &increments,
                         acks: &acks,
                     },
+                    &self.metrics.commit_conflicts,
                 )
                 .await?;
             match outcome {
@@ -331,6 +338,7 @@ impl Consumer {
                     tracing::info!("pricing or replay state changed; pricing the batch again");
                     self.state = None;
                 }
+                Outcome::Frozen => tokio::time::sleep(FROZEN_RETRY).await,
             }
         }
     }

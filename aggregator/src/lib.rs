@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod pricing;
 
+pub mod cell;
 mod rollup;
 pub mod sketch;
 mod spend;
@@ -22,6 +23,7 @@ mod consumer;
 mod control;
 pub mod replay;
 mod retention;
+mod switch;
 
 mod api;
 mod cells;
@@ -29,6 +31,9 @@ mod plan;
 mod query;
 
 mod metrics;
+
+/// What a stored cell counts; public for tests and tools that read cells directly.
+pub use stats::Totals;
 
 use std::future::Future;
 use std::sync::Arc;

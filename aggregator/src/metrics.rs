@@ -11,6 +11,8 @@ pub struct Metrics {
     pub dead_lettered: AtomicU64,
     pub unpriced: AtomicU64,
     pub batches: AtomicU64,
+    /// Commits redone because a cell changed between reading and writing it.
+    pub commit_conflicts: AtomicU64,
     pub errors: AtomicU64,
     pub stats_cache_hits: AtomicU64,
     pub stats_cache_misses: AtomicU64,
@@ -57,6 +59,11 @@ impl Metrics {
             "meter_batches_total",
             "Batches committed.",
             get(&self.batches),
+        );
+        counter(
+            "meter_commit_conflicts_total",
+            "Commits redone because a stats cell changed between reading and writing it.",
+            get(&self.commit_conflicts),
         );
         counter(
             "meter_consumer_errors_total",

@@ -8,10 +8,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::cell::Cell;
 use crate::plan::{Bucket, PlanError, Request, Tz};
 use crate::rollup::Resolution;
 use crate::sketch::Sketch;
-use crate::stats::{DIMENSIONS, Field, Totals, read_field};
+use crate::stats::{DIMENSIONS, Totals, read_tuple};
 
 /// At most this many rows (output buckets × groups) per answer.
 pub const MAX_ROWS: usize = 50_000;
@@ -229,28 +230,36 @@ pub enum Partial {
     Latency(Vec<(GroupKey, LatencyRow)>),
 }
 
-/// Reduces a stored cell (its hash fields) to its groups.
-pub fn reduce(spec: &GroupSpec, fields: &[(String, i64)]) -> Partial {
+/// Reduces a stored bucket (its cells: field = tuple, value = packed cell) to its groups.
+pub fn reduce(spec: &GroupSpec, fields: &[(String, Vec<u8>)]) -> Partial {
     let mut usage: HashMap<GroupKey, Totals> = HashMap::new();
     let mut latency: HashMap<GroupKey, LatencyRow> = HashMap::new();
     for (field, value) in fields {
-        // Counters and sketch bins are told apart by their first letter before decoding the
-        // tuple, so each kind of query skips the other's fields cheaply.
-        let is_sketch = field.starts_with(['l', 't']);
-        if is_sketch != (spec.kind == Kind::Latency) {
-            continue;
-        }
-        let Some((dims, field)) = read_field(field, *value) else {
+        let Some(dims) = read_tuple(field) else {
             continue;
         };
         if !spec.filters.iter().all(|(i, v)| dims.0[*i] == *v) {
             continue;
         }
         let key: GroupKey = spec.group_by.iter().map(|i| dims.0[*i].clone()).collect();
-        match field {
-            Field::Counter(totals) => usage.entry(key).or_default().add(&totals),
-            Field::Latency(bin, n) => latency.entry(key).or_default().latency.add_bin(bin, n),
-            Field::Ttft(bin, n) => latency.entry(key).or_default().ttft.add_bin(bin, n),
+        // Usage needs only the counters at the front of the value, not the sketch bins.
+        match spec.kind {
+            Kind::Usage => {
+                if let Some(totals) = Cell::decode_totals(value) {
+                    usage.entry(key).or_default().add(&totals);
+                }
+            }
+            Kind::Latency => {
+                if let Some(cell) = Cell::decode(value) {
+                    let row = latency.entry(key).or_default();
+                    for (bin, n) in cell.latency {
+                        row.latency.add_bin(bin, n);
+                    }
+                    for (bin, n) in cell.ttft {
+                        row.ttft.add_bin(bin, n);
+                    }
+                }
+            }
         }
     }
     match spec.kind {
@@ -406,6 +415,19 @@ mod tests {
         ["k", model, "a", "anthropic", "messages", status].join("\u{1f}")
     }
 
+    fn cell(requests: i64, input: i64, latency: &[(u32, u64)], ttft: &[(u32, u64)]) -> Vec<u8> {
+        Cell {
+            totals: Totals {
+                requests,
+                input_tokens: input,
+                ..Totals::default()
+            },
+            latency: latency.iter().copied().collect(),
+            ttft: ttft.iter().copied().collect(),
+        }
+        .encode(crate::cell::new_stamp())
+    }
+
     #[test]
     fn reducing_filters_and_sums_a_cell() {
         let spec = GroupSpec {
@@ -414,12 +436,12 @@ mod tests {
             filters: vec![(5, "200".into())],
         };
         let fields = vec![
-            (format!("r:{}", tuple("m1", "200")), 2),
-            (format!("r:{}", tuple("m1", "500")), 9),
-            (format!("r:{}", tuple("m2", "200")), 3),
-            (format!("i:{}", tuple("m2", "200")), 7),
-            (format!("l12:{}", tuple("m2", "200")), 3),
-            ("#v".to_owned(), 4),
+            (tuple("m1", "200"), cell(2, 0, &[], &[])),
+            (tuple("m1", "500"), cell(9, 0, &[], &[])),
+            (tuple("m2", "200"), cell(3, 7, &[(12, 3)], &[])),
+            // Neither a tuple nor a cell: skipped.
+            ("#v".to_owned(), vec![4]),
+            (tuple("m3", "200"), b"garbage".to_vec()),
         ];
         let Partial::Usage(mut rows) = reduce(&spec, &fields) else {
             panic!("usage spec")
@@ -437,14 +459,10 @@ mod tests {
             group_by: vec![],
             filters: vec![],
         };
-        let a = reduce(&spec, &[(format!("l5:{}", tuple("m", "200")), 2)]);
+        let a = reduce(&spec, &[(tuple("m", "200"), cell(2, 0, &[(5, 2)], &[]))]);
         let b = reduce(
             &spec,
-            &[
-                (format!("l5:{}", tuple("n", "500")), 1),
-                (format!("t3:{}", tuple("n", "500")), 1),
-                (format!("r:{}", tuple("n", "500")), 1),
-            ],
+            &[(tuple("n", "500"), cell(1, 0, &[(5, 1)], &[(3, 1)]))],
         );
         let mut rows = Rows::default();
         rows.add(None, &a).unwrap();

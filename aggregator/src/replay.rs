@@ -10,10 +10,11 @@
 //!    seen-sets drop it if a live commit after registration got there first). An entry not
 //!    acknowledged yet is left to the live consumers, which will apply it to the shadow (before
 //!    the switch) or to the switched figures (after). So each event lands in the shadow once.
-//! 3. **Switch** (one script): the shadow's minute, hour and day cells and spend windows of
-//!    every day in range replace the live ones; month cells and lifetime spend, which also hold
-//!    days outside the range, change by the difference between the live and the shadow day cells;
-//!    the replay's prices become the deployment's. Then the shadow's leftovers are deleted.
+//! 3. **Switch** (`switch.rs`): commits pause; the shadow's minute, hour and day cells and
+//!    spend windows of every day in range replace the live ones in one script; month cells and
+//!    lifetime spend, which also hold days outside the range, change by the difference between
+//!    the live and the shadow day cells; the replay's prices become the deployment's. Then the
+//!    shadow's leftovers are deleted.
 //!
 //! A replay whose process dies loses its lease; the next live commit abandons it and figures are
 //! untouched. Keys the scripts derive from the prefix share its hash tag, so they sit in the same
@@ -29,15 +30,16 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamInfoGroupsReply, StreamPendingCountReply};
 use redis::{AsyncCommands, Script, Value};
-use shared::{EVENT_FIELD, Keyspace, UsageEvent};
+use shared::{EVENT_FIELD, UsageEvent};
 
 use crate::Config;
-use crate::commit::{Batch, Committer, Outcome, Seen};
+use crate::commit::{Batch, CommitError, Committer, Outcome, Seen};
 use crate::consumer::usage_of;
 use crate::control::{self, Control, LEASE_MS};
 use crate::pricing::{Cost, Pricing, PricingError};
 use crate::rollup::{DAY_MS, HOUR_MS};
 use crate::stats::Delta;
+use crate::switch;
 
 /// `aggregator replay`; Redis, stream, group and dedupe window come from the aggregator's own
 /// configuration (flags before the subcommand, environment, `--config`).
@@ -67,6 +69,8 @@ pub enum ReplayError {
     Pricing(#[from] PricingError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Commit(#[from] CommitError),
     #[error("replay {0} is already running")]
     Busy(i64),
     #[error("events from {0} on were trimmed from the stream; replay from the next day or later")]
@@ -184,134 +188,6 @@ local pv = redis.call('HGET', KEYS[1], 'pv') or '0'
 return {'ok', tostring(new), pv}
 "#;
 
-const SWITCH: &str = r#"
-local P, rid = ARGV[1], ARGV[2]
-local S = P .. 'rp' .. rid .. ':'
-if redis.call('HGET', KEYS[1], 'rid') ~= rid then return {'stale'} end
-local from, to, now = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local DAY, HOUR, MINUTE = 86400000, 3600000, 60000
-local function s(n) return string.format('%d', n) end
-
-local days, listed = {}, {}
-local function add_day(d)
-  d = tonumber(d)
-  if d and d >= from and d < to and not listed[d] then listed[d] = true; days[#days + 1] = d end
-end
-for _, d in ipairs(redis.call('HKEYS', S .. 'days')) do add_day(d) end
-for i = 7, #ARGV do add_day(ARGV[i]) end
-
--- start of the UTC month holding day `d` (days-from-civil, H. Hinnant)
-local function month_of(d)
-  local z = math.floor(d / DAY) + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-    - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local dom = doy - math.floor((153 * mp + 2) / 5) + 1
-  return d - (dom - 1) * DAY
-end
-
-local counters = {r = 1, e = 1, i = 1, o = 1, cc = 1, c1 = 1, cr = 1, ch = 1, cl = 1, u = 1}
-local tokens = {i = 1, o = 1, cc = 1, cr = 1}
-local spend = {}   -- key id -> {t, ch, cl} change
-local models = {}  -- model -> {before ch, before cl, after ch, after cl}
-local function swap(name)
-  if redis.call('EXISTS', S .. name) == 1 then redis.call('RENAME', S .. name, P .. name)
-  else redis.call('DEL', P .. name) end
-end
-
-for _, d in ipairs(days) do
-  local diff = {}
-  for side, key in ipairs({P .. 'st:d:' .. s(d), S .. 'st:d:' .. s(d)}) do
-    local sign = side == 1 and -1 or 1
-    local kv = redis.call('HGETALL', key)
-    for j = 1, #kv, 2 do
-      local f = kv[j]
-      local c = string.find(f, ':', 1, true)
-      local metric = c and string.sub(f, 1, c - 1)
-      if metric and counters[metric] then
-        local v = tonumber(kv[j + 1])
-        diff[f] = (diff[f] or 0) + sign * v
-        if metric == 'ch' or metric == 'cl' then
-          local tuple = string.sub(f, c + 1)
-          local a = string.find(tuple, '\031', 1, true)
-          local b = a and string.find(tuple, '\031', a + 1, true)
-          if b then
-            local model = string.sub(tuple, a + 1, b - 1)
-            local m = models[model] or {0, 0, 0, 0}
-            local slot = (side - 1) * 2 + (metric == 'ch' and 1 or 2)
-            m[slot] = m[slot] + v
-            models[model] = m
-          end
-        end
-      end
-    end
-  end
-  local month = P .. 'st:M:' .. s(month_of(d))
-  for f, v in pairs(diff) do
-    local c = string.find(f, ':', 1, true)
-    local metric = string.sub(f, 1, c - 1)
-    local tuple = string.sub(f, c + 1)
-    local a = string.find(tuple, '\031', 1, true)
-    local key = a and string.sub(tuple, 1, a - 1) or ''
-    if key ~= '' then
-      local sp = spend[key] or {0, 0, 0}
-      if tokens[metric] then sp[1] = sp[1] + v end
-      if metric == 'ch' then sp[2] = sp[2] + v end
-      if metric == 'cl' then sp[3] = sp[3] + v end
-      spend[key] = sp
-    end
-    if v ~= 0 then
-      if redis.call('HINCRBY', month, f, s(v)) == 0 then redis.call('HDEL', month, f) end
-    end
-  end
-  swap('st:d:' .. s(d))
-  for h = 0, 23 do swap('st:h:' .. s(d + h * HOUR)) end
-  if d + DAY + 49 * HOUR > now then
-    for m = 0, 1439 do swap('st:m:' .. s(d + m * MINUTE)) end
-  end
-end
-
-for key, sp in pairs(spend) do
-  local life = P .. 'sp:' .. key
-  if sp[1] ~= 0 then redis.call('HINCRBY', life, 't', s(sp[1])) end
-  if sp[2] ~= 0 or sp[3] ~= 0 then
-    local v = redis.call('HMGET', life, 'ch', 'cl')
-    local nanos = (tonumber(v[1]) or 0) + sp[2]
-    local atto = (tonumber(v[2]) or 0) + sp[3]
-    local carry = math.floor(atto / 1e9)
-    redis.call('HSET', life, 'ch', s(nanos + carry), 'cl', s(atto - carry * 1e9))
-  end
-  for _, d in ipairs(days) do
-    local daily, t, c = 'sp:' .. key .. ':d', 't' .. s(d), 'c' .. s(d)
-    redis.call('HDEL', P .. daily, t, c)
-    local v = redis.call('HMGET', S .. daily, t, c)
-    if v[1] then redis.call('HSET', P .. daily, t, v[1]) end
-    if v[2] then redis.call('HSET', P .. daily, c, v[2]) end
-    swap('sp:' .. key .. ':h:' .. s(d))
-    if d + DAY + 27 * HOUR > now then
-      for h = 0, 23 do swap('sp:' .. key .. ':m:' .. s(d + h * HOUR)) end
-    end
-  end
-end
-
-if redis.call('EXISTS', S .. 'pricing') == 1 then
-  redis.call('RENAME', S .. 'pricing', P .. 'pricing')
-  redis.call('HSET', KEYS[1], 'pfp', ARGV[6])
-end
-redis.call('HINCRBY', KEYS[1], 'pv', 1)
-redis.call('HDEL', KEYS[1], 'rid', 'rfrom', 'rto')
-
-local out = {'ok', tostring(#days)}
-for model, m in pairs(models) do
-  out[#out + 1] = model
-  for j = 1, 4 do out[#out + 1] = s(m[j]) end
-end
-return out
-"#;
-
 /// Runs a replay to the end; progress lines go to `progress`.
 pub async fn run(
     config: &Config,
@@ -415,9 +291,13 @@ pub async fn run(
         Ok(counts) => {
             let _ = writeln!(progress, "replay {rid}: switching");
             switch_started = Some(Instant::now());
-            switch(&mut conn, &keyspace, rid, (from_ms, to_ms), &args)
+            let fingerprint = match &args.pricing {
+                Some(path) => Pricing::load(path)?.fingerprint().to_string(),
+                None => String::new(),
+            };
+            switch::run(&mut conn, &keyspace, rid, (from_ms, to_ms), &fingerprint)
                 .await
-                .map(|(days, models)| (counts, days, models))
+                .map(|switched| (counts, switched.days, switched.models))
         }
         Err(e) => Err(e),
     };
@@ -461,7 +341,7 @@ async fn rebuild(
 ) -> Result<Counts, ReplayError> {
     let keyspace = &config.keyspace;
     let stream = keyspace.stream();
-    let committer = Committer::new(
+    let mut committer = Committer::new(
         keyspace.clone(),
         config.group.clone(),
         config.dedupe_window_secs,
@@ -492,6 +372,7 @@ async fn rebuild(
     else {
         return Ok(Counts::default());
     };
+    let conflicts = std::sync::atomic::AtomicU64::new(0);
     let mut cursor = format!("{}-0", from_ms.max(0));
     let total: u64 = conn.xlen(stream).await?;
     let mut counts = Counts::default();
@@ -593,7 +474,8 @@ async fn rebuild(
             if seen.is_empty() {
                 break;
             }
-            let writes = delta.shadow_writes(&prefix, now_ms);
+            let cells = delta.cell_writes(&prefix);
+            let increments = delta.shadow_increments(&prefix, now_ms);
             let outcome = committer
                 .commit(
                     conn,
@@ -601,9 +483,11 @@ async fn rebuild(
                         token: &control::token(pricing_version, rid),
                         live: &[],
                         shadow: Some((&prefix, &seen)),
-                        writes: &writes,
+                        cells: &cells,
+                        increments: &increments,
                         acks: &[],
                     },
+                    &conflicts,
                 )
                 .await?;
             match outcome {
@@ -623,6 +507,8 @@ async fn rebuild(
                     }
                     pricing_version = state.pricing_version;
                 }
+                // Only this replay freezes, and only after its rebuild.
+                Outcome::Frozen => return Err(ReplayError::Abandoned),
             }
         }
 
@@ -657,66 +543,6 @@ fn report(progress: &mut impl Write, counts: &Counts, began: Instant, total: u64
         counts.read,
         counts.applied,
     );
-}
-
-async fn switch(
-    conn: &mut ConnectionManager,
-    keyspace: &Keyspace,
-    rid: i64,
-    (from_ms, to_ms): (i64, i64),
-    args: &ReplayArgs,
-) -> Result<(usize, BTreeMap<String, CostChange>), ReplayError> {
-    // Days with live cells; days the shadow touched are listed in the shadow itself.
-    let mut days: Vec<i64> = Vec::new();
-    let mut iter: redis::AsyncIter<String> = conn.scan_match(keyspace.key("st:d:*")).await?;
-    let day_prefix = keyspace.key("st:d:");
-    while let Some(key) = iter.next_item().await {
-        let key = key?;
-        if let Some(day) = key.strip_prefix(&day_prefix).and_then(|d| d.parse().ok())
-            && (from_ms..to_ms).contains(&day)
-        {
-            days.push(day);
-        }
-    }
-    drop(iter);
-    let fingerprint = match &args.pricing {
-        Some(path) => Pricing::load(path)?.fingerprint().to_string(),
-        None => String::new(),
-    };
-    let reply: Vec<String> = Script::new(SWITCH)
-        .key(keyspace.key(control::CTL))
-        .arg(keyspace.key(""))
-        .arg(rid)
-        .arg(from_ms)
-        .arg(to_ms)
-        .arg(Utc::now().timestamp_millis())
-        .arg(fingerprint)
-        .arg(days)
-        .invoke_async(conn)
-        .await?;
-    if reply.first().map(String::as_str) != Some("ok") {
-        return Err(ReplayError::Abandoned);
-    }
-    let rebuilt = reply.get(1).and_then(|d| d.parse().ok()).unwrap_or(0);
-    let mut models = BTreeMap::new();
-    for chunk in reply.get(2..).unwrap_or_default().chunks(5) {
-        let [model, bch, bcl, ach, acl] = chunk else {
-            continue;
-        };
-        let cost = |ch: &str, cl: &str| {
-            let ch: i128 = ch.parse().unwrap_or(0);
-            let cl: i128 = cl.parse().unwrap_or(0);
-            Cost::from_atto(ch * 1_000_000_000 + cl)
-        };
-        models.insert(
-            model.clone(),
-            CostChange {
-                before: cost(bch, bcl),
-                after: cost(ach, acl),
-            },
-        );
-    }
-    Ok((rebuilt, models))
 }
 
 async fn renew_lease(

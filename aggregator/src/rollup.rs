@@ -68,7 +68,12 @@ impl Resolution {
 
     /// Key name (below the keyspace prefix) of the hash holding one bucket.
     pub fn key(self, start_ms: i64) -> String {
-        format!("st:{}:{start_ms}", self.code())
+        format!("{}{start_ms}", self.key_prefix())
+    }
+
+    /// What every key name of this resolution starts with.
+    pub fn key_prefix(self) -> String {
+        format!("st:{}:", self.code())
     }
 
     /// Unix seconds at which a bucket's hash expires, `None` for kept resolutions.

@@ -1,26 +1,24 @@
 //! The stats data model: dimensions, totals, time buckets, and how they are laid out in Redis.
 //!
 //! Every event lands in one cell per resolution (see `rollup`): (bucket of its `ts`) × (key,
-//! model, account, provider, endpoint, status). A cell is a set of counters in the bucket's
-//! Redis hash, one hash field per counter: `<metric>:<tuple>`; latency and time-to-first-token
-//! sketches add one field per occupied bin, `l<bin>:<tuple>` and `t<bin>:<tuple>`. Group-by and
-//! filters are applied when reading, so any grouping of the six dimensions is answered from the
-//! same cells and always sums to the same totals.
+//! model, account, provider, endpoint, status). The bucket is a Redis hash; the cell is one field
+//! of it, named by the encoded tuple, whose value packs the cell's counters and latency /
+//! time-to-first-token sketch bins (`cell.rs`). Group-by and filters are applied when reading,
+//! so any grouping of the six dimensions is answered from the same cells and always sums to the
+//! same totals.
 //!
-//! Costs are exact: attodollars (1e-18 USD) split into two integer counters, `ch` (whole
-//! nanodollars) and `cl` (the remaining attodollars, < 1e9 per event), because Redis counters
-//! are 64-bit and a total in attodollars alone would overflow at 9.2 USD.
+//! Costs are exact: attodollars (1e-18 USD) in an i128.
 
 use std::collections::HashMap;
 
 use shared::UsageEvent;
 
+use crate::cell::Cell;
 use crate::pricing::Cost;
 use crate::rollup::Resolution;
 use crate::sketch;
 use crate::spend::SpendDelta;
 
-const ATTO_PER_NANO: i128 = 1_000_000_000;
 /// Separates dimension values inside a field name; values never contain it (see [`clean`]).
 const SEP: char = '\u{1f}';
 
@@ -32,6 +30,7 @@ pub const DIMENSIONS: [&str; 6] = ["key", "model", "account", "provider", "endpo
 pub struct Dims(pub [String; 6]);
 
 impl Dims {
+    #[cfg(test)]
     pub fn of(event: &UsageEvent) -> Self {
         Self([
             clean(event.key_id.as_deref().unwrap_or("")),
@@ -43,6 +42,7 @@ impl Dims {
         ])
     }
 
+    #[cfg(test)]
     fn encode(&self) -> String {
         self.0.join(&SEP.to_string())
     }
@@ -106,63 +106,53 @@ impl Totals {
         self.unpriced_requests += other.unpriced_requests;
     }
 
-    /// The counters as hash-field increments; zero increments are left out.
-    fn increments(&self) -> impl Iterator<Item = (&'static str, i64)> {
-        let atto = self.cost.atto();
-        let (hi, lo) = (
-            atto.div_euclid(ATTO_PER_NANO),
-            atto.rem_euclid(ATTO_PER_NANO),
-        );
-        [
-            ("r", self.requests),
-            ("e", self.errors),
-            ("i", self.input_tokens),
-            ("o", self.output_tokens),
-            ("cc", self.cache_creation_input_tokens),
-            ("c1", self.cache_creation_1h_input_tokens),
-            ("cr", self.cache_read_input_tokens),
-            ("ch", i64::try_from(hi).unwrap_or(i64::MAX)),
-            ("cl", i64::try_from(lo).unwrap_or(i64::MAX)),
-            ("u", self.unpriced_requests),
-        ]
-        .into_iter()
-        .filter(|(_, n)| *n != 0)
+    /// `self − other`, counter by counter (a replay's change to a month).
+    pub fn subtract(&mut self, other: &Totals) {
+        self.requests -= other.requests;
+        self.errors -= other.errors;
+        self.input_tokens -= other.input_tokens;
+        self.output_tokens -= other.output_tokens;
+        self.cache_creation_input_tokens -= other.cache_creation_input_tokens;
+        self.cache_creation_1h_input_tokens -= other.cache_creation_1h_input_tokens;
+        self.cache_read_input_tokens -= other.cache_read_input_tokens;
+        self.cost = self.cost - other.cost;
+        self.unpriced_requests -= other.unpriced_requests;
     }
 
-    fn set(&mut self, metric: &str, value: i64) {
-        match metric {
-            "r" => self.requests += value,
-            "e" => self.errors += value,
-            "i" => self.input_tokens += value,
-            "o" => self.output_tokens += value,
-            "cc" => self.cache_creation_input_tokens += value,
-            "c1" => self.cache_creation_1h_input_tokens += value,
-            "cr" => self.cache_read_input_tokens += value,
-            "ch" => self.cost += Cost::from_atto(i128::from(value) * ATTO_PER_NANO),
-            "cl" => self.cost += Cost::from_atto(i128::from(value)),
-            "u" => self.unpriced_requests += value,
-            _ => {}
-        }
+    /// Tokens as the spend counters count them (`UsageEvent::total_tokens`).
+    pub fn tokens(&self) -> i64 {
+        self.input_tokens
+            .saturating_add(self.output_tokens)
+            .saturating_add(self.cache_creation_input_tokens)
+            .saturating_add(self.cache_read_input_tokens)
     }
 }
 
-/// One cell's change within a batch.
-#[derive(Debug, Default)]
-struct CellDelta {
-    totals: Totals,
-    latency: HashMap<u32, i64>,
-    ttft: HashMap<u32, i64>,
-}
-
-/// A batch's effect on the stats: cells summed in memory, so a batch of many events costs
-/// one increment per touched counter.
+/// A batch's effect on the stats: events summed into cells in memory, so each touched cell is
+/// written once per batch, however many events it got.
 #[derive(Debug, Default)]
 pub struct Delta {
-    cells: HashMap<(Resolution, i64, Dims), CellDelta>,
+    /// Encoded dimension tuples (the cells' field names), each stored once.
+    tuples: Vec<String>,
+    tuple_index: HashMap<String, u32>,
+    cells: HashMap<(Resolution, i64, u32), Cell>,
     spend: SpendDelta,
+    /// Scratch space for encoding a tuple without allocating.
+    scratch: String,
 }
 
-/// The writes to one bucket hash.
+/// The cells of one bucket hash that a batch changes, with the change to each.
+#[derive(Debug, Clone)]
+pub struct CellWrite {
+    /// Key name below the keyspace prefix.
+    pub key: String,
+    /// Unix seconds; `None`: kept.
+    pub expire_at: Option<i64>,
+    /// (field = encoded tuple, what to add to it).
+    pub cells: Vec<(String, Cell)>,
+}
+
+/// Increments to the integer fields of one hash (spend counters, a replay's day list).
 pub struct BucketWrite {
     /// Key name below the keyspace prefix.
     pub key: String,
@@ -176,7 +166,7 @@ impl Delta {
     /// (a very late event is not written where it would expire at once).
     pub fn add(&mut self, event: &UsageEvent, cost: Option<Cost>, now_ms: i64) {
         self.spend.add(event, cost);
-        let dims = Dims::of(event);
+        let tuple = self.intern(event);
         let totals = Totals::of(event, cost);
         let latency = sketch::bin_of(event.latency_us);
         let ttft = event.ttft_us.map(sketch::bin_of);
@@ -185,10 +175,7 @@ impl Delta {
             if !resolution.retained(start, now_ms) {
                 continue;
             }
-            let cell = self
-                .cells
-                .entry((resolution, start, dims.clone()))
-                .or_default();
+            let cell = self.cells.entry((resolution, start, tuple)).or_default();
             cell.totals.add(&totals);
             if resolution.has_sketches() {
                 *cell.latency.entry(latency).or_default() += 1;
@@ -199,50 +186,51 @@ impl Delta {
         }
     }
 
-    /// The hash-field increments to apply, per hash: stats buckets and spend counters.
-    pub fn writes(&self, now_ms: i64) -> Vec<BucketWrite> {
-        let mut out: HashMap<(Resolution, i64), Vec<(String, i64)>> = HashMap::new();
-        for ((resolution, start, dims), cell) in &self.cells {
-            let tuple = dims.encode();
-            let fields = out.entry((*resolution, *start)).or_default();
-            fields.extend(
-                cell.totals
-                    .increments()
-                    .map(|(metric, n)| (format!("{metric}:{tuple}"), n)),
-            );
-            fields.extend(
-                cell.latency
-                    .iter()
-                    .map(|(bin, n)| (format!("l{bin}:{tuple}"), *n)),
-            );
-            fields.extend(
-                cell.ttft
-                    .iter()
-                    .map(|(bin, n)| (format!("t{bin}:{tuple}"), *n)),
-            );
+    fn intern(&mut self, event: &UsageEvent) -> u32 {
+        self.scratch.clear();
+        write_tuple(event, &mut self.scratch);
+        if let Some(&i) = self.tuple_index.get(self.scratch.as_str()) {
+            return i;
+        }
+        let i = self.tuples.len() as u32;
+        self.tuples.push(self.scratch.clone());
+        self.tuple_index.insert(self.scratch.clone(), i);
+        i
+    }
+
+    /// The cells to change, per bucket hash, with key names under `prefix` (empty for the live
+    /// figures, a replay's shadow prefix for its copy).
+    pub fn cell_writes(&self, prefix: &str) -> Vec<CellWrite> {
+        let mut out: HashMap<(Resolution, i64), Vec<(String, Cell)>> = HashMap::new();
+        for ((resolution, start, tuple), cell) in &self.cells {
+            out.entry((*resolution, *start))
+                .or_default()
+                .push((self.tuples[*tuple as usize].clone(), cell.clone()));
         }
         out.into_iter()
-            .map(|((resolution, start), fields)| BucketWrite {
-                key: resolution.key(start),
+            .map(|((resolution, start), cells)| CellWrite {
+                key: format!("{prefix}{}", resolution.key(start)),
                 expire_at: resolution.expire_at_secs(start),
-                fields,
+                cells,
             })
-            .chain(self.spend.writes(now_ms))
             .collect()
     }
-}
 
-impl Delta {
-    /// The writes to a replay's shadow copy: the same increments under `prefix`, plus a count
-    /// per UTC day touched (`<prefix>days`), which tells the switch which days to swap in.
-    pub fn shadow_writes(&self, prefix: &str, now_ms: i64) -> Vec<BucketWrite> {
+    /// The spend-counter increments for `now_ms`.
+    pub fn increments(&self, now_ms: i64) -> Vec<BucketWrite> {
+        self.spend.writes(now_ms)
+    }
+
+    /// The increments to a replay's shadow copy: its spend counters under `prefix`, plus a
+    /// count per UTC day touched (`<prefix>days`), which tells the switch which days to swap in.
+    pub fn shadow_increments(&self, prefix: &str, now_ms: i64) -> Vec<BucketWrite> {
         let mut days: HashMap<i64, i64> = HashMap::new();
         for ((resolution, start, _), cell) in &self.cells {
             if *resolution == Resolution::Day {
                 *days.entry(*start).or_default() += cell.totals.requests;
             }
         }
-        let mut writes = self.writes(now_ms);
+        let mut writes = self.increments(now_ms);
         for write in &mut writes {
             write.key.insert_str(0, prefix);
         }
@@ -260,30 +248,30 @@ impl Delta {
     }
 }
 
-/// What one stored hash field holds.
-#[derive(Debug, PartialEq)]
-pub enum Field {
-    Counter(Totals),
-    Latency(u32, u64),
-    Ttft(u32, u64),
+/// Appends an event's tuple, encoded as `Dims::of(event).encode()` would, without building it.
+fn write_tuple(event: &UsageEvent, out: &mut String) {
+    let parts = [
+        event.key_id.as_deref().unwrap_or(""),
+        &event.model,
+        event.account_id.as_deref().unwrap_or(""),
+        &event.provider,
+        &event.endpoint,
+    ];
+    for part in parts {
+        if part.contains(SEP) {
+            out.push_str(&clean(part));
+        } else {
+            out.push_str(part);
+        }
+        out.push(SEP);
+    }
+    use std::fmt::Write;
+    let _ = write!(out, "{}", event.status);
 }
 
-/// Decodes one hash field and its value.
-pub fn read_field(field: &str, value: i64) -> Option<(Dims, Field)> {
-    let (metric, tuple) = field.split_once(':')?;
-    let dims = Dims::decode(tuple)?;
-    let count = || u64::try_from(value).ok();
-    let bin = |digits: &str| digits.parse::<u32>().ok();
-    let field = match metric.split_at_checked(1)? {
-        ("l", digits) if !digits.is_empty() => Field::Latency(bin(digits)?, count()?),
-        ("t", digits) if !digits.is_empty() => Field::Ttft(bin(digits)?, count()?),
-        _ => {
-            let mut totals = Totals::default();
-            totals.set(metric, value);
-            Field::Counter(totals)
-        }
-    };
-    Some((dims, field))
+/// Decodes a stored cell's field name into its dimensions.
+pub fn read_tuple(field: &str) -> Option<Dims> {
+    Dims::decode(field)
 }
 
 #[cfg(test)]
@@ -318,18 +306,21 @@ mod tests {
     /// Late enough that every resolution is still retained.
     const NOW: i64 = 3 * HOUR_MS;
 
-    /// Applies a delta's hour-bucket increments to an in-memory "Redis" and reads them back.
-    fn round_trip(delta: &Delta) -> HashMap<(i64, Dims), Totals> {
-        let mut out: HashMap<(i64, Dims), Totals> = HashMap::new();
-        for write in delta.writes(NOW) {
+    /// The hour cells of a delta, by (hour, dimensions).
+    fn hours(delta: &Delta) -> HashMap<(i64, Dims), Cell> {
+        let mut out = HashMap::new();
+        for write in delta.cell_writes("") {
             let Some(hour) = write.key.strip_prefix("st:h:") else {
                 continue;
             };
             let hour: i64 = hour.parse().unwrap();
-            for (field, n) in write.fields {
-                if let (dims, Field::Counter(t)) = read_field(&field, n).unwrap() {
-                    out.entry((hour, dims)).or_default().add(&t);
-                }
+            for (field, cell) in write.cells {
+                let bytes = cell.encode(crate::cell::new_stamp());
+                let old = out.insert(
+                    (hour, read_tuple(&field).unwrap()),
+                    Cell::decode(&bytes).unwrap(),
+                );
+                assert!(old.is_none(), "one write per cell");
             }
         }
         out
@@ -338,29 +329,50 @@ mod tests {
     #[test]
     fn events_of_one_cell_are_summed_and_read_back() {
         let mut delta = Delta::default();
-        let cost = Cost::from_atto(3 * ATTO_PER_NANO + 7);
+        let cost = Cost::from_atto(3_000_000_007);
         delta.add(&event(HOUR_MS + 5, "m", 200, 10), Some(cost), NOW);
         delta.add(&event(HOUR_MS + 9, "m", 500, 5), Some(cost), NOW);
+        delta.add(&event(HOUR_MS + 9, "m", 200, 4), Some(cost), NOW);
         delta.add(&event(2 * HOUR_MS, "m", 200, 1), None, NOW);
-        let cells = round_trip(&delta);
+        let cells = hours(&delta);
         assert_eq!(cells.len(), 3, "two statuses in hour 1, one cell in hour 2");
-        let first = cells[&(HOUR_MS, Dims::of(&event(0, "m", 200, 0)))];
-        assert_eq!(first.requests, 1);
-        let with_error = cells[&(HOUR_MS, Dims::of(&event(0, "m", 500, 0)))];
-        assert_eq!((with_error.errors, with_error.input_tokens), (1, 5));
-        let unpriced = cells[&(2 * HOUR_MS, Dims::of(&event(0, "m", 200, 0)))];
-        assert_eq!((unpriced.unpriced_requests, unpriced.cost), (1, Cost::ZERO));
-        assert_eq!(first.cost, cost);
+        let first = &cells[&(HOUR_MS, Dims::of(&event(0, "m", 200, 0)))];
+        assert_eq!((first.totals.requests, first.totals.input_tokens), (2, 14));
+        assert_eq!(first.totals.cost, Cost::from_atto(6_000_000_014));
+        assert_eq!(
+            first.latency,
+            std::collections::BTreeMap::from([(sketch::bin_of(10), 2)])
+        );
+        let with_error = &cells[&(HOUR_MS, Dims::of(&event(0, "m", 500, 0)))];
+        assert_eq!(
+            (with_error.totals.errors, with_error.totals.input_tokens),
+            (1, 5)
+        );
+        let unpriced = &cells[&(2 * HOUR_MS, Dims::of(&event(0, "m", 200, 0)))];
+        assert_eq!(
+            (unpriced.totals.unpriced_requests, unpriced.totals.cost),
+            (1, Cost::ZERO)
+        );
     }
 
     #[test]
     fn a_separator_inside_a_value_cannot_shift_dimensions() {
         let mut delta = Delta::default();
         delta.add(&event(0, "bad\u{1f}model", 200, 1), None, NOW);
-        let cells = round_trip(&delta);
+        let cells = hours(&delta);
         let (_, dims) = cells.keys().next().unwrap();
         assert_eq!(dims.0[1], "bad\u{fffd}model");
         assert_eq!(dims.0[5], "200");
+    }
+
+    #[test]
+    fn the_tuple_is_written_as_dims_encode_it() {
+        let mut e = event(0, "m", 429, 1);
+        e.account_id = Some("acct".into());
+        let mut out = String::new();
+        write_tuple(&e, &mut out);
+        assert_eq!(out, Dims::of(&e).encode());
+        assert_eq!(read_tuple(&out), Some(Dims::of(&e)));
     }
 
     #[test]
@@ -369,8 +381,8 @@ mod tests {
         let mut e = event(HOUR_MS + 5, "m", 200, 10);
         e.ttft_us = Some(1_000);
         delta.add(&e, None, NOW);
-        let writes = delta.writes(NOW);
-        let mut keys: Vec<&str> = writes.iter().map(|w| w.key.as_str()).collect();
+        let mut keys: Vec<String> = delta.cell_writes("").into_iter().map(|w| w.key).collect();
+        keys.extend(delta.increments(NOW).into_iter().map(|w| w.key));
         keys.sort_unstable();
         assert_eq!(
             keys,
@@ -385,14 +397,11 @@ mod tests {
                 "st:m:3600000"
             ]
         );
-        for w in writes.iter().filter(|w| w.key.starts_with("st:")) {
-            let sketch_fields = w
-                .fields
-                .iter()
-                .filter(|(f, _)| f.starts_with('l') || f.starts_with('t'))
-                .count();
+        for w in delta.cell_writes("") {
+            let cell = &w.cells[0].1;
+            let bins = cell.latency.len() + cell.ttft.len();
             assert_eq!(
-                sketch_fields,
+                bins,
                 if w.key.starts_with("st:M") { 0 } else { 2 },
                 "{}",
                 w.key
@@ -406,35 +415,35 @@ mod tests {
         delta.add(&event(0, "m", 200, 1), None, 100 * HOUR_MS);
         assert!(
             delta
-                .writes(100 * HOUR_MS)
+                .cell_writes("")
                 .iter()
                 .all(|w| !w.key.starts_with("st:m:"))
         );
     }
 
     #[test]
-    fn sketch_fields_read_back() {
-        let tuple = ["k", "m", "a", "p", "e", "200"].join("\u{1f}");
-        assert_eq!(
-            read_field(&format!("l17:{tuple}"), 3).unwrap().1,
-            Field::Latency(17, 3)
-        );
-        assert_eq!(
-            read_field(&format!("t9:{tuple}"), 1).unwrap().1,
-            Field::Ttft(9, 1)
-        );
+    fn shadow_writes_carry_the_prefix_and_list_days() {
+        let mut delta = Delta::default();
+        delta.add(&event(HOUR_MS, "m", 200, 1), None, NOW);
         assert!(
-            read_field(&format!("l:{tuple}"), 1)
-                .is_some_and(|(_, f)| matches!(f, Field::Counter(_)))
+            delta
+                .cell_writes("rp7:")
+                .iter()
+                .all(|w| w.key.starts_with("rp7:st:"))
         );
+        let increments = delta.shadow_increments("rp7:", NOW);
+        assert!(increments.iter().all(|w| w.key.starts_with("rp7:")));
+        let days = increments.iter().find(|w| w.key == "rp7:days").unwrap();
+        assert_eq!(days.fields, [("0".to_owned(), 1)]);
     }
 
     #[test]
-    fn large_costs_split_exactly() {
+    fn large_costs_stay_exact() {
         let mut delta = Delta::default();
         let cost = Cost::from_atto(123_456_789_012_345_678_901_234);
         delta.add(&event(0, "m", 200, 1), Some(cost), NOW);
-        let cells = round_trip(&delta);
-        assert_eq!(cells.values().next().unwrap().cost, cost);
+        delta.add(&event(1, "m", 200, 1), Some(cost), NOW);
+        let cells = hours(&delta);
+        assert_eq!(cells.values().next().unwrap().totals.cost, cost + cost);
     }
 }

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::str::FromStr;
 use std::time::Duration;
 
+use aggregator::cell::Cell;
 use redis::AsyncCommands;
 use rust_decimal::Decimal;
 use shared::UsageEvent;
@@ -118,27 +119,37 @@ type Hashes = BTreeMap<String, BTreeMap<String, i128>>;
 async fn figures(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> (Hashes, Hashes) {
     let ks = keyspace(stream);
     let (mut exact, mut rounded) = (Hashes::new(), Hashes::new());
-    for pattern in ["st:*", "sp:*"] {
-        let keys: Vec<String> = conn.keys(ks.key(pattern)).await.unwrap();
-        for key in keys {
-            let fields: BTreeMap<String, i64> = conn.hgetall(&key).await.unwrap();
-            for (field, v) in fields {
-                let v = i128::from(v);
-                let (name, v, into) = if let Some(rest) = field.strip_prefix("ch") {
-                    (format!("cost{rest}"), v * 1_000_000_000, &mut exact)
-                } else if let Some(rest) = field.strip_prefix("cl") {
-                    (format!("cost{rest}"), v, &mut exact)
-                } else if field.starts_with('c') && field[1..].parse::<i64>().is_ok() {
-                    (field, v, &mut rounded)
-                } else {
-                    (field, v, &mut exact)
-                };
-                *into
-                    .entry(key.clone())
-                    .or_default()
-                    .entry(name)
-                    .or_default() += v;
+    // Stats cells: one packed value per tuple, compared figure by figure (its stamp differs).
+    let keys: Vec<String> = conn.keys(ks.key("st:*")).await.unwrap();
+    for key in keys {
+        let fields: BTreeMap<String, Vec<u8>> = conn.hgetall(&key).await.unwrap();
+        let into = exact.entry(key.clone()).or_default();
+        for (tuple, value) in fields {
+            let cell = Cell::decode(&value).unwrap_or_else(|| panic!("{key} {tuple:?}"));
+            for (figure, n) in cell.figures() {
+                into.insert(format!("{figure}:{tuple}"), n);
             }
+        }
+    }
+    let keys: Vec<String> = conn.keys(ks.key("sp:*")).await.unwrap();
+    for key in keys {
+        let fields: BTreeMap<String, i64> = conn.hgetall(&key).await.unwrap();
+        for (field, v) in fields {
+            let v = i128::from(v);
+            let (name, v, into) = if field == "ch" {
+                ("cost".to_owned(), v * 1_000_000_000, &mut exact)
+            } else if field == "cl" {
+                ("cost".to_owned(), v, &mut exact)
+            } else if field.starts_with('c') && field[1..].parse::<i64>().is_ok() {
+                (field, v, &mut rounded)
+            } else {
+                (field, v, &mut exact)
+            };
+            *into
+                .entry(key.clone())
+                .or_default()
+                .entry(name)
+                .or_default() += v;
         }
     }
     (exact, rounded)
@@ -168,8 +179,8 @@ fn assert_same_figures(got: &(Hashes, Hashes), want: &(Hashes, Hashes), what: &s
     }
 }
 
-/// Sum of the exact cost fields of the hashes matching `pattern` (`ch` nanodollars, `cl`
-/// attodollars), in USD.
+/// Sum of the exact costs in the hashes matching `pattern`: stats cells (`st:…`) or lifetime
+/// spend (`sp:<key>`: `ch` nanodollars + `cl` attodollars), in USD.
 async fn stored_cost(
     conn: &mut redis::aio::MultiplexedConnection,
     stream: &str,
@@ -178,11 +189,18 @@ async fn stored_cost(
     let keys: Vec<String> = conn.keys(keyspace(stream).key(pattern)).await.unwrap();
     let mut atto: i128 = 0;
     for key in keys {
+        if pattern.starts_with("st:") {
+            let cells: BTreeMap<String, Vec<u8>> = conn.hgetall(&key).await.unwrap();
+            for value in cells.values() {
+                atto += Cell::decode(value).unwrap().totals.cost.atto();
+            }
+            continue;
+        }
         let fields: BTreeMap<String, i64> = conn.hgetall(&key).await.unwrap();
         for (field, v) in fields {
-            if field.starts_with("ch:") || field == "ch" {
+            if field == "ch" {
                 atto += i128::from(v) * 1_000_000_000;
-            } else if field.starts_with("cl:") || field == "cl" {
+            } else if field == "cl" {
                 atto += i128::from(v);
             }
         }

@@ -534,7 +534,7 @@ async fn cached_cells_follow_every_change_at_once() {
     wait_applied(&stream).await;
     assert_eq!(requests(&api.ok(&query).await), Decimal::from(21));
 
-    // Another client deletes the hour's cell and writes one counter.
+    // Another client deletes the hour's bucket and writes one cell.
     let keyspace = shared::Keyspace::new(&stream).unwrap();
     let cell = keyspace.key(&format!("st:h:{hour}"));
     let client = redis::Client::open(redis_url()).unwrap();
@@ -546,18 +546,28 @@ async fn cached_cells_follow_every_change_at_once() {
         .unwrap();
     assert_eq!(requests(&api.ok(&query).await), Decimal::ZERO);
     let tuple = ["k", "m", "a", "anthropic", "messages", "200"].join("\u{1f}");
-    redis::cmd("HINCRBY")
+    let write_cell = |requests: i64| {
+        aggregator::cell::Cell {
+            totals: aggregator::Totals {
+                requests,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .encode(aggregator::cell::new_stamp())
+    };
+    redis::cmd("HSET")
         .arg(&cell)
-        .arg(format!("r:{tuple}"))
-        .arg(7)
+        .arg(&tuple)
+        .arg(write_cell(7))
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
     assert_eq!(requests(&api.ok(&query).await), Decimal::from(7));
-    redis::cmd("HINCRBY")
+    redis::cmd("HSET")
         .arg(&cell)
-        .arg(format!("r:{tuple}"))
-        .arg(1)
+        .arg(&tuple)
+        .arg(write_cell(8))
         .query_async::<()>(&mut conn)
         .await
         .unwrap();

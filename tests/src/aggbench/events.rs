@@ -204,9 +204,15 @@ pub struct Generator {
     keys: u32,
     now_ms: i64,
     spread_ms: u64,
+    /// `Some(n)`: `ts` follows the stream order over `n` events, as live traffic does.
+    in_order: Option<u64>,
     pricing: Pricing,
     pub expected: Expected,
 }
+
+/// How far before its stream position an in-order event's `ts` may lie: `ts` is when the
+/// request started, and it reaches the stream when the response ends.
+const MAX_REQUEST_MS: u64 = 2_000;
 
 impl Generator {
     /// Events stamped `now_ms` minus up to `spread_ms`, as live traffic reaching the stream.
@@ -225,9 +231,17 @@ impl Generator {
             keys: keys.max(1),
             now_ms,
             spread_ms,
+            in_order: None,
             pricing: Pricing::bundled(),
             expected: Expected::default(),
         }
+    }
+
+    /// `ts` rises with the event number across the spread, each up to [`MAX_REQUEST_MS`] early,
+    /// instead of being drawn uniformly: the order a stream of live traffic has.
+    pub fn in_arrival_order(mut self, n: u64) -> Self {
+        self.in_order = Some(n.max(1));
+        self
     }
 
     /// Whether the bundled table prices `model` (at all; the amount depends on the usage).
@@ -274,7 +288,15 @@ impl Generator {
             _ => 500,
         };
         let stream = rng.chance(0.6);
-        let ts = self.now_ms - i64::try_from(rng.below(self.spread_ms + 1)).unwrap_or(0);
+        let before_now = match self.in_order {
+            Some(n) => {
+                let position =
+                    u128::from(self.spread_ms) * u128::from(n - 1 - i.min(n - 1)) / u128::from(n);
+                u64::try_from(position).unwrap_or(u64::MAX) + rng.below(MAX_REQUEST_MS + 1)
+            }
+            None => rng.below(self.spread_ms + 1),
+        };
+        let ts = self.now_ms - i64::try_from(before_now).unwrap_or(0);
         let anthropic = model.provider == "anthropic";
 
         let mut event = UsageEvent {

@@ -120,6 +120,34 @@ pub async fn memory_by_key_shape(
     Ok(out)
 }
 
+/// `INFO commandstats` as (command, calls, microseconds), most time first.
+pub async fn command_stats(
+    conn: &mut MultiplexedConnection,
+) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    let mut out = parse_command_stats(&info);
+    out.sort_by_key(|c| std::cmp::Reverse(c.2));
+    Ok(out)
+}
+
+/// Lines like `cmdstat_hset:calls=3,usec=12,usec_per_call=4.00,...`.
+fn parse_command_stats(info: &str) -> Vec<(String, u64, u64)> {
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |key: &str| {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            Some((name.to_owned(), field("calls")?, field("usec")?))
+        })
+        .collect()
+}
+
 fn shape_of(key: &str) -> String {
     let mut shape = String::with_capacity(key.len());
     for c in key.chars() {
@@ -205,6 +233,16 @@ mod tests {
         assert_eq!(
             (m.applied, m.unpriced, m.lag, m.pending),
             (1200, 3, Some(0), None)
+        );
+    }
+
+    #[test]
+    fn command_stats_parse() {
+        let info = "# Commandstats\r\ncmdstat_hset:calls=3,usec=12,usec_per_call=4.00,rejected_calls=0\r\n\
+                    cmdstat_evalsha:calls=1,usec=900,usec_per_call=900.00\r\n";
+        assert_eq!(
+            parse_command_stats(info),
+            [("hset".to_owned(), 3, 12), ("evalsha".to_owned(), 1, 900)]
         );
     }
 

@@ -14,6 +14,7 @@ pub struct Workload {
     pub seed: u64,
     pub keys: u32,
     pub spread: Duration,
+    pub shuffled_ts: bool,
     /// Each model, and whether the bundled table prices it.
     pub models: Vec<(&'static ModelSpec, bool)>,
     pub expected: Expected,
@@ -35,6 +36,9 @@ pub struct Cpu {
     pub redis_during_aggregator: f64,
     /// The aggregator process over its whole life so far, startup included.
     pub aggregator: f64,
+    /// Redis `INFO commandstats` over the aggregator run: (command, calls, microseconds), most
+    /// time first. Commands a script runs are counted under their own names too.
+    pub redis_commands: Vec<(String, u64, u64)>,
 }
 
 pub struct Report {
@@ -102,12 +106,22 @@ impl Report {
             w.keys,
             w.models.len()
         )?;
-        writeln!(
-            out,
-            "- `ts` = generation time minus U[0, {} s]: live traffic from the last {} minutes",
-            w.spread.as_secs(),
-            w.spread.as_secs_f64() / 60.0
-        )?;
+        if w.shuffled_ts {
+            writeln!(
+                out,
+                "- `ts` = generation time minus U[0, {} s], in no order (`--shuffled-ts`): every \
+                 batch touches every minute of the last {} minutes",
+                w.spread.as_secs(),
+                w.spread.as_secs_f64() / 60.0
+            )?;
+        } else {
+            writeln!(
+                out,
+                "- `ts` rises with the stream position over the last {} s, each up to 2 s early \
+                 (a request starts before its event is written): live traffic in arrival order",
+                w.spread.as_secs(),
+            )?;
+        }
         writeln!(
             out,
             "- status {status}; {:.1} % streamed; {:.0} bytes per encoded event",
@@ -255,6 +269,21 @@ impl Report {
             p.redis_during_aggregator,
             p.redis_during_aggregator * 1e6 / n.max(1) as f64,
         )?;
+        if !p.redis_commands.is_empty() {
+            writeln!(
+                out,
+                "\n| Redis command during the aggregator run | calls | total ms | µs per call | µs per event |\n|---|---:|---:|---:|---:|"
+            )?;
+            for (name, calls, usec) in p.redis_commands.iter().take(12) {
+                writeln!(
+                    out,
+                    "| `{name}` | {calls} | {:.1} | {:.2} | {:.3} |",
+                    *usec as f64 / 1e3,
+                    *usec as f64 / (*calls).max(1) as f64,
+                    *usec as f64 / n.max(1) as f64,
+                )?;
+            }
+        }
 
         writeln!(
             out,

@@ -64,6 +64,10 @@ struct Args {
     /// Event timestamps are spread over this many seconds before now.
     #[arg(long, default_value_t = 600)]
     spread_secs: u64,
+    /// Draw each `ts` uniformly from the spread instead of in stream order (the default, as
+    /// live traffic arrives): every batch then touches every minute of the spread.
+    #[arg(long)]
+    shuffled_ts: bool,
     /// Seed of the event generator.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -129,6 +133,9 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
         now_ms,
         u64::try_from(spread.as_millis()).unwrap_or(u64::MAX),
     );
+    if !args.shuffled_ts {
+        generator = generator.in_arrival_order(n);
+    }
     let models: Vec<_> = models
         .into_iter()
         .map(|m| (m, generator.is_priced(m.name)))
@@ -159,6 +166,10 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
         "aggbench: aggregator on {listen} (timeout {} s)",
         timeout.as_secs()
     );
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async::<()>(&mut conn)
+        .await?;
     let redis_ticks = probes::cpu_ticks(redis.pid())?;
     let started = Instant::now();
     let mut aggregator = servers::spawn_aggregator(binary, &redis.url, STREAM, listen)?;
@@ -178,6 +189,7 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
     let redis_cpu_aggregator =
         probes::cpu_ticks(redis.pid())?.saturating_sub(redis_ticks) as f64 / hz;
     let aggregator_cpu = probes::cpu_ticks(aggregator.pid())? as f64 / hz;
+    let redis_commands = probes::command_stats(&mut conn).await?;
     let memory_after_aggregator = catch_up.redis_memory.last;
 
     eprintln!("aggbench: checking /v1/usage");
@@ -221,6 +233,7 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
             seed: args.seed,
             keys: args.keys,
             spread,
+            shuffled_ts: args.shuffled_ts,
             models,
             expected,
         },
@@ -238,6 +251,7 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
             redis_during_bare: redis_cpu_bare,
             redis_during_aggregator: redis_cpu_aggregator,
             aggregator: aggregator_cpu,
+            redis_commands,
         },
         checks,
         replay,
