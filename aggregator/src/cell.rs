@@ -21,7 +21,6 @@
 //!
 //! Cost is one exact i128 of attodollars: sums are done here, not by Redis, so no 64-bit split.
 
-use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,12 +31,27 @@ use crate::stats::Totals;
 pub const STAMP_LEN: usize = 8;
 const FORMAT: u8 = 1;
 
+/// Sketch bins with a nonzero count, ascending: (bin, count). A sorted vector rather than a
+/// map, because cells are cloned, merged and encoded far more often than searched.
+pub type Bins = Vec<(u32, u64)>;
+
 /// Counters and latency / time-to-first-token bin counts of one cell (or of a sum of cells).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cell {
     pub totals: Totals,
-    pub latency: BTreeMap<u32, u64>,
-    pub ttft: BTreeMap<u32, u64>,
+    pub latency: Bins,
+    pub ttft: Bins,
+}
+
+/// Adds `n` to `bin`, keeping `bins` sorted.
+pub fn add_bin(bins: &mut Bins, bin: u32, n: u64) {
+    if n == 0 {
+        return;
+    }
+    match bins.binary_search_by_key(&bin, |(b, _)| *b) {
+        Ok(i) => bins[i].1 = bins[i].1.saturating_add(n),
+        Err(i) => bins.insert(i, (bin, n)),
+    }
 }
 
 impl Cell {
@@ -48,10 +62,24 @@ impl Cell {
             (&mut self.ttft, &other.ttft),
         ] {
             for (bin, n) in more {
-                let slot = bins.entry(*bin).or_default();
-                *slot = slot.saturating_add(*n);
+                add_bin(bins, *bin, *n);
             }
         }
+    }
+
+    /// `base + change`, encoded, without building the sum: what a commit writes.
+    pub fn encode_sum(base: Option<&Cell>, change: &Cell, stamp: [u8; STAMP_LEN]) -> Vec<u8> {
+        let Some(base) = base else {
+            return change.encode(stamp);
+        };
+        let mut totals = base.totals;
+        totals.add(&change.totals);
+        let bins = base.latency.len() + base.ttft.len() + change.latency.len();
+        let mut out = Vec::with_capacity(40 + 4 * bins);
+        header(&mut out, &totals, stamp);
+        put_merged(&mut out, &base.latency, &change.latency);
+        put_merged(&mut out, &base.ttft, &change.ttft);
+        out
     }
 
     /// Whether the cell counts nothing at all (then it is deleted rather than stored).
@@ -61,32 +89,10 @@ impl Cell {
 
     /// The stored value, starting with `stamp`.
     pub fn encode(&self, stamp: [u8; STAMP_LEN]) -> Vec<u8> {
-        let t = &self.totals;
-        let mut out = Vec::with_capacity(32 + 4 * (self.latency.len() + self.ttft.len()));
-        out.extend_from_slice(&stamp);
-        out.push(FORMAT);
-        for n in [
-            t.requests,
-            t.errors,
-            t.input_tokens,
-            t.output_tokens,
-            t.cache_creation_input_tokens,
-            t.cache_creation_1h_input_tokens,
-            t.cache_read_input_tokens,
-            t.unpriced_requests,
-        ] {
-            put(&mut out, zigzag(i128::from(n)));
-        }
-        put(&mut out, zigzag(t.cost.atto()));
-        for bins in [&self.latency, &self.ttft] {
-            put(&mut out, bins.len() as u128);
-            let mut previous = 0;
-            for (bin, n) in bins {
-                put(&mut out, u128::from(bin - previous));
-                put(&mut out, u128::from(*n));
-                previous = *bin;
-            }
-        }
+        let mut out = Vec::with_capacity(40 + 4 * (self.latency.len() + self.ttft.len()));
+        header(&mut out, &self.totals, stamp);
+        put_merged(&mut out, &self.latency, &[]);
+        put_merged(&mut out, &self.ttft, &[]);
         out
     }
 
@@ -138,6 +144,62 @@ impl Cell {
             )
             .filter(|(_, n)| *n != 0)
             .collect()
+    }
+}
+
+fn header(out: &mut Vec<u8>, t: &Totals, stamp: [u8; STAMP_LEN]) {
+    out.extend_from_slice(&stamp);
+    out.push(FORMAT);
+    for n in [
+        t.requests,
+        t.errors,
+        t.input_tokens,
+        t.output_tokens,
+        t.cache_creation_input_tokens,
+        t.cache_creation_1h_input_tokens,
+        t.cache_read_input_tokens,
+        t.unpriced_requests,
+    ] {
+        put(out, zigzag(i128::from(n)));
+    }
+    put(out, zigzag(t.cost.atto()));
+}
+
+/// Writes the bins of `a + b` (both sorted): their count, then (step, count) pairs.
+fn put_merged(out: &mut Vec<u8>, a: &[(u32, u64)], b: &[(u32, u64)]) {
+    let merged = || Merge {
+        a: a.iter().peekable(),
+        b: b.iter().peekable(),
+    };
+    put(out, merged().count() as u128);
+    let mut previous = 0;
+    for (bin, n) in merged() {
+        put(out, u128::from(bin - previous));
+        put(out, u128::from(n));
+        previous = bin;
+    }
+}
+
+/// Two sorted bin lists walked as their sum.
+struct Merge<'a> {
+    a: std::iter::Peekable<std::slice::Iter<'a, (u32, u64)>>,
+    b: std::iter::Peekable<std::slice::Iter<'a, (u32, u64)>>,
+}
+
+impl Iterator for Merge<'_> {
+    type Item = (u32, u64);
+
+    fn next(&mut self) -> Option<(u32, u64)> {
+        match (self.a.peek(), self.b.peek()) {
+            (Some(&&(x, n)), Some(&&(y, m))) if x == y => {
+                self.a.next();
+                self.b.next();
+                Some((x, n.saturating_add(m)))
+            }
+            (Some(&&(x, _)), Some(&&(y, _))) if y < x => self.b.next().copied(),
+            (Some(_), _) => self.a.next().copied(),
+            (None, _) => self.b.next().copied(),
+        }
     }
 }
 
@@ -226,17 +288,21 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn bins(&mut self) -> Option<BTreeMap<u32, u64>> {
-        let len = self.next()?;
-        let mut bins = BTreeMap::new();
+    fn bins(&mut self) -> Option<Bins> {
+        let len = usize::try_from(self.next()?).ok()?;
+        // Each pair takes at least two bytes: a bound on what garbage can make us allocate.
+        let mut bins = Vec::with_capacity(len.min(self.rest.len() / 2));
         let mut bin: u32 = 0;
-        for _ in 0..len {
-            bin = bin.checked_add(u32::try_from(self.next()?).ok()?)?;
-            let n = u64::try_from(self.next()?).ok()?;
-            bins.insert(bin, n);
+        for i in 0..len {
+            let step = u32::try_from(self.next()?).ok()?;
+            // Strictly ascending, as written (a zero step after the first would be a repeat).
+            if i > 0 && step == 0 {
+                return None;
+            }
+            bin = bin.checked_add(step)?;
+            bins.push((bin, u64::try_from(self.next()?).ok()?));
         }
-        // Strictly ascending, as written (a zero step after the first would be a repeat).
-        (bins.len() as u128 == len).then_some(bins)
+        Some(bins)
     }
 }
 
@@ -258,8 +324,8 @@ mod tests {
                 cost: Cost::from_atto(123_456_789_012_345_678_901_234),
                 unpriced_requests: 0,
             },
-            latency: BTreeMap::from([(0, 1), (17, 2), (900, 5)]),
-            ttft: BTreeMap::from([(3, 1)]),
+            latency: vec![(0, 1), (17, 2), (900, 5)],
+            ttft: vec![(3, 1)],
         }
     }
 
@@ -285,10 +351,25 @@ mod tests {
         sum.add(&sample());
         assert_eq!(sum.totals.requests, 6);
         assert_eq!(sum.totals.cost.atto(), 2 * sample().totals.cost.atto());
-        assert_eq!(sum.latency[&900], 10);
-        assert_eq!(sum.ttft[&3], 2);
+        assert_eq!(sum.latency, [(0, 2), (17, 4), (900, 10)]);
+        assert_eq!(sum.ttft, [(3, 2)]);
         assert!(!sum.is_empty());
         assert!(Cell::default().is_empty());
+    }
+
+    #[test]
+    fn an_encoded_sum_is_the_sum_encoded() {
+        let mut change = sample();
+        change.latency = vec![(5, 1), (17, 1), (1000, 3)];
+        change.ttft = vec![];
+        let mut sum = sample();
+        sum.add(&change);
+        let stamp = new_stamp();
+        assert_eq!(
+            Cell::encode_sum(Some(&sample()), &change, stamp),
+            sum.encode(stamp)
+        );
+        assert_eq!(Cell::encode_sum(None, &change, stamp), change.encode(stamp));
     }
 
     #[test]
@@ -323,8 +404,11 @@ mod tests {
         fn any_cell_round_trips(
             counts in proptest::array::uniform8(any::<i64>()),
             cost in any::<i128>(),
-            latency in proptest::collection::btree_map(any::<u32>(), any::<u64>(), 0..20),
+            latency in proptest::collection::btree_map(any::<u32>(), 1..u64::MAX, 0..20),
+            more in proptest::collection::btree_map(any::<u32>(), 1..u64::MAX, 0..20),
         ) {
+            let latency: Bins = latency.into_iter().collect();
+            let more: Bins = more.into_iter().collect();
             let cell = Cell {
                 totals: Totals {
                     requests: counts[0],
@@ -340,7 +424,12 @@ mod tests {
                 ttft: latency.clone(),
                 latency,
             };
-            prop_assert_eq!(Cell::decode(&cell.encode(new_stamp())), Some(cell));
+            let stamp = new_stamp();
+            prop_assert_eq!(Cell::decode(&cell.encode(stamp)), Some(cell.clone()));
+            let change = Cell { latency: more, ..Cell::default() };
+            let mut sum = cell.clone();
+            sum.add(&change);
+            prop_assert_eq!(Cell::encode_sum(Some(&cell), &change, stamp), sum.encode(stamp));
         }
     }
 }

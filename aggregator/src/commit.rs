@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
+use rustc_hash::FxHashMap;
 use shared::Keyspace;
 
 use crate::cell::{self, Cell};
@@ -212,13 +213,13 @@ pub struct Committer {
 /// carries the current value; the stamp check makes the cache a guess that is never trusted.
 #[derive(Default)]
 struct CellCache {
-    cells: HashMap<String, HashMap<String, Known>>,
+    cells: FxHashMap<String, FxHashMap<String, Known>>,
     len: usize,
 }
 
-/// A cell's stamp (empty: absent) and its counts.
+/// A cell's stamp (`None`: absent) and its counts.
 struct Known {
-    stamp: Vec<u8>,
+    stamp: Option<[u8; cell::STAMP_LEN]>,
     cell: Cell,
 }
 
@@ -230,28 +231,35 @@ impl CellCache {
         self.cells.get(key)?.get(field)
     }
 
-    fn put(&mut self, key: &str, field: &str, known: Known) {
+    /// The entry for a cell, created empty if missing. `None` only if the map refused to hold
+    /// the key it was just given, which cannot happen; a cache miss would be harmless anyway.
+    fn slot(&mut self, key: &str, field: &str) -> Option<&mut Known> {
         if self.len >= CACHE_CELLS {
             self.cells.clear();
             self.len = 0;
         }
-        let fields = match self.cells.get_mut(key) {
-            Some(fields) => fields,
-            None => self.cells.entry(key.to_owned()).or_default(),
-        };
-        match fields.get_mut(field) {
-            Some(slot) => *slot = known,
-            None => {
-                fields.insert(field.to_owned(), known);
-                self.len += 1;
-            }
+        if !self.cells.contains_key(key) {
+            self.cells.insert(key.to_owned(), FxHashMap::default());
         }
+        let fields = self.cells.get_mut(key)?;
+        if !fields.contains_key(field) {
+            self.len += 1;
+            fields.insert(
+                field.to_owned(),
+                Known {
+                    stamp: None,
+                    cell: Cell::default(),
+                },
+            );
+        }
+        fields.get_mut(field)
     }
 }
 
-/// A cell's stamp as last known and its value after the batch.
+/// A cell's stamp as last known (`None`: absent) and its value after the batch.
 struct Merged {
-    stamp: Vec<u8>,
+    stamp: Option<[u8; cell::STAMP_LEN]>,
+    new_stamp: [u8; cell::STAMP_LEN],
     value: Vec<u8>,
 }
 
@@ -297,9 +305,11 @@ impl Committer {
                 Attempt::Done(outcome) => {
                     if outcome == Outcome::Applied {
                         for ((key, write), cells) in keys.iter().zip(batch.cells).zip(merged) {
-                            for ((field, _), (cell, value)) in write.cells.iter().zip(cells) {
-                                let stamp = cell::stamp_of(&value.value).to_vec();
-                                self.cache.put(key, field, Known { stamp, cell });
+                            for ((field, change), merged) in write.cells.iter().zip(cells) {
+                                if let Some(known) = self.cache.slot(key, field) {
+                                    known.cell.add(change);
+                                    known.stamp = Some(merged.new_stamp);
+                                }
                             }
                         }
                     }
@@ -308,20 +318,16 @@ impl Committer {
                 Attempt::Conflicts(current) => {
                     conflicts.fetch_add(1, Ordering::Relaxed);
                     for (key, field, value) in current {
-                        let known = match value {
-                            None => Known {
-                                stamp: Vec::new(),
-                                cell: Cell::default(),
-                            },
-                            Some(bytes) => match Cell::decode(&bytes) {
-                                Some(cell) => Known {
-                                    stamp: cell::stamp_of(&bytes).to_vec(),
-                                    cell,
-                                },
-                                None => return Err(CommitError::Corrupt { key, field }),
+                        let (stamp, cell) = match value {
+                            None => (None, Cell::default()),
+                            Some(bytes) => match (Cell::decode(&bytes), stamp_of(&bytes)) {
+                                (Some(cell), Some(stamp)) => (Some(stamp), cell),
+                                _ => return Err(CommitError::Corrupt { key, field }),
                             },
                         };
-                        self.cache.put(&key, &field, known);
+                        if let Some(known) = self.cache.slot(&key, &field) {
+                            *known = Known { stamp, cell };
+                        }
                     }
                 }
             }
@@ -329,7 +335,7 @@ impl Committer {
     }
 
     /// Each cell of `writes` as last known plus the batch's change, with a new stamp.
-    fn merge(&self, keys: &[String], writes: &[CellWrite]) -> Vec<Vec<(Cell, Merged)>> {
+    fn merge(&self, keys: &[String], writes: &[CellWrite]) -> Vec<Vec<Merged>> {
         keys.iter()
             .zip(writes)
             .map(|(key, write)| {
@@ -337,13 +343,13 @@ impl Committer {
                     .cells
                     .iter()
                     .map(|(field, change)| {
-                        let (stamp, mut cell) = match self.cache.get(key, field) {
-                            Some(known) => (known.stamp.clone(), known.cell.clone()),
-                            None => (Vec::new(), Cell::default()),
-                        };
-                        cell.add(change);
-                        let value = cell.encode(cell::new_stamp());
-                        (cell, Merged { stamp, value })
+                        let known = self.cache.get(key, field);
+                        let new_stamp = cell::new_stamp();
+                        Merged {
+                            stamp: known.and_then(|k| k.stamp),
+                            new_stamp,
+                            value: Cell::encode_sum(known.map(|k| &k.cell), change, new_stamp),
+                        }
                     })
                     .collect()
             })
@@ -355,7 +361,7 @@ impl Committer {
         &self,
         conn: &mut ConnectionManager,
         batch: &Batch<'_>,
-        merged: &[Vec<(Cell, Merged)>],
+        merged: &[Vec<Merged>],
     ) -> redis::RedisResult<Attempt> {
         let mut keys: Vec<String> = vec![
             self.keyspace.stream().to_owned(),
@@ -411,11 +417,9 @@ impl Committer {
                 .arg(k)
                 .arg(write.expire_at.unwrap_or(0))
                 .arg(cells.len());
-            for ((field, _), (_, cell)) in write.cells.iter().zip(cells) {
-                invocation
-                    .arg(field)
-                    .arg(&cell.stamp[..])
-                    .arg(&cell.value[..]);
+            for ((field, _), cell) in write.cells.iter().zip(cells) {
+                let stamp: &[u8] = cell.stamp.as_ref().map_or(&[], |s| &s[..]);
+                invocation.arg(field).arg(stamp).arg(&cell.value[..]);
             }
         }
         invocation.arg(records.len());
@@ -465,6 +469,10 @@ impl Committer {
     fn seen_key(&self, prefix: &str, slot: i64) -> String {
         self.keyspace.key(&format!("{prefix}seen:{slot}"))
     }
+}
+
+fn stamp_of(bytes: &[u8]) -> Option<[u8; cell::STAMP_LEN]> {
+    cell::stamp_of(bytes).try_into().ok()
 }
 
 fn bytes(value: &Value) -> Option<Vec<u8>> {

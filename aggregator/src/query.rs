@@ -422,8 +422,8 @@ mod tests {
                 input_tokens: input,
                 ..Totals::default()
             },
-            latency: latency.iter().copied().collect(),
-            ttft: ttft.iter().copied().collect(),
+            latency: latency.to_vec(),
+            ttft: ttft.to_vec(),
         }
         .encode(crate::cell::new_stamp())
     }

@@ -58,6 +58,9 @@ pub struct Report {
 
 pub struct ReplayRun {
     pub wall: std::time::Duration,
+    /// Scripts Redis ran meanwhile (the replay's commits, its switch, and live commits, if
+    /// any): calls and microseconds.
+    pub scripts: Option<(u64, u64)>,
     /// The replay's own summary (stdout).
     pub summary: String,
     pub checks: Vec<Check>,
@@ -302,6 +305,15 @@ impl Report {
                 n as f64 / replay.wall.as_secs_f64().max(1e-9),
                 replay.summary
             )?;
+            if let Some((calls, usec)) = replay.scripts {
+                writeln!(
+                    out,
+                    "Redis ran {calls} scripts meanwhile (the replay's commits and switch): {:.1} ms \
+                     each on average, {:.2} µs per event in all.\n",
+                    usec as f64 / 1e3 / calls.max(1) as f64,
+                    usec as f64 / n.max(1) as f64,
+                )?;
+            }
             checks_table(out, "check after the switch", &replay.checks)?;
         }
         writeln!(

@@ -84,6 +84,9 @@ struct Args {
     /// and check the figures again after its switch.
     #[arg(long)]
     replay: bool,
+    /// `--batch-size` of that replay (default: the replay's own).
+    #[arg(long)]
+    replay_batch_size: Option<usize>,
 }
 
 /// The stream both readers consume; the Redis is private, so a fixed name is safe.
@@ -196,9 +199,17 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
     let checks = conservation::check(&http, &base_url, &expected, n, &catch_up.metrics).await?;
     let replay = if args.replay {
         eprintln!("aggbench: aggregator replay");
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(&mut conn)
+            .await?;
         let started = Instant::now();
-        let output = tokio::process::Command::new(binary)
-            .arg("replay")
+        let mut command = tokio::process::Command::new(binary);
+        command.arg("replay");
+        if let Some(n) = args.replay_batch_size {
+            command.arg("--batch-size").arg(n.to_string());
+        }
+        let output = command
             .env_clear()
             .env("REDIS_URL", &redis.url)
             .env("METER_STREAM", STREAM)
@@ -212,9 +223,15 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
             "aggregator replay failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
+        let scripts = probes::command_stats(&mut conn)
+            .await?
+            .into_iter()
+            .find(|(name, _, _)| name == "evalsha")
+            .map(|(_, calls, usec)| (calls, usec));
         let checks = conservation::check(&http, &base_url, &expected, n, &catch_up.metrics).await?;
         Some(report::ReplayRun {
             wall,
+            scripts,
             summary: String::from_utf8_lossy(&output.stdout).into_owned(),
             checks,
         })
