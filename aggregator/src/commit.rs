@@ -231,6 +231,14 @@ impl CellCache {
         self.cells.get(key)?.get(field)
     }
 
+    fn remove(&mut self, key: &str, field: &str) {
+        if let Some(fields) = self.cells.get_mut(key)
+            && fields.remove(field).is_some()
+        {
+            self.len -= 1;
+        }
+    }
+
     /// The entry for a cell, created empty if missing. `None` only if the map refused to hold
     /// the key it was just given, which cannot happen; a cache miss would be harmless anyway.
     fn slot(&mut self, key: &str, field: &str) -> Option<&mut Known> {
@@ -261,6 +269,12 @@ struct Merged {
     stamp: Option<[u8; cell::STAMP_LEN]>,
     new_stamp: [u8; cell::STAMP_LEN],
     value: Vec<u8>,
+}
+
+/// A commit ready to send, and the cells it put into the cache.
+pub struct Staged {
+    pub cmd: redis::Cmd,
+    touched: Vec<(String, String)>,
 }
 
 /// The reply of one attempt.
@@ -294,43 +308,85 @@ impl Committer {
         batch: &Batch<'_>,
         conflicts: &AtomicU64,
     ) -> Result<Outcome, CommitError> {
+        loop {
+            let staged = self.stage(batch);
+            let reply = send(&staged.cmd, conn).await;
+            match self.settle(staged, reply, conflicts)? {
+                Some(outcome) => return Ok(outcome),
+                None => continue,
+            }
+        }
+    }
+
+    /// Builds the commit of `batch` against the cache, and updates the cache as if it applied,
+    /// so the next batch can be staged before this one's reply (each is checked by stamps).
+    pub fn stage(&mut self, batch: &Batch<'_>) -> Staged {
         let keys: Vec<String> = batch
             .cells
             .iter()
             .map(|w| self.keyspace.key(&w.key))
             .collect();
-        loop {
-            let merged = self.merge(&keys, batch.cells);
-            match self.invoke(conn, batch, &merged).await? {
-                Attempt::Done(outcome) => {
-                    if outcome == Outcome::Applied {
-                        for ((key, write), cells) in keys.iter().zip(batch.cells).zip(merged) {
-                            for ((field, change), merged) in write.cells.iter().zip(cells) {
-                                if let Some(known) = self.cache.slot(key, field) {
-                                    known.cell.add(change);
-                                    known.stamp = Some(merged.new_stamp);
-                                }
-                            }
-                        }
-                    }
-                    return Ok(outcome);
+        let merged = self.merge(&keys, batch.cells);
+        let cmd = self.build(batch, &merged);
+        let mut touched = Vec::new();
+        for ((key, write), cells) in keys.iter().zip(batch.cells).zip(merged) {
+            for ((field, change), merged) in write.cells.iter().zip(cells) {
+                if let Some(known) = self.cache.slot(key, field) {
+                    known.cell.add(change);
+                    known.stamp = Some(merged.new_stamp);
                 }
-                Attempt::Conflicts(current) => {
-                    conflicts.fetch_add(1, Ordering::Relaxed);
-                    for (key, field, value) in current {
-                        let (stamp, cell) = match value {
-                            None => (None, Cell::default()),
-                            Some(bytes) => match (Cell::decode(&bytes), stamp_of(&bytes)) {
-                                (Some(cell), Some(stamp)) => (Some(stamp), cell),
-                                _ => return Err(CommitError::Corrupt { key, field }),
-                            },
-                        };
-                        if let Some(known) = self.cache.slot(&key, &field) {
-                            *known = Known { stamp, cell };
-                        }
-                    }
-                }
+                touched.push((key.clone(), field.clone()));
             }
+        }
+        Staged { cmd, touched }
+    }
+
+    /// Takes a staged commit's reply: its outcome, or `None` when cells had changed (the cache
+    /// now holds their current values; stage the batch again).
+    pub fn settle(
+        &mut self,
+        staged: Staged,
+        reply: redis::RedisResult<Vec<Value>>,
+        conflicts: &AtomicU64,
+    ) -> Result<Option<Outcome>, CommitError> {
+        let attempt = match reply {
+            Ok(reply) => parse_reply(reply),
+            Err(e) => {
+                self.forget(staged);
+                return Err(e.into());
+            }
+        };
+        match attempt {
+            Attempt::Done(Outcome::Applied) => Ok(Some(Outcome::Applied)),
+            Attempt::Done(outcome) => {
+                self.forget(staged);
+                Ok(Some(outcome))
+            }
+            Attempt::Conflicts(current) => {
+                conflicts.fetch_add(1, Ordering::Relaxed);
+                self.forget(staged);
+                for (key, field, value) in current {
+                    let (stamp, cell) = match value {
+                        None => (None, Cell::default()),
+                        Some(bytes) => match (Cell::decode(&bytes), stamp_of(&bytes)) {
+                            (Some(cell), Some(stamp)) => (Some(stamp), cell),
+                            _ => return Err(CommitError::Corrupt { key, field }),
+                        },
+                    };
+                    if let Some(known) = self.cache.slot(&key, &field) {
+                        *known = Known { stamp, cell };
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Drops what a staged commit that did not apply put into the cache (unknown cells are
+    /// assumed absent, and corrected by the next refusal if they are not).
+    pub fn forget(&mut self, staged: Staged) {
+        for (key, field) in staged.touched {
+            self.cache.remove(&key, &field);
         }
     }
 
@@ -356,13 +412,8 @@ impl Committer {
             .collect()
     }
 
-    /// Runs the script once.
-    async fn invoke(
-        &self,
-        conn: &mut ConnectionManager,
-        batch: &Batch<'_>,
-        merged: &[Vec<Merged>],
-    ) -> redis::RedisResult<Attempt> {
+    /// The script call (`EVALSHA`) for `batch` with its cells' merged values.
+    fn build(&self, batch: &Batch<'_>, merged: &[Vec<Merged>]) -> redis::Cmd {
         let mut keys: Vec<String> = vec![
             self.keyspace.stream().to_owned(),
             self.keyspace.key(control::CTL),
@@ -375,7 +426,7 @@ impl Committer {
             })
         };
 
-        let mut invocation = self.script.prepare_invoke();
+        let mut invocation = ArgList::default();
         invocation
             .arg(&self.group)
             .arg(self.window_secs * 3)
@@ -439,35 +490,72 @@ impl Committer {
             }
         }
         invocation.arg(batch.acks.len()).arg(batch.acks);
-        for key in &keys {
-            invocation.key(key);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(keys.len()).arg(&keys);
+        for arg in invocation.args {
+            cmd.arg(arg);
         }
-        let reply: Vec<Value> = invocation.invoke_async(conn).await?;
-        let mut reply = reply.into_iter();
-        let status = reply.next().and_then(|v| text(&v)).unwrap_or_default();
-        let strings = |rest: std::vec::IntoIter<Value>| rest.filter_map(|v| text(&v)).collect();
-        Ok(Attempt::Done(match status.as_str() {
-            "ok" => Outcome::Applied,
-            "dup" => Outcome::Duplicates(strings(reply)),
-            "sdup" => Outcome::ShadowDuplicates(strings(reply)),
-            "frozen" => Outcome::Frozen,
-            "conflict" => {
-                let rest: Vec<Value> = reply.collect();
-                let current = rest
-                    .chunks(3)
-                    .filter_map(|c| match c {
-                        [key, field, value] => Some((text(key)?, text(field)?, bytes(value))),
-                        _ => None,
-                    })
-                    .collect();
-                return Ok(Attempt::Conflicts(current));
-            }
-            _ => Outcome::Stale,
-        }))
+        cmd
     }
 
     fn seen_key(&self, prefix: &str, slot: i64) -> String {
         self.keyspace.key(&format!("{prefix}seen:{slot}"))
+    }
+}
+
+/// Sends a staged commit (apart from the committer, so it can run while the caller prepares
+/// the next batch), loading the script first if Redis does not have it (a restart, `SCRIPT FLUSH`).
+pub async fn send(
+    cmd: &redis::Cmd,
+    conn: &mut ConnectionManager,
+) -> redis::RedisResult<Vec<Value>> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(SCRIPT)
+                .query_async::<()>(conn)
+                .await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
+}
+
+fn parse_reply(reply: Vec<Value>) -> Attempt {
+    let mut reply = reply.into_iter();
+    let status = reply.next().and_then(|v| text(&v)).unwrap_or_default();
+    let strings = |rest: std::vec::IntoIter<Value>| rest.filter_map(|v| text(&v)).collect();
+    Attempt::Done(match status.as_str() {
+        "ok" => Outcome::Applied,
+        "dup" => Outcome::Duplicates(strings(reply)),
+        "sdup" => Outcome::ShadowDuplicates(strings(reply)),
+        "frozen" => Outcome::Frozen,
+        "conflict" => {
+            let rest: Vec<Value> = reply.collect();
+            let current = rest
+                .chunks(3)
+                .filter_map(|c| match c {
+                    [key, field, value] => Some((text(key)?, text(field)?, bytes(value))),
+                    _ => None,
+                })
+                .collect();
+            return Attempt::Conflicts(current);
+        }
+        _ => Outcome::Stale,
+    })
+}
+
+/// Script arguments collected before the keys are known (`EVALSHA` lists keys first).
+#[derive(Default)]
+struct ArgList {
+    args: Vec<Vec<u8>>,
+}
+
+impl ArgList {
+    fn arg(&mut self, value: impl redis::ToRedisArgs) -> &mut Self {
+        self.args.extend(value.to_redis_args());
+        self
     }
 }
 

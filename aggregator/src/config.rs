@@ -153,7 +153,7 @@ impl Config {
                 reason: format!("{} does not exist", path.display()),
             });
         }
-        let batch_size = args.batch_size.or(file.batch_size).unwrap_or(1000);
+        let batch_size = args.batch_size.or(file.batch_size).unwrap_or(2000);
         if batch_size == 0 {
             return Err(ConfigError::Invalid {
                 name: "batch size",

@@ -2,6 +2,8 @@
 //!
 //! Flow per batch: read → decode (undecodable entries go to the dead-letter stream) → drop
 //! in-batch duplicate ids → price → sum into a [`Delta`] → one atomic commit that also acks.
+//! Under a backlog the next batch goes through all but the last step while Redis runs the
+//! commit of the one before (`process_pipelined`).
 //! Entries that a crashed consumer had read but not committed stay pending in the group; on
 //! start a consumer first re-reads its own pending entries, and every `claim_interval` it takes
 //! over entries other consumers left idle for longer than `claim_idle` (`XAUTOCLAIM`). Since
@@ -18,11 +20,11 @@ use redis::aio::ConnectionManager;
 use shared::{EVENT_FIELD, Keyspace, MAX_TOKENS, UsageEvent};
 use tokio::sync::watch;
 
-use crate::commit::{Batch, CommitError, Committer, Outcome, Seen};
+use crate::commit::{self, Batch, CommitError, Committer, Outcome, Seen};
 use crate::control::{self, Control, Snapshot};
 use crate::metrics::Metrics;
 use crate::pricing::Usage;
-use crate::stats::Delta;
+use crate::stats::{BucketWrite, CellWrite, Delta};
 
 /// How long a batch waits before trying again while a replay switches (a few hundred ms).
 const FROZEN_RETRY: Duration = Duration::from_millis(20);
@@ -38,6 +40,70 @@ pub struct ConsumerConfig {
     pub claim_interval: Duration,
     pub claim_idle: Duration,
     pub dedupe_window_secs: i64,
+}
+
+/// A batch decoded, deduplicated within itself and priced: what its commit needs.
+struct Prepared {
+    started: std::time::Instant,
+    /// Every entry of the batch, dead letters and duplicates included.
+    acks: Vec<String>,
+    /// (arrival ms, event)
+    events: Vec<(i64, UsageEvent)>,
+    dead: usize,
+    duplicates: usize,
+    /// Ids the running replay's copy already has: applied live only.
+    in_shadow: HashSet<String>,
+    /// Computed from `events` and `in_shadow`.
+    priced: Priced,
+}
+
+struct Priced {
+    state: Snapshot,
+    unpriced: usize,
+    cells: Vec<CellWrite>,
+    increments: Vec<BucketWrite>,
+}
+
+/// The event ids of a batch, per dedupe slot, as a commit checks and records them.
+struct SeenLists<'a> {
+    live: Vec<Seen<'a>>,
+    shadow: Option<(String, Vec<Seen<'a>>)>,
+}
+
+impl<'a> SeenLists<'a> {
+    fn of(batch: &'a Prepared, committer: &Committer) -> Self {
+        let seen = |(arrival, e): &'a (i64, UsageEvent)| Seen {
+            id: &e.id,
+            slot: committer.slot_of(*arrival),
+        };
+        let state = &batch.priced.state;
+        Self {
+            live: batch.events.iter().map(seen).collect(),
+            shadow: state.replay.as_ref().map(|replay| {
+                let ids = batch
+                    .events
+                    .iter()
+                    .filter(|(_, e)| replay.covers(e.ts) && !batch.in_shadow.contains(&e.id))
+                    .map(seen)
+                    .collect();
+                (control::shadow_prefix(replay.rid), ids)
+            }),
+        }
+    }
+
+    fn batch(&'a self, prepared: &'a Prepared, token: &'a str) -> Batch<'a> {
+        Batch {
+            token,
+            live: &self.live,
+            shadow: self
+                .shadow
+                .as_ref()
+                .map(|(p, ids)| (p.as_str(), ids.as_slice())),
+            cells: &prepared.priced.cells,
+            increments: &prepared.priced.increments,
+            acks: &prepared.acks,
+        }
+    }
 }
 
 /// One stream entry as read: its id and the raw `e` field, if any.
@@ -125,6 +191,10 @@ impl Consumer {
                     }
                 }
                 let mut entries = self.read(">").await?;
+                // A full batch means a backlog: overlap Redis's work with ours.
+                if entries.len() >= self.config.batch_size {
+                    return self.process_pipelined(entries).await;
+                }
                 // A partial batch means traffic is light: wait a moment for more, so that one
                 // commit covers many events. Events of one key and model then share cells and
                 // Redis does a fraction of the work, at the price of `linger` more stats lag.
@@ -223,8 +293,90 @@ impl Consumer {
     }
 
     async fn process(&mut self, entries: Vec<Entry>) -> Result<(), CommitError> {
-        if entries.is_empty() {
+        match self.prepare(entries).await? {
+            Some(batch) => self.finish(batch, None).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Under a backlog: while Redis runs one batch's commit script, the next batch is read
+    /// (before the script, so it does not wait behind it), decoded, priced and merged against
+    /// the cells as they will be once the first applies. If it does not apply, the second is
+    /// thrown away and built again; stamps make a wrong guess cost a retry, never a figure.
+    async fn process_pipelined(&mut self, entries: Vec<Entry>) -> Result<(), CommitError> {
+        let Some(mut current) = self.prepare(entries).await? else {
             return Ok(());
+        };
+        let mut staged = self.stage(&current);
+        loop {
+            let next_entries = self.read_now(self.config.batch_size).await;
+            let next_entries = match next_entries {
+                Ok(entries) => entries,
+                Err(e) => {
+                    self.committer.forget(staged);
+                    return Err(e.into());
+                }
+            };
+            let mut conn = self.conn.clone();
+            let (reply, next) = tokio::join!(commit::send(&staged.cmd, &mut conn), async {
+                // Let the connection's task write the script call to the socket before this
+                // task spends its CPU on the next batch (it would run only after otherwise).
+                tokio::task::yield_now().await;
+                let next = self.prepare(next_entries).await?;
+                let next_staged = next.as_ref().map(|n| self.stage(n));
+                Ok::<_, CommitError>(next.zip(next_staged))
+            });
+            let settled = self
+                .committer
+                .settle(staged, reply, &self.metrics.commit_conflicts);
+            let next = match next {
+                Ok(next) => next,
+                Err(e) => {
+                    if let Ok(Some(Outcome::Applied)) = settled {
+                        self.applied(&current);
+                    }
+                    return Err(e);
+                }
+            };
+            let outcome = match settled {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    if let Some((_, s)) = next {
+                        self.committer.forget(s);
+                    }
+                    return Err(e);
+                }
+            };
+            let mut next = if outcome == Some(Outcome::Applied) {
+                self.applied(&current);
+                next
+            } else {
+                // The next batch was merged on top of this one: build it again once this is in.
+                let next = next.map(|(n, s)| {
+                    self.committer.forget(s);
+                    n
+                });
+                self.finish(current, outcome).await?;
+                next.map(|n| {
+                    let s = self.stage(&n);
+                    (n, s)
+                })
+            };
+            match next.take() {
+                Some((n, s)) => {
+                    current = n;
+                    staged = s;
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Decodes a batch (undecodable entries go to the dead-letter stream), drops in-batch
+    /// duplicates and prices it; `None` when nothing is left to commit or acknowledge.
+    async fn prepare(&mut self, entries: Vec<Entry>) -> Result<Option<Prepared>, CommitError> {
+        if entries.is_empty() {
+            return Ok(None);
         }
         let started = std::time::Instant::now();
         let acks: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
@@ -250,97 +402,128 @@ impl Consumer {
         let mut ids = HashSet::with_capacity(events.len());
         let before = events.len();
         events.retain(|(_, e)| ids.insert(e.id.clone()));
-        let mut duplicates = before - events.len();
+        let duplicates = before - events.len();
+        let in_shadow = HashSet::new();
+        let priced = self.price(&events, &in_shadow).await?;
+        Ok(Some(Prepared {
+            started,
+            acks,
+            dead: dead.len(),
+            duplicates,
+            events,
+            in_shadow,
+            priced,
+        }))
+    }
 
-        // Ids the running replay's copy already has: applied live only.
-        let mut in_shadow: HashSet<String> = HashSet::new();
+    /// Prices `events` under the state in force (loaded if unknown) and sums them into cells,
+    /// for the live figures and a running replay's copy.
+    async fn price(
+        &mut self,
+        events: &[(i64, UsageEvent)],
+        in_shadow: &HashSet<String>,
+    ) -> Result<Priced, CommitError> {
+        let state = match &self.state {
+            Some(state) => state.clone(),
+            None => {
+                let state = self.control.load(&mut self.conn).await?;
+                self.state = Some(state.clone());
+                state
+            }
+        };
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut delta = Delta::default();
+        let mut unpriced = 0;
+        for (_, event) in events {
+            let cost = state.pricing.price(&usage_of(event));
+            unpriced += usize::from(cost.is_none());
+            delta.add(event, cost, now_ms);
+        }
+        let mut cells = delta.cell_writes("");
+        let mut increments = delta.increments(now_ms);
+        if let Some(replay) = &state.replay {
+            let prefix = control::shadow_prefix(replay.rid);
+            let mut shadow = Delta::default();
+            for (_, event) in events {
+                if replay.covers(event.ts) && !in_shadow.contains(&event.id) {
+                    shadow.add(event, replay.pricing.price(&usage_of(event)), now_ms);
+                }
+            }
+            cells.extend(shadow.cell_writes(&prefix));
+            increments.extend(shadow.shadow_increments(&prefix, now_ms));
+        }
+        Ok(Priced {
+            state,
+            unpriced,
+            cells,
+            increments,
+        })
+    }
+
+    fn stage(&mut self, batch: &Prepared) -> commit::Staged {
+        let lists = SeenLists::of(batch, &self.committer);
+        let token = batch.priced.state.token();
+        self.committer.stage(&lists.batch(batch, &token))
+    }
+
+    /// Commits a prepared batch, whatever it takes: drops duplicates, prices again after a
+    /// pricing change, waits out a replay's switch. `outcome`: of an attempt already made.
+    async fn finish(
+        &mut self,
+        mut batch: Prepared,
+        mut outcome: Option<Outcome>,
+    ) -> Result<(), CommitError> {
         loop {
-            let state = match &self.state {
-                Some(state) => state.clone(),
+            let outcome = match outcome.take() {
+                Some(outcome) => outcome,
                 None => {
-                    let state = self.control.load(&mut self.conn).await?;
-                    self.state = Some(state.clone());
-                    state
+                    let lists = SeenLists::of(&batch, &self.committer);
+                    let token = batch.priced.state.token();
+                    self.committer
+                        .commit(
+                            &mut self.conn,
+                            &lists.batch(&batch, &token),
+                            &self.metrics.commit_conflicts,
+                        )
+                        .await?
                 }
             };
-            let now_ms = chrono::Utc::now().timestamp_millis();
-            let mut delta = Delta::default();
-            let mut unpriced = 0;
-            for (_, event) in &events {
-                let cost = state.pricing.price(&usage_of(event));
-                unpriced += usize::from(cost.is_none());
-                delta.add(event, cost, now_ms);
-            }
-            let mut cells = delta.cell_writes("");
-            let mut increments = delta.increments(now_ms);
-            let seen: Vec<Seen> = events
-                .iter()
-                .map(|(arrival, e)| Seen {
-                    id: &e.id,
-                    slot: self.committer.slot_of(*arrival),
-                })
-                .collect();
-            let mut shadow_seen: Vec<Seen> = Vec::new();
-            let shadow_prefix = state
-                .replay
-                .as_ref()
-                .map(|replay| control::shadow_prefix(replay.rid));
-            if let (Some(replay), Some(prefix)) = (&state.replay, &shadow_prefix) {
-                let mut shadow = Delta::default();
-                for (arrival, event) in &events {
-                    if replay.covers(event.ts) && !in_shadow.contains(&event.id) {
-                        shadow.add(event, replay.pricing.price(&usage_of(event)), now_ms);
-                        shadow_seen.push(Seen {
-                            id: &event.id,
-                            slot: self.committer.slot_of(*arrival),
-                        });
-                    }
-                }
-                cells.extend(shadow.cell_writes(prefix));
-                increments.extend(shadow.shadow_increments(prefix, now_ms));
-            }
-            let outcome = self
-                .committer
-                .commit(
-                    &mut self.conn,
-                    &Batch {
-                        token: &state.token(),
-                        live: &seen,
-                        shadow: shadow_prefix
-                            .as_deref()
-                            .map(|p| (p, shadow_seen.as_slice())),
-                        cells: &cells,
-                        increments: &increments,
-                        acks: &acks,
-                    },
-                    &self.metrics.commit_conflicts,
-                )
-                .await?;
             match outcome {
                 Outcome::Applied => {
-                    let m = &self.metrics;
-                    m.applied.fetch_add(events.len() as u64, Ordering::Relaxed);
-                    m.unpriced.fetch_add(unpriced as u64, Ordering::Relaxed);
-                    m.duplicates.fetch_add(duplicates as u64, Ordering::Relaxed);
-                    m.dead_lettered
-                        .fetch_add(dead.len() as u64, Ordering::Relaxed);
-                    m.batches.fetch_add(1, Ordering::Relaxed);
-                    m.record_apply_time(started.elapsed());
+                    self.applied(&batch);
                     return Ok(());
                 }
                 Outcome::Duplicates(dups) => {
                     let dups: HashSet<String> = dups.into_iter().collect();
-                    duplicates += dups.len();
-                    events.retain(|(_, e)| !dups.contains(&e.id));
+                    batch.duplicates += dups.len();
+                    batch.events.retain(|(_, e)| !dups.contains(&e.id));
                 }
-                Outcome::ShadowDuplicates(ids) => in_shadow.extend(ids),
+                Outcome::ShadowDuplicates(ids) => batch.in_shadow.extend(ids),
                 Outcome::Stale => {
                     tracing::info!("pricing or replay state changed; pricing the batch again");
                     self.state = None;
                 }
-                Outcome::Frozen => tokio::time::sleep(FROZEN_RETRY).await,
+                Outcome::Frozen => {
+                    tokio::time::sleep(FROZEN_RETRY).await;
+                    continue;
+                }
             }
+            batch.priced = self.price(&batch.events, &batch.in_shadow).await?;
         }
+    }
+
+    fn applied(&self, batch: &Prepared) {
+        let m = &self.metrics;
+        m.applied
+            .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+        m.unpriced
+            .fetch_add(batch.priced.unpriced as u64, Ordering::Relaxed);
+        m.duplicates
+            .fetch_add(batch.duplicates as u64, Ordering::Relaxed);
+        m.dead_lettered
+            .fetch_add(batch.dead as u64, Ordering::Relaxed);
+        m.batches.fetch_add(1, Ordering::Relaxed);
+        m.record_apply_time(batch.started.elapsed());
     }
 
     async fn dead_letter(&mut self, dead: &[(&Entry, String)]) -> redis::RedisResult<()> {

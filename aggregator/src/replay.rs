@@ -56,8 +56,9 @@ pub struct ReplayArgs {
     /// the pricing in force.
     #[arg(long = "pricing")]
     pub pricing: Option<PathBuf>,
-    /// Stream entries read per batch.
-    #[arg(long, default_value_t = 5000)]
+    /// Stream entries per commit to the shadow. Larger batches share more cells (faster), but
+    /// Redis serves nothing else while one commits (about 35 ms at 10,000 in `aggbench`).
+    #[arg(long, default_value_t = 10_000)]
     pub batch_size: usize,
 }
 
