@@ -67,6 +67,24 @@ impl Cell {
         }
     }
 
+    /// Takes back an `add` of `other` (a staged change that did not apply).
+    pub fn subtract(&mut self, other: &Cell) {
+        self.totals.subtract(&other.totals);
+        for (bins, less) in [
+            (&mut self.latency, &other.latency),
+            (&mut self.ttft, &other.ttft),
+        ] {
+            for (bin, n) in less {
+                if let Ok(i) = bins.binary_search_by_key(bin, |(b, _)| *b) {
+                    bins[i].1 = bins[i].1.saturating_sub(*n);
+                    if bins[i].1 == 0 {
+                        bins.remove(i);
+                    }
+                }
+            }
+        }
+    }
+
     /// `base + change`, encoded, without building the sum: what a commit writes.
     pub fn encode_sum(base: Option<&Cell>, change: &Cell, stamp: [u8; STAMP_LEN]) -> Vec<u8> {
         let Some(base) = base else {
@@ -355,6 +373,8 @@ mod tests {
         assert_eq!(sum.ttft, [(3, 2)]);
         assert!(!sum.is_empty());
         assert!(Cell::default().is_empty());
+        sum.subtract(&sample());
+        assert_eq!(sum, sample());
     }
 
     #[test]

@@ -205,6 +205,8 @@ pub struct Committer {
     group: String,
     window_secs: i64,
     cache: CellCache,
+    /// Of the last staging (see [`Known::generation`]).
+    generation: u64,
 }
 
 /// The last known value of cells, as this committer wrote or was told them: a batch is merged
@@ -221,6 +223,9 @@ struct CellCache {
 struct Known {
     stamp: Option<[u8; cell::STAMP_LEN]>,
     cell: Cell,
+    /// The staging that last changed it (0: read from Redis), so a staging that did not apply
+    /// undoes exactly its own change and nothing else.
+    generation: u64,
 }
 
 /// Cells kept in the cache; beyond that it starts over (minute cells of the past pile up).
@@ -229,6 +234,10 @@ const CACHE_CELLS: usize = 200_000;
 impl CellCache {
     fn get(&self, key: &str, field: &str) -> Option<&Known> {
         self.cells.get(key)?.get(field)
+    }
+
+    fn get_mut(&mut self, key: &str, field: &str) -> Option<&mut Known> {
+        self.cells.get_mut(key)?.get_mut(field)
     }
 
     fn remove(&mut self, key: &str, field: &str) {
@@ -241,7 +250,7 @@ impl CellCache {
 
     /// The entry for a cell, created empty if missing. `None` only if the map refused to hold
     /// the key it was just given, which cannot happen; a cache miss would be harmless anyway.
-    fn slot(&mut self, key: &str, field: &str) -> Option<&mut Known> {
+    fn slot(&mut self, key: &str, field: &str) -> Option<(&mut Known, bool)> {
         if self.len >= CACHE_CELLS {
             self.cells.clear();
             self.len = 0;
@@ -250,17 +259,19 @@ impl CellCache {
             self.cells.insert(key.to_owned(), FxHashMap::default());
         }
         let fields = self.cells.get_mut(key)?;
-        if !fields.contains_key(field) {
+        let created = !fields.contains_key(field);
+        if created {
             self.len += 1;
             fields.insert(
                 field.to_owned(),
                 Known {
                     stamp: None,
                     cell: Cell::default(),
+                    generation: 0,
                 },
             );
         }
-        fields.get_mut(field)
+        fields.get_mut(field).map(|known| (known, created))
     }
 }
 
@@ -274,7 +285,27 @@ struct Merged {
 /// A commit ready to send, and the cells it put into the cache.
 pub struct Staged {
     pub cmd: redis::Cmd,
-    touched: Vec<(String, String)>,
+    touched: Vec<Touch>,
+}
+
+impl Staged {
+    /// A staging that changed nothing (what is left after it was undone).
+    pub fn empty() -> Self {
+        Self {
+            cmd: redis::Cmd::new(),
+            touched: Vec::new(),
+        }
+    }
+}
+
+/// One cell a staging changed in the cache, and how to undo it.
+struct Touch {
+    key: String,
+    field: String,
+    generation: u64,
+    change: Cell,
+    /// Stamp and generation before; `None`: the staging created the entry.
+    before: Option<(Option<[u8; cell::STAMP_LEN]>, u64)>,
 }
 
 /// The reply of one attempt.
@@ -292,6 +323,7 @@ impl Committer {
             group,
             window_secs: window_secs.max(1),
             cache: CellCache::default(),
+            generation: 0,
         }
     }
 
@@ -328,14 +360,24 @@ impl Committer {
             .collect();
         let merged = self.merge(&keys, batch.cells);
         let cmd = self.build(batch, &merged);
+        self.generation += 1;
+        let generation = self.generation;
         let mut touched = Vec::new();
         for ((key, write), cells) in keys.iter().zip(batch.cells).zip(merged) {
             for ((field, change), merged) in write.cells.iter().zip(cells) {
-                if let Some(known) = self.cache.slot(key, field) {
+                if let Some((known, created)) = self.cache.slot(key, field) {
+                    let before = (!created).then_some((known.stamp, known.generation));
                     known.cell.add(change);
                     known.stamp = Some(merged.new_stamp);
+                    known.generation = generation;
+                    touched.push(Touch {
+                        key: key.clone(),
+                        field: field.clone(),
+                        generation,
+                        change: change.clone(),
+                        before,
+                    });
                 }
-                touched.push((key.clone(), field.clone()));
             }
         }
         Staged { cmd, touched }
@@ -373,8 +415,12 @@ impl Committer {
                             _ => return Err(CommitError::Corrupt { key, field }),
                         },
                     };
-                    if let Some(known) = self.cache.slot(&key, &field) {
-                        *known = Known { stamp, cell };
+                    if let Some((known, _)) = self.cache.slot(&key, &field) {
+                        *known = Known {
+                            stamp,
+                            cell,
+                            generation: 0,
+                        };
                     }
                 }
                 Ok(None)
@@ -382,11 +428,28 @@ impl Committer {
         }
     }
 
-    /// Drops what a staged commit that did not apply put into the cache (unknown cells are
-    /// assumed absent, and corrected by the next refusal if they are not).
+    /// Undoes what a staged commit that did not apply put into the cache. Stagings are undone
+    /// newest first; an entry is only ever left either exact or with a stamp no cell carries
+    /// (which any commit built on it is refused for), never with an exact stamp and a wrong
+    /// value.
     pub fn forget(&mut self, staged: Staged) {
-        for (key, field) in staged.touched {
-            self.cache.remove(&key, &field);
+        for touch in staged.touched.into_iter().rev() {
+            let Some(known) = self.cache.get_mut(&touch.key, &touch.field) else {
+                continue;
+            };
+            // Changed since by a refusal's answer, or recreated after the cache started over:
+            // not ours to undo.
+            if known.generation != touch.generation {
+                continue;
+            }
+            match touch.before {
+                Some((stamp, generation)) => {
+                    known.cell.subtract(&touch.change);
+                    known.stamp = stamp;
+                    known.generation = generation;
+                }
+                None => self.cache.remove(&touch.key, &touch.field),
+            }
         }
     }
 
@@ -522,6 +585,11 @@ pub async fn send(
     }
 }
 
+/// Whether a commit's reply says it applied.
+pub fn applied(reply: &redis::RedisResult<Vec<Value>>) -> bool {
+    matches!(reply, Ok(values) if values.first().and_then(text).as_deref() == Some("ok"))
+}
+
 fn parse_reply(reply: Vec<Value>) -> Attempt {
     let mut reply = reply.into_iter();
     let status = reply.next().and_then(|v| text(&v)).unwrap_or_default();
@@ -573,4 +641,94 @@ fn bytes(value: &Value) -> Option<Vec<u8>> {
 
 fn text(value: &Value) -> Option<String> {
     bytes(value).and_then(|b| String::from_utf8(b).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Totals;
+
+    fn cell(requests: i64, latency: &[(u32, u64)]) -> Cell {
+        Cell {
+            totals: Totals {
+                requests,
+                ..Totals::default()
+            },
+            latency: latency.to_vec(),
+            ttft: Vec::new(),
+        }
+    }
+
+    fn stage(committer: &mut Committer, change: Cell) -> Staged {
+        let cells = [CellWrite {
+            key: "st:h:0".into(),
+            expire_at: None,
+            cells: vec![("tuple".into(), change), ("new".into(), cell(1, &[]))],
+        }];
+        committer.stage(&Batch {
+            token: "0:0",
+            live: &[],
+            shadow: None,
+            cells: &cells,
+            increments: &[],
+            acks: &[],
+        })
+    }
+
+    fn known(committer: &Committer, field: &str) -> Option<(Option<[u8; 8]>, Cell)> {
+        let key = committer.keyspace.key("st:h:0");
+        committer
+            .cache
+            .get(&key, field)
+            .map(|k| (k.stamp, k.cell.clone()))
+    }
+
+    #[test]
+    fn stagings_that_did_not_apply_are_undone_exactly_newest_first() {
+        let mut committer = Committer::new(Keyspace::new("t").unwrap(), "g".into(), 3600);
+        let key = committer.keyspace.key("st:h:0");
+        let (entry, _) = committer.cache.slot(&key, "tuple").unwrap();
+        *entry = Known {
+            stamp: Some([7; 8]),
+            cell: cell(5, &[(3, 1)]),
+            generation: 0,
+        };
+        let first = stage(&mut committer, cell(2, &[(3, 1), (9, 1)]));
+        let second = stage(&mut committer, cell(1, &[(9, 2)]));
+        let (stamp, sum) = known(&committer, "tuple").unwrap();
+        assert_eq!(sum, cell(8, &[(3, 2), (9, 3)]), "both stagings counted");
+        assert_ne!(stamp, Some([7; 8]));
+
+        committer.forget(second);
+        committer.forget(first);
+        assert_eq!(
+            known(&committer, "tuple"),
+            Some((Some([7; 8]), cell(5, &[(3, 1)]))),
+            "back to what Redis holds"
+        );
+        assert_eq!(
+            known(&committer, "new"),
+            None,
+            "created entries are removed"
+        );
+    }
+
+    #[test]
+    fn an_entry_refreshed_since_is_not_undone() {
+        let mut committer = Committer::new(Keyspace::new("t").unwrap(), "g".into(), 3600);
+        let key = committer.keyspace.key("st:h:0");
+        let staged = stage(&mut committer, cell(2, &[]));
+        // A refusal's answer: the cell as Redis holds it now.
+        let (entry, _) = committer.cache.slot(&key, "tuple").unwrap();
+        *entry = Known {
+            stamp: Some([9; 8]),
+            cell: cell(40, &[]),
+            generation: 0,
+        };
+        committer.forget(staged);
+        assert_eq!(
+            known(&committer, "tuple"),
+            Some((Some([9; 8]), cell(40, &[])))
+        );
+    }
 }

@@ -326,6 +326,14 @@ impl Consumer {
                 let next_staged = next.as_ref().map(|n| self.stage(n));
                 Ok::<_, CommitError>(next.zip(next_staged))
             });
+            // The next batch was staged on top of this one: if this one did not apply, undo
+            // the next first (newest first), and build it again once this one is in.
+            let mut next = next;
+            let restage = !commit::applied(&reply);
+            if restage && let Ok(Some((_, s))) = &mut next {
+                let s = std::mem::replace(s, commit::Staged::empty());
+                self.committer.forget(s);
+            }
             let settled = self
                 .committer
                 .settle(staged, reply, &self.metrics.commit_conflicts);
@@ -351,11 +359,7 @@ impl Consumer {
                 self.applied(&current);
                 next
             } else {
-                // The next batch was merged on top of this one: build it again once this is in.
-                let next = next.map(|(n, s)| {
-                    self.committer.forget(s);
-                    n
-                });
+                let next = next.map(|(n, _)| n);
                 self.finish(current, outcome).await?;
                 next.map(|n| {
                     let s = self.stage(&n);
