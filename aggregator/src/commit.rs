@@ -229,7 +229,9 @@ struct Known {
 }
 
 /// Cells kept in the cache; beyond that it starts over (minute cells of the past pile up).
-const CACHE_CELLS: usize = 200_000;
+/// A busy day or hour cell holds a few hundred sketch bins (a few KiB), so this bounds the
+/// cache at some tens of MiB; starting over costs one refused commit per hot cell.
+const CACHE_CELLS: usize = 50_000;
 
 impl CellCache {
     fn get(&self, key: &str, field: &str) -> Option<&Known> {
