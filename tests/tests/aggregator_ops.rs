@@ -271,3 +271,87 @@ async fn implausible_token_counts_are_dead_lettered() {
     };
     assert_eq!(parts[0], redis::Value::Int(0), "nothing left pending");
 }
+
+/// Another writer (a second consumer, a replay's switch) changes cells this aggregator has in
+/// its cache: its next commit is refused, re-merged on the current values, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_changed_behind_the_cache_is_merged_not_overwritten() {
+    let stream = unique_stream();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (addr, _stop) = tests::harness::spawn_aggregator(redis_url(), &stream).await;
+    let http = reqwest::Client::new();
+    let metric = |name: &'static str| {
+        let http = http.clone();
+        async move {
+            let text = http
+                .get(format!("http://{addr}/metrics"))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+        }
+    };
+    let requests = || {
+        let http = http.clone();
+        async move {
+            let usage: Value = http
+                .get(format!("http://{addr}/v1/usage"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            usage["rows"][0]["requests"].as_i64()
+        }
+    };
+
+    let first: Vec<UsageEvent> = (0..10).map(|i| event(i, "claude-sonnet-4-5")).collect();
+    add(&mut conn, &stream, &first).await;
+    eventually(Duration::from_secs(20), || async {
+        (metric("meter_events_applied_total ").await? == 10.0).then_some(())
+    })
+    .await;
+
+    // Five more requests in every cell of the tuple, written the way a commit writes them.
+    let keyspace = shared::Keyspace::new(&stream).unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(keyspace.key("st:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 4, "minute, hour, day and month: {keys:?}");
+    for key in &keys {
+        let cells: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for (tuple, value) in cells {
+            let mut cell = aggregator::cell::Cell::decode(&value).unwrap();
+            cell.totals.requests += 5;
+            redis::cmd("HSET")
+                .arg(key)
+                .arg(tuple)
+                .arg(cell.encode(aggregator::cell::new_stamp()))
+                .query_async::<()>(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+
+    let second: Vec<UsageEvent> = (10..20).map(|i| event(i, "claude-sonnet-4-5")).collect();
+    add(&mut conn, &stream, &second).await;
+    eventually(Duration::from_secs(20), || async {
+        (metric("meter_events_applied_total ").await? == 20.0).then_some(())
+    })
+    .await;
+    assert_eq!(requests().await, Some(25), "10 + 5 written by another + 10");
+    let conflicts = metric("meter_commit_conflicts_total ").await.unwrap();
+    assert!(conflicts >= 1.0, "the stale cache was refused: {conflicts}");
+}
