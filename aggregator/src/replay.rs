@@ -33,7 +33,7 @@ use redis::{AsyncCommands, Script, Value};
 use shared::{EVENT_FIELD, UsageEvent};
 
 use crate::Config;
-use crate::commit::{Batch, CommitError, Committer, Outcome, Seen};
+use crate::commit::{self, Batch, CommitError, Committer, Outcome, Seen};
 use crate::consumer::usage_of;
 use crate::control::{self, Control, LEASE_MS};
 use crate::pricing::{Cost, Pricing, PricingError};
@@ -342,20 +342,25 @@ async fn rebuild(
 ) -> Result<Counts, ReplayError> {
     let keyspace = &config.keyspace;
     let stream = keyspace.stream();
-    let mut committer = Committer::new(
-        keyspace.clone(),
-        config.group.clone(),
-        config.dedupe_window_secs,
-    );
     let mut control = Control::new(keyspace.clone(), Arc::new(Pricing::bundled()));
     let state = control.load(conn).await?;
     let target = state.replay.as_ref().ok_or(ReplayError::Abandoned)?;
     if target.rid != rid {
         return Err(ReplayError::Abandoned);
     }
-    let pricing = pricing.unwrap_or_else(|| Arc::clone(&target.pricing));
-    let mut pricing_version = state.pricing_version;
-    let prefix = control::shadow_prefix(rid);
+    let mut shadow = Shadow {
+        committer: Committer::new(
+            keyspace.clone(),
+            config.group.clone(),
+            config.dedupe_window_secs,
+        ),
+        pricing: pricing.unwrap_or_else(|| Arc::clone(&target.pricing)),
+        pricing_version: state.pricing_version,
+        control,
+        prefix: control::shadow_prefix(rid),
+        rid,
+        conflicts: std::sync::atomic::AtomicU64::new(0),
+    };
 
     // Everything committed before registration is at or before this entry.
     let newest: Vec<Vec<Value>> = redis::cmd("XREVRANGE")
@@ -373,31 +378,112 @@ async fn rebuild(
     else {
         return Ok(Counts::default());
     };
-    let conflicts = std::sync::atomic::AtomicU64::new(0);
-    let mut cursor = format!("{}-0", from_ms.max(0));
+    let mut reader = Reader {
+        stream,
+        group: &config.group,
+        cursor: format!("{}-0", from_ms.max(0)),
+        end,
+        batch_size: args.batch_size,
+        range: (from_ms, to_ms),
+        done: false,
+    };
     let total: u64 = conn.xlen(stream).await?;
     let mut counts = Counts::default();
     let began = Instant::now();
     let mut last_report = Instant::now();
+    // One chunk's commit runs in Redis while the next chunk is read, decoded, priced and
+    // staged on top of it (as in the live consumer's backlog path).
+    let mut inflight: Option<(Chunk, commit::Staged)> = None;
     loop {
+        let raw = reader.next(conn, &mut counts).await?;
+        inflight = match inflight.take() {
+            None => raw
+                .map(|r| r.decode(&mut counts))
+                .and_then(|c| shadow.stage(&c).map(|s| (c, s))),
+            Some((chunk, staged)) => {
+                let mut sender = conn.clone();
+                let (reply, (next, mut next_staged)) =
+                    tokio::join!(commit::send(&staged.cmd, &mut sender), async {
+                        // Let the connection's task send the commit before this task's CPU
+                        // work on the next chunk.
+                        tokio::task::yield_now().await;
+                        let next = raw.map(|r| r.decode(&mut counts));
+                        let staged = next.as_ref().and_then(|c| shadow.stage(c));
+                        (next, staged)
+                    });
+                // Staged on top of this chunk: undo it first if this one did not apply.
+                if !commit::applied(&reply)
+                    && let Some(s) = next_staged.take()
+                {
+                    shadow.committer.forget(s);
+                }
+                match shadow.committer.settle(staged, reply, &shadow.conflicts)? {
+                    Some(Outcome::Applied) => counts.applied += chunk.pending() as u64,
+                    outcome => shadow.finish(conn, chunk, outcome, &mut counts).await?,
+                }
+                next.and_then(|c| next_staged.or_else(|| shadow.stage(&c)).map(|s| (c, s)))
+            }
+        };
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            report(progress, &counts, began, total);
+        }
+        if reader.done && inflight.is_none() {
+            break;
+        }
+    }
+    report(progress, &counts, began, counts.read);
+    // The trimmer must not have removed entries the rebuild still needed.
+    if let Some(t) = trimmed_until(conn, stream).await?
+        && t >= from_ms
+    {
+        return Err(ReplayError::Trimmed(rfc3339(t)));
+    }
+    Ok(counts)
+}
+
+/// Reads the stream in chunks, keeping the acknowledged entries of the range.
+struct Reader<'a> {
+    stream: &'a str,
+    group: &'a str,
+    cursor: String,
+    /// The last entry at registration.
+    end: (u64, u64),
+    batch_size: usize,
+    range: (i64, i64),
+    done: bool,
+}
+
+impl Reader<'_> {
+    /// The next chunk as stored; `None` once the stream is read up to `end`.
+    async fn next(
+        &mut self,
+        conn: &mut ConnectionManager,
+        counts: &mut Counts,
+    ) -> Result<Option<Raw>, ReplayError> {
+        if self.done {
+            return Ok(None);
+        }
         let entries: Vec<Vec<Value>> = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg(&cursor)
+            .arg(self.stream)
+            .arg(&self.cursor)
             .arg("+")
             .arg("COUNT")
-            .arg(args.batch_size)
+            .arg(self.batch_size)
             .query_async(conn)
             .await?;
+        let end = self.end;
         let entries: Vec<(String, Option<Vec<u8>>)> = entries
             .iter()
             .filter_map(|e| Some((id_string(e.first()?)?, payload(e.get(1)))))
             .filter(|(id, _)| parse_id(id).is_some_and(|id| id <= end))
             .collect();
         let (Some((first, _)), Some((last, _))) = (entries.first(), entries.last()) else {
-            break;
+            self.done = true;
+            return Ok(None);
         };
-        let last_id = parse_id(last).unwrap_or(end);
-        cursor = format!("({last}");
+        self.done = parse_id(last).unwrap_or(end) >= end;
+        self.cursor = format!("({last}");
         counts.read += entries.len() as u64;
 
         // Acknowledged = delivered to the group and no longer pending. Read the delivery
@@ -405,10 +491,10 @@ async fn rebuild(
         let (groups, pending): (StreamInfoGroupsReply, StreamPendingCountReply) = redis::pipe()
             .cmd("XINFO")
             .arg("GROUPS")
-            .arg(stream)
+            .arg(self.stream)
             .cmd("XPENDING")
-            .arg(stream)
-            .arg(&config.group)
+            .arg(self.stream)
+            .arg(self.group)
             .arg(first)
             .arg(last)
             .arg(entries.len())
@@ -427,10 +513,34 @@ async fn rebuild(
         let delivered = groups
             .groups
             .iter()
-            .find(|g| g.name == config.group)
+            .find(|g| g.name == self.group)
             .and_then(|g| parse_id(&g.last_delivered_id));
-        let pending: HashSet<&str> = pending.ids.iter().map(|p| p.id.as_str()).collect();
+        Ok(Some(Raw {
+            entries,
+            delivered,
+            pending: pending.ids.into_iter().map(|p| p.id).collect(),
+            range: self.range,
+        }))
+    }
+}
 
+/// A chunk as read: entries, the group's delivery position and which of them are pending.
+struct Raw {
+    entries: Vec<(String, Option<Vec<u8>>)>,
+    delivered: Option<(u64, u64)>,
+    pending: HashSet<String>,
+    range: (i64, i64),
+}
+
+impl Raw {
+    /// The acknowledged events of the range, first copy of each id.
+    fn decode(self, counts: &mut Counts) -> Chunk {
+        let Raw {
+            entries,
+            delivered,
+            pending,
+            range,
+        } = self;
         let mut events: Vec<(i64, UsageEvent)> = Vec::with_capacity(entries.len());
         let mut ids = HashSet::new();
         for (id, bytes) in &entries {
@@ -447,7 +557,7 @@ async fn rebuild(
             else {
                 continue;
             };
-            if !(from_ms..to_ms).contains(&event.ts) {
+            if !(range.0..range.1).contains(&event.ts) {
                 continue;
             }
             if !ids.insert(event.id.clone()) {
@@ -456,79 +566,116 @@ async fn rebuild(
             }
             events.push((arrival_ms(id), event));
         }
+        Chunk {
+            events,
+            in_shadow: HashSet::new(),
+        }
+    }
+}
 
-        let mut in_shadow: HashSet<String> = HashSet::new();
+/// Events of one chunk for the shadow, and those it turned out to hold already.
+struct Chunk {
+    /// (arrival ms, event)
+    events: Vec<(i64, UsageEvent)>,
+    in_shadow: HashSet<String>,
+}
+
+impl Chunk {
+    fn pending(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|(_, e)| !self.in_shadow.contains(&e.id))
+            .count()
+    }
+}
+
+/// Applies chunks to the replay's shadow copy.
+struct Shadow {
+    committer: Committer,
+    control: Control,
+    pricing: Arc<Pricing>,
+    pricing_version: i64,
+    prefix: String,
+    rid: i64,
+    conflicts: std::sync::atomic::AtomicU64,
+}
+
+impl Shadow {
+    /// The chunk's commit, built against the cell cache; `None` when it has nothing to apply.
+    fn stage(&mut self, chunk: &Chunk) -> Option<commit::Staged> {
+        let now_ms = Utc::now().timestamp_millis();
+        let mut delta = Delta::default();
+        let mut seen = Vec::with_capacity(chunk.events.len());
+        for (arrival, event) in &chunk.events {
+            if chunk.in_shadow.contains(&event.id) {
+                continue;
+            }
+            delta.add(event, self.pricing.price(&usage_of(event)), now_ms);
+            seen.push(Seen {
+                id: &event.id,
+                slot: self.committer.slot_of(*arrival),
+            });
+        }
+        if seen.is_empty() {
+            return None;
+        }
+        let cells = delta.cell_writes(&self.prefix);
+        let increments = delta.shadow_increments(&self.prefix, now_ms);
+        Some(self.committer.stage(&Batch {
+            token: &control::token(self.pricing_version, self.rid),
+            live: &[],
+            shadow: Some((&self.prefix, &seen)),
+            cells: &cells,
+            increments: &increments,
+            acks: &[],
+        }))
+    }
+
+    /// Applies a chunk whatever it takes; `outcome`: of an attempt already made (`None`:
+    /// refused for changed cells, or none yet).
+    async fn finish(
+        &mut self,
+        conn: &mut ConnectionManager,
+        mut chunk: Chunk,
+        mut outcome: Option<Outcome>,
+        counts: &mut Counts,
+    ) -> Result<(), ReplayError> {
         loop {
-            let now_ms = Utc::now().timestamp_millis();
-            let mut delta = Delta::default();
-            let mut seen = Vec::with_capacity(events.len());
-            for (arrival, event) in &events {
-                if in_shadow.contains(&event.id) {
-                    continue;
+            let outcome = match outcome.take() {
+                Some(outcome) => outcome,
+                None => {
+                    let Some(staged) = self.stage(&chunk) else {
+                        return Ok(());
+                    };
+                    let reply = commit::send(&staged.cmd, conn).await;
+                    match self.committer.settle(staged, reply, &self.conflicts)? {
+                        Some(outcome) => outcome,
+                        None => continue,
+                    }
                 }
-                delta.add(event, pricing.price(&usage_of(event)), now_ms);
-                seen.push(Seen {
-                    id: &event.id,
-                    slot: committer.slot_of(*arrival),
-                });
-            }
-            if seen.is_empty() {
-                break;
-            }
-            let cells = delta.cell_writes(&prefix);
-            let increments = delta.shadow_increments(&prefix, now_ms);
-            let outcome = committer
-                .commit(
-                    conn,
-                    &Batch {
-                        token: &control::token(pricing_version, rid),
-                        live: &[],
-                        shadow: Some((&prefix, &seen)),
-                        cells: &cells,
-                        increments: &increments,
-                        acks: &[],
-                    },
-                    &conflicts,
-                )
-                .await?;
+            };
             match outcome {
                 Outcome::Applied => {
-                    counts.applied += seen.len() as u64;
-                    break;
+                    counts.applied += chunk.pending() as u64;
+                    return Ok(());
                 }
                 Outcome::ShadowDuplicates(dups) | Outcome::Duplicates(dups) => {
                     counts.duplicates += dups.len() as u64;
-                    in_shadow.extend(dups);
+                    chunk.in_shadow.extend(dups);
                 }
                 Outcome::Stale => {
                     // A pricing change of the live figures is fine; losing the replay is not.
-                    let state = control.load(conn).await?;
-                    if state.replay.as_ref().map(|r| r.rid) != Some(rid) {
+                    let state = self.control.load(conn).await?;
+                    if state.replay.as_ref().map(|r| r.rid) != Some(self.rid) {
                         return Err(ReplayError::Abandoned);
                     }
-                    pricing_version = state.pricing_version;
+                    self.pricing_version = state.pricing_version;
                 }
                 // Only this replay freezes, and only after its rebuild.
                 Outcome::Frozen => return Err(ReplayError::Abandoned),
             }
         }
-
-        if last_report.elapsed() >= Duration::from_secs(1) {
-            last_report = Instant::now();
-            report(progress, &counts, began, total);
-        }
-        if last_id >= end {
-            break;
-        }
     }
-    report(progress, &counts, began, counts.read);
-    // The trimmer must not have removed entries the rebuild still needed.
-    if let Some(t) = trimmed_until(conn, stream).await?
-        && t >= from_ms
-    {
-        return Err(ReplayError::Trimmed(rfc3339(t)));
-    }
-    Ok(counts)
 }
 
 /// `total`: entries in the stream when the rebuild started, an upper bound of what it reads.
