@@ -138,6 +138,7 @@ pub struct KeeperTask {
     releases: mpsc::UnboundedReceiver<Release>,
     shutdown: watch::Receiver<bool>,
     lease_ttl: Duration,
+    metrics: Arc<Metrics>,
 }
 
 /// A request waiting for a concurrency slot. Dropping it (admitted, timed out, refused for
@@ -220,6 +221,7 @@ impl Limiter {
             releases: rx,
             shutdown,
             lease_ttl,
+            metrics: Arc::clone(&metrics),
         };
         let limiter = Self {
             conn,
@@ -452,6 +454,7 @@ impl KeeperTask {
             };
             pipe.cmd("ZREM").arg(key).arg(id).ignore();
         }
+        self.metrics.redis_round_trips.inc();
         if let Err(e) = pipe.query_async::<()>(&mut self.conn).await {
             // Leases expire by themselves within the lease TTL, queue entries at their deadline.
             tracing::warn!(error = %e, "releasing concurrency leases failed");
@@ -475,6 +478,7 @@ impl KeeperTask {
         }
         let until = chrono::Utc::now().timestamp_millis() + self.lease_ttl.as_millis() as i64;
         let mut pipe = redis::pipe();
+        self.metrics.redis_round_trips.inc();
         for (id, key) in &held {
             pipe.cmd("ZADD")
                 .arg(key)

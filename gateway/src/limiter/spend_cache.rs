@@ -14,7 +14,13 @@
 //! The cache only ever admits. Sums at or over a limit, a limit the entry has no sum for (a key
 //! just created or changed) or an old entry send the request to the full read, which refuses
 //! with the `retry-after` computed from the window's buckets, or admits and refreshes the entry.
-//! The admin usage view never reads it.
+//! The admin usage view never reads it. While Redis is down, a fresh entry still admits; once it
+//! is stale, `--limits-on-redis-down` decides, as for any check.
+//!
+//! Refreshing ahead: once an entry is half its freshness old, one request reads the counters
+//! while the others keep using the entry. Waiting for it to go stale would
+//! send every concurrent request of a busy key to the full read at once, each costing Redis up
+//! to ~250 µs for a key with a month of spend history, every freshness period.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -44,6 +50,9 @@ struct Entry {
     /// Taken before the script was sent, so the sums are at least this recent.
     read_at: Instant,
     spent: Spent,
+    /// A request has been sent to refresh the entry ahead of its staleness. If it never comes
+    /// back (Redis error, client gone), the entry goes stale and the next requests read.
+    refreshing: bool,
 }
 
 impl Entry {
@@ -83,19 +92,26 @@ impl SpendCache {
     }
 
     /// Whether `key`'s spend limits may be decided from the cache at `now`: a fresh entry that
-    /// admits the key.
+    /// admits the key, unless this request is the one chosen to refresh it ahead of time.
     pub fn admits(&self, key: &KeyRecord, now: Instant) -> bool {
         if self.freshness.is_zero() {
             return false;
         }
         // A poisoned lock only costs the cache: the caller reads the counters.
-        let Ok(inner) = self.inner.lock() else {
+        let Ok(mut inner) = self.inner.lock() else {
             return false;
         };
-        inner
-            .entries
-            .get(&key.id)
-            .is_some_and(|e| e.is_fresh(now, self.freshness) && e.admits(key))
+        let Some(entry) = inner.entries.get_mut(&key.id) else {
+            return false;
+        };
+        if !entry.is_fresh(now, self.freshness) || !entry.admits(key) {
+            return false;
+        }
+        if entry.refreshing || now.saturating_duration_since(entry.read_at) < self.freshness / 2 {
+            return true;
+        }
+        entry.refreshing = true;
+        false
     }
 
     /// Keeps what a script sent at `read_at` read, unless an entry read later is already there
@@ -107,9 +123,14 @@ impl SpendCache {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
+        let entry = Entry {
+            read_at,
+            spent,
+            refreshing: false,
+        };
         if let Some(e) = inner.entries.get_mut(key_id) {
             if e.read_at <= read_at {
-                *e = Entry { read_at, spent };
+                *e = entry;
             }
             return;
         }
@@ -119,9 +140,7 @@ impl SpendCache {
             inner.entries.retain(|_, e| e.is_fresh(read_at, freshness));
             inner.sweep_at = (inner.entries.len() * 2).max(SWEEP_MIN);
         }
-        inner
-            .entries
-            .insert(key_id.to_owned(), Entry { read_at, spent });
+        inner.entries.insert(key_id.to_owned(), entry);
     }
 
     /// Drops `key_id`'s entry if it was read before `read_at`: a script sent then refused the
@@ -197,7 +216,33 @@ mod tests {
         let t0 = Instant::now();
         cache.insert("key_1", t0, spent(99, 999_999_999, 1_999_999_999));
         assert!(cache.admits(&key(), t0));
+        assert!(cache.admits(&key(), t0 + FRESH / 2 - Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn half_way_to_stale_one_request_refreshes_while_the_others_use_the_cache() {
+        let cache = SpendCache::new(FRESH);
+        let t0 = Instant::now();
+        cache.insert("key_1", t0, spent(0, 0, 0));
+        let half = t0 + FRESH / 2;
+        assert!(!cache.admits(&key(), half), "the first one refreshes");
+        assert!(cache.admits(&key(), half));
+        assert!(cache.admits(&key(), half + Duration::from_millis(10)));
+        // Its reply replaces the entry, which is young again.
+        let read = half + Duration::from_millis(1);
+        cache.insert("key_1", read, spent(1, 0, 0));
+        assert!(cache.admits(&key(), read + FRESH / 4));
+    }
+
+    #[test]
+    fn after_a_refresh_that_never_comes_back_everyone_reads_once_the_entry_is_stale() {
+        let cache = SpendCache::new(FRESH);
+        let t0 = Instant::now();
+        cache.insert("key_1", t0, spent(0, 0, 0));
+        assert!(!cache.admits(&key(), t0 + FRESH / 2));
         assert!(cache.admits(&key(), t0 + FRESH - Duration::from_millis(1)));
+        assert!(!cache.admits(&key(), t0 + FRESH));
+        assert!(!cache.admits(&key(), t0 + FRESH));
     }
 
     #[test]
