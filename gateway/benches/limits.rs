@@ -4,9 +4,10 @@
 //! loopback, so it should stay in single-digit microseconds.
 
 use std::hint::black_box;
+use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use gateway::bench::{Attempt, Check, KeyRecord, Limit, SCRIPT, Verdict};
+use gateway::bench::{Attempt, Check, KeyRecord, Limit, SCRIPT, SpendCache, Spent, Verdict};
 use redis::Script;
 use shared::Keyspace;
 
@@ -88,6 +89,7 @@ fn decide(c: &mut Criterion) {
                     now_ms: black_box(now_ms),
                     lease_ttl_ms: 60_000,
                     wait_until_ms: 0,
+                    read_spend: true,
                 };
                 let check = Check::new(&script, &keyspace, &attempt);
                 let verdict = check.decide(black_box(reply));
@@ -96,12 +98,42 @@ fn decide(c: &mut Criterion) {
             })
         });
     }
+    // With fresh cached sums (`--spend-cache-ms`), the usual case: the cache lookup, then a
+    // script call without the spend part.
+    let cache = SpendCache::new(Duration::from_secs(3600));
+    let read_at = Instant::now();
+    cache.insert(
+        &loadgen_key.id,
+        read_at,
+        Spent {
+            windows: vec![('t', 3_600_000, 1_000), ('c', 86_400_000, 1_000)],
+            lifetime_nanos: Some(1_000),
+        },
+    );
+    group.bench_function("loadgen's key, spend sums cached", |b| {
+        b.iter(|| {
+            let read_spend = !cache.admits(black_box(&loadgen_key), read_at);
+            let attempt = Attempt {
+                key: &loadgen_key,
+                request_id,
+                now_ms: black_box(now_ms),
+                lease_ttl_ms: 60_000,
+                wait_until_ms: 0,
+                read_spend,
+            };
+            let check = Check::new(&script, &keyspace, &attempt);
+            let verdict = check.decide(black_box(&admitted));
+            assert!(!read_spend && matches!(verdict, Ok(Verdict::Admitted { .. })));
+            black_box(check.spent(&admitted));
+        })
+    });
     let attempt = Attempt {
         key: &every_limit,
         request_id,
         now_ms,
         lease_ttl_ms: 60_000,
         wait_until_ms: 0,
+        read_spend: true,
     };
     let check = Check::new(&script, &keyspace, &attempt);
     group.bench_function("reading the reply only", |b| {

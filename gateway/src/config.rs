@@ -34,6 +34,10 @@ pub struct Config {
     pub limits_on_redis_down: crate::limiter::RedisDownPolicy,
     /// How long a cached key record or account list may be used before it is re-read.
     pub cache_ttl: Duration,
+    /// How long a key's spend sums (token and cost windows, lifetime cost) may decide its
+    /// limits before the spend counters are read again; zero reads them on every request.
+    /// Token, cost and budget enforcement lags the aggregator by up to this much more.
+    pub spend_cache: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +101,10 @@ pub struct Args {
     /// `open` (default): keep relaying when limits cannot be checked; `closed`: refuse.
     #[arg(long, env = "GATEWAY_LIMITS_ON_REDIS_DOWN")]
     pub limits_on_redis_down: Option<String>,
+    /// How long a key's token/cost/budget sums are reused before the spend counters are read
+    /// again, milliseconds (default 200; 0 = read on every request).
+    #[arg(long, env = "GATEWAY_SPEND_CACHE_MS")]
+    pub spend_cache_ms: Option<u64>,
 }
 
 /// The same settings as a TOML file spells them.
@@ -117,6 +125,7 @@ struct FileConfig {
     stream_maxlen: Option<u64>,
     limits_on_redis_down: Option<String>,
     lease_ttl_ms: Option<u64>,
+    spend_cache_ms: Option<u64>,
 }
 
 impl Config {
@@ -155,6 +164,17 @@ impl Config {
             .admin_token
             .or(file.admin_token)
             .filter(|t| !t.is_empty());
+        // Added to the aggregator's lag (~70 ms) in the enforcement lag of token, cost and
+        // budget limits, which must stay under 1 s (issue 5).
+        let spend_cache_ms = args.spend_cache_ms.or(file.spend_cache_ms).unwrap_or(200);
+        if spend_cache_ms >= 1_000 {
+            return Err(ConfigError::Invalid {
+                name: "spend-cache-ms",
+                reason: format!(
+                    "{spend_cache_ms} ms: token, cost and budget limits must be enforced within 1 s"
+                ),
+            });
+        }
         Ok(Self {
             listen,
             redis_url,
@@ -214,6 +234,7 @@ impl Config {
             cache_ttl: Duration::from_millis(
                 args.cache_ttl_ms.or(file.cache_ttl_ms).unwrap_or(1_000),
             ),
+            spend_cache: Duration::from_millis(spend_cache_ms),
         })
     }
 
@@ -287,6 +308,36 @@ mod tests {
         .unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:9999");
         assert_eq!(config.keyspace.stream(), "s:flag");
+    }
+
+    #[test]
+    fn the_spend_cache_defaults_to_200_ms_and_stays_under_the_1_s_enforcement_lag() {
+        let config = Config::build(Args::default()).unwrap();
+        assert_eq!(config.spend_cache, Duration::from_millis(200));
+        let dir = std::env::temp_dir().join(format!("gw-config-spend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, "spend_cache_ms = 50\n").unwrap();
+        let from_file = Config::build(Args {
+            config: Some(path.clone()),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(from_file.spend_cache, Duration::from_millis(50));
+        let off = Config::build(Args {
+            config: Some(path),
+            spend_cache_ms: Some(0),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(off.spend_cache, Duration::ZERO);
+        let err = Config::build(Args {
+            spend_cache_ms: Some(1_000),
+            ..Args::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("spend-cache-ms"), "{err}");
     }
 
     #[test]

@@ -35,7 +35,7 @@ mod admin;
 /// the reply), exposed for `benches/limits.rs`. Not an API.
 #[doc(hidden)]
 pub mod bench {
-    pub use crate::limiter::{Attempt, Check, SCRIPT, Verdict};
+    pub use crate::limiter::{Attempt, Check, SCRIPT, SpendCache, Spent, Verdict};
     pub use crate::store::{KeyRecord, Limit};
 }
 
@@ -111,6 +111,7 @@ pub async fn run(
         config.keyspace.clone(),
         config.limits_on_redis_down,
         config.lease_ttl,
+        config.spend_cache,
         Arc::clone(&metrics),
         stop_rx.clone(),
     );

@@ -115,6 +115,10 @@ pub struct Metrics {
     pub redis_round_trips: Counter,
     pub auth_served_stale: Counter,
     pub limits_failed_open: Counter,
+    /// Checks of a key's spend limits decided from the replica's cached sums, and those that
+    /// read the spend counters.
+    pub spend_cached: Counter,
+    pub spend_reads: Counter,
     /// Requests waiting for a concurrency slot (`concurrency_wait_ms`), and how waits ended.
     pub concurrency_waiting: Gauge,
     pub concurrency_wait: Histogram,
@@ -233,6 +237,17 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meter_gateway_limit_spend_checks_total Checks of token, cost and budget limits, by where the spend sums came from.\n# TYPE meter_gateway_limit_spend_checks_total counter"
+        );
+        for (source, counter) in [("cache", &self.spend_cached), ("redis", &self.spend_reads)] {
+            let _ = writeln!(
+                out,
+                "meter_gateway_limit_spend_checks_total{{source=\"{source}\"}} {}",
+                counter.get()
             );
         }
         let _ = writeln!(

@@ -278,6 +278,103 @@ async fn token_and_cost_windows_and_the_budget_trip_once_the_aggregator_has_coun
     );
 }
 
+/// The gateway decides token, cost and budget limits from spend sums it caches per key for
+/// `--spend-cache-ms` (ARCHITECTURE.md, invariants). A cached sum must not admit a key for
+/// longer than that once the aggregator has counted the spend that puts it over its limit.
+#[tokio::test]
+async fn cached_spend_admits_a_spent_key_for_at_most_the_cache_freshness_after_it_is_counted() {
+    const FRESHNESS: Duration = Duration::from_millis(500);
+    let p = Pipeline::start_with(tests::harness::redis_url(), |args| {
+        args.spend_cache_ms = Some(FRESHNESS.as_millis() as u64)
+    })
+    .await;
+    p.add_account("anthropic").await;
+    let (id, secret) = p
+        .add_key(
+            json!({"name": "t", "limits": [{"metric": "tokens", "max": 100, "window_secs": 3600}]}),
+        )
+        .await;
+    // 160 tokens: one request puts the key over its limit.
+    let spend = || async {
+        let response = p
+            .messages(&secret)
+            .json(&message(
+                false,
+                json!({"input_tokens": 150, "output_tokens": 10}),
+            ))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        response.bytes().await.unwrap();
+        status
+    };
+    let cached = "meter_gateway_limit_spend_checks_total{source=\"cache\"}";
+
+    // The first request reads the spend counters (nothing spent yet) and caches the sum; the
+    // gateway reads them after `filled`, so the sum is used without a read until at least
+    // `filled + FRESHNESS / 2` (then one request refreshes it ahead of its staleness).
+    let filled = std::time::Instant::now();
+    assert_eq!(spend().await, 200);
+    assert_eq!(spend().await, 200);
+    if filled.elapsed() < FRESHNESS / 2 {
+        assert_eq!(
+            metric(&p, p.gateway, cached).await,
+            1.0,
+            "the second request was decided by the cached sum"
+        );
+    }
+
+    // The admin view reads the counters, never the cache: this is when the aggregator has
+    // counted the spend (or a little later).
+    eventually(Duration::from_secs(5), || async {
+        let (_, key) = p
+            .admin(reqwest::Method::GET, &format!("/admin/keys/{id}"), None)
+            .await;
+        (key["usage"][0]["used"].as_f64()? >= 160.0).then_some(())
+    })
+    .await;
+    let counted = std::time::Instant::now();
+
+    // From `counted + FRESHNESS` on, no cached sum can be old enough to predate the count, so
+    // a request sent then must be refused; before, the cache may still admit it.
+    let mut admitted_after_count = 0;
+    loop {
+        let sent = std::time::Instant::now();
+        let status = spend().await;
+        if status == 429 {
+            eprintln!(
+                "refused {:?} after the spend was counted, {admitted_after_count} admitted from \
+                 the cache in between",
+                sent.duration_since(counted)
+            );
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            sent < counted + FRESHNESS,
+            "admitted a request sent {:?} after the spend was counted",
+            sent.duration_since(counted)
+        );
+        admitted_after_count += 1;
+    }
+    // The refusal came from a fresh read of the counters, so it still computes retry-after
+    // from the window's buckets: until the spend leaves the hour.
+    let response = p
+        .messages(&secret)
+        .json(&message(false, json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((3540..=3660).contains(&retry_after), "{retry_after}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_key_on_one_replica_stops_it_on_another_once_its_1_s_cache_expires() {
     let p = Pipeline::start().await;

@@ -19,7 +19,10 @@ pub const CONCURRENCY_RETRY_AFTER_SECS: u64 = 1;
 /// queue, then the spend hashes. Replies `{1, free slots left, (count, reset ms) per window}`,
 /// `{0, 0, waiters ahead}` when no concurrency slot is free (queued when ARGV wait_until is in
 /// the future), `{0, i, wait ms}` for requests window i, `{0, -c, wait ms}` for spend limit c,
-/// `{0, -1000000, 0}` for the budget.
+/// `{0, -1000000, 0}` for the budget. When it was given spend limits or a budget to read, the
+/// first two replies end with what it read, for the limiter's spend cache (`spend_cache.rs`):
+/// each spend limit's window sum, then the lifetime cost in nanodollars if a budget was read.
+/// The gateway leaves the spend part out while its cached sums are fresh and under every limit.
 pub const SCRIPT: &str = r#"
 local now = tonumber(ARGV[1])
 local nwin = tonumber(ARGV[2])
@@ -48,6 +51,7 @@ local wait_until = tonumber(ARGV[pos + 2]); pos = pos + 3
 --    then the count field names, handed to HMGET as they are (building ~150 names in Lua cost
 --    Redis ~60 µs per request; this costs it ~10).
 local nspend = tonumber(ARGV[pos]); pos = pos + 1
+local sums = {}
 for c = 1, nspend do
   local max = tonumber(ARGV[pos]); local window = tonumber(ARGV[pos + 1])
   local nruns = tonumber(ARGV[pos + 2]); pos = pos + 3
@@ -67,6 +71,7 @@ for c = 1, nspend do
       end
     end
   end
+  sums[c] = sum
   if sum >= max then
     local wait = 0
     for f = 1, #values do
@@ -84,6 +89,12 @@ if bk > 0 then
   local v = redis.call('HMGET', KEYS[bk], 'ch', 'cl')
   local spent = (tonumber(v[1]) or 0) + math.ceil((tonumber(v[2]) or 0) / 1e9)
   if spent >= budget then return {0, -1000000, 0} end
+  sums[#sums + 1] = spent
+end
+-- what was read goes back to the gateway's spend cache at the end of a reply
+local function with_spend(out)
+  for i = 1, #sums do out[#out + 1] = sums[i] end
+  return out
 end
 
 -- 4. concurrency: take a lease, unless the waiters queued before this request need every free
@@ -109,7 +120,7 @@ if cc_max >= 0 then
         redis.call('PEXPIRE', q, wait_until - now)
       end
     end
-    return {0, 0, ahead}
+    return with_spend({0, 0, ahead})
   end
   if queued then redis.call('ZREM', q, member) end
   redis.call('ZADD', k, now + ttl, member)
@@ -128,7 +139,7 @@ for i = 1, nwin do
   out[#out + 1] = counts[i] + 1
   out[#out + 1] = tonumber(oldest[2]) + window - now
 end
-return out
+return with_spend(out)
 "#;
 
 /// Where the most constrained `requests` window of an admitted request stands.
@@ -177,6 +188,9 @@ pub struct Attempt<'a> {
     pub lease_ttl_ms: u64,
     /// Until when the request may wait in the queue; 0 = it does not wait.
     pub wait_until_ms: i64,
+    /// Read the spend counters for the token and cost windows and the budget. False when the
+    /// limiter's cached sums already admit the key (`spend_cache.rs`).
+    pub read_spend: bool,
 }
 
 /// One attempt's script call, and what is needed to read its reply.
@@ -184,12 +198,70 @@ pub struct Check<'a> {
     key: &'a KeyRecord,
     windows: Vec<(u64, u64)>,
     spend: Vec<&'a Limit>,
+    /// How many sums end an admitting or queueing reply: one per spend limit and one for the
+    /// budget, when the script read them.
+    spent_len: usize,
     pub invocation: ScriptInvocation<'a>,
 }
 
 /// Whether a key has any limit the script must check.
 pub fn is_limited(key: &KeyRecord) -> bool {
     !key.limits.is_empty() || key.budget_usd.is_some() || key.max_concurrency.is_some()
+}
+
+/// Whether a key has a limit that the aggregator's spend counters decide: a `tokens` or
+/// `cost_usd` window, or a budget.
+pub fn has_spend_limits(key: &KeyRecord) -> bool {
+    key.budget_usd.is_some() || key.limits.iter().any(is_spend_limit)
+}
+
+/// Whether a key has a limit that needs the script whatever the spend: a `requests` window
+/// (counted on admission) or `max_concurrency` (a lease taken).
+pub fn has_counted_limits(key: &KeyRecord) -> bool {
+    key.max_concurrency.is_some() || key.limits.iter().any(|l| l.metric == "requests")
+}
+
+fn is_spend_limit(limit: &Limit) -> bool {
+    matches!(limit.metric.as_str(), "tokens" | "cost_usd")
+}
+
+/// A `tokens` or `cost_usd` limit in the spend counters' terms: the field prefix (`t` tokens,
+/// `c` nanodollars), the window and the max in that unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpendLimit {
+    pub prefix: char,
+    pub window_ms: i64,
+    pub max: i64,
+}
+
+impl SpendLimit {
+    pub fn of(limit: &Limit) -> Self {
+        let window_ms =
+            i64::try_from(limit.window_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
+        let (prefix, max) = match limit.metric.as_str() {
+            "tokens" => ('t', limit.max as i64),
+            _ => ('c', nanodollars(limit.max)),
+        };
+        Self {
+            prefix,
+            window_ms,
+            max,
+        }
+    }
+}
+
+/// The key's token and cost limits, in the key's order (the script's `-c` refusals count in it).
+pub fn spend_limits(key: &KeyRecord) -> impl Iterator<Item = &Limit> {
+    key.limits.iter().filter(|l| is_spend_limit(l))
+}
+
+/// What the script read from the spend counters for one key.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Spent {
+    /// Per token or cost window: (field prefix, window ms) → tokens or nanodollars in it.
+    pub windows: Vec<(char, i64, i64)>,
+    /// Lifetime cost in nanodollars (rounded up), when the key has a budget.
+    pub lifetime_nanos: Option<i64>,
 }
 
 impl<'a> Check<'a> {
@@ -201,11 +273,7 @@ impl<'a> Check<'a> {
             .filter(|l| l.metric == "requests")
             .map(|l| (l.window_secs.saturating_mul(1000), l.max as u64))
             .collect();
-        let spend: Vec<&Limit> = key
-            .limits
-            .iter()
-            .filter(|l| matches!(l.metric.as_str(), "tokens" | "cost_usd"))
-            .collect();
+        let spend: Vec<&Limit> = spend_limits(key).collect();
         let spend_prefix = spend_key(keyspace, &key.id);
         let mut keys: Vec<String> = windows
             .iter()
@@ -235,14 +303,16 @@ impl<'a> Check<'a> {
             .arg(key.max_concurrency.map_or(-1, i64::from))
             .arg(a.lease_ttl_ms)
             .arg(a.wait_until_ms);
-        invocation.arg(spend.len());
-        for limit in &spend {
-            let window_ms =
-                i64::try_from(limit.window_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
-            let (prefix, max) = match limit.metric.as_str() {
-                "tokens" => ('t', limit.max as i64),
-                _ => ('c', nanodollars(limit.max)),
-            };
+        // Without spend reads the script sees no spend limit and no budget; the tiling, the
+        // bulk of this function's time, is skipped too.
+        let read = if a.read_spend { &spend[..] } else { &[] };
+        invocation.arg(read.len());
+        for limit in read {
+            let SpendLimit {
+                prefix,
+                window_ms,
+                max,
+            } = SpendLimit::of(limit);
             let reads = spend::window_reads(a.now_ms, window_ms);
             let runs = runs(&reads);
             invocation.arg(max).arg(window_ms).arg(runs.len());
@@ -262,11 +332,12 @@ impl<'a> Check<'a> {
                 }
             }
         }
+        let read_budget = a.read_spend && key.budget_usd.is_some();
         match key.budget_usd {
-            Some(budget) => invocation
+            Some(budget) if read_budget => invocation
                 .arg(key_index(spend_prefix))
                 .arg(nanodollars(budget)),
-            None => invocation.arg(0).arg(0),
+            _ => invocation.arg(0).arg(0),
         };
         for k in &keys {
             invocation.key(k);
@@ -274,9 +345,44 @@ impl<'a> Check<'a> {
         Self {
             key,
             windows,
+            spent_len: read.len() + usize::from(read_budget),
             spend,
             invocation,
         }
+    }
+
+    /// The spend sums at the end of an admitting or queueing reply, when this check read them.
+    pub fn spent(&self, reply: &[i64]) -> Option<Spent> {
+        if self.spent_len == 0 {
+            return None;
+        }
+        let tail = match reply {
+            [1, _, rest @ ..] => rest.get(2 * self.windows.len()..)?,
+            [0, 0, _, rest @ ..] => rest,
+            _ => return None,
+        };
+        if tail.len() != self.spent_len {
+            tracing::error!(reply = ?reply, "limiter reply without the spend it read");
+            return None;
+        }
+        let windows: Vec<(char, i64, i64)> = self
+            .spend
+            .iter()
+            .zip(tail)
+            .map(|(limit, sum)| {
+                let l = SpendLimit::of(limit);
+                (l.prefix, l.window_ms, *sum)
+            })
+            .collect();
+        Some(Spent {
+            lifetime_nanos: tail.get(windows.len()).copied(),
+            windows,
+        })
+    }
+
+    /// Whether the reply refused the request for a token or cost window or the budget.
+    pub fn refused_for_spend(reply: &[i64]) -> bool {
+        matches!(reply, [0, index, _] if *index < 0)
     }
 
     /// Reads the script's reply: admitted, queued behind a full concurrency limit, or refused
@@ -287,10 +393,11 @@ impl<'a> Check<'a> {
         let secs_up = |ms: i64| Some(u64::try_from(ms).unwrap_or(0).div_ceil(1000).max(1));
         match reply {
             [1, free_after, counts @ ..] => {
+                // Any spend sums follow the windows' pairs; `zip` stops before them.
                 let budget = self
                     .windows
                     .iter()
-                    .zip(counts.chunks(2))
+                    .zip(counts.chunks_exact(2))
                     .filter_map(|((_, max), c)| {
                         let used = u64::try_from(*c.first()?).ok()?;
                         Some(RequestBudget {
@@ -305,7 +412,7 @@ impl<'a> Check<'a> {
                     free_after: u64::try_from(*free_after).unwrap_or(0),
                 })
             }
-            [0, 0, ahead] => Ok(Verdict::Full {
+            [0, 0, ahead, ..] => Ok(Verdict::Full {
                 ahead: u64::try_from(*ahead).unwrap_or(0),
             }),
             [0, -1_000_000, _] => Err(GatewayError::QuotaExceeded {
@@ -449,6 +556,12 @@ mod tests {
 
     #[track_caller]
     fn check(reply: &[i64]) -> Result<Verdict, GatewayError> {
+        read(true, reply).0
+    }
+
+    /// The verdict and the spend sums of a reply to a check that did or did not read spend.
+    #[track_caller]
+    fn read(read_spend: bool, reply: &[i64]) -> (Result<Verdict, GatewayError>, Option<Spent>) {
         let script = Script::new(SCRIPT);
         let keyspace = Keyspace::new("meter:events").unwrap();
         let key = key();
@@ -458,8 +571,52 @@ mod tests {
             now_ms: 1_700_000_000_000,
             lease_ttl_ms: 60_000,
             wait_until_ms: 0,
+            read_spend,
         };
-        Check::new(&script, &keyspace, &attempt).decide(reply)
+        let check = Check::new(&script, &keyspace, &attempt);
+        (check.decide(reply), check.spent(reply))
+    }
+
+    #[test]
+    fn an_admitting_reply_ends_with_each_spend_window_sum_then_the_lifetime_cost() {
+        let (verdict, spent) = read(true, &[1, 1, 3, 40_000, 10, 3_000_000, 123, 456]);
+        assert!(
+            matches!(verdict, Ok(Verdict::Admitted { budget: Some(b), .. }) if b.remaining == 2)
+        );
+        assert_eq!(
+            spent,
+            Some(Spent {
+                windows: vec![('c', 86_400_000, 123)],
+                lifetime_nanos: Some(456),
+            })
+        );
+    }
+
+    #[test]
+    fn a_queueing_reply_brings_the_spend_it_read_too() {
+        let (verdict, spent) = read(true, &[0, 0, 3, 123, 456]);
+        assert_eq!(verdict.unwrap(), Verdict::Full { ahead: 3 });
+        assert_eq!(spent.unwrap().lifetime_nanos, Some(456));
+    }
+
+    #[test]
+    fn a_check_decided_by_the_spend_cache_reads_no_spend() {
+        let (verdict, spent) = read(false, &[1, 1, 3, 40_000, 10, 3_000_000]);
+        assert!(matches!(verdict, Ok(Verdict::Admitted { .. })));
+        assert_eq!(spent, None);
+    }
+
+    #[test]
+    fn a_reply_missing_its_spend_caches_nothing() {
+        assert_eq!(read(true, &[1, 1, 3, 40_000, 10, 3_000_000]).1, None);
+    }
+
+    #[test]
+    fn only_token_cost_and_budget_refusals_are_spend_refusals() {
+        assert!(Check::refused_for_spend(&[0, -1, 1_001]));
+        assert!(Check::refused_for_spend(&[0, -1_000_000, 0]));
+        assert!(!Check::refused_for_spend(&[0, 2, 5_000]));
+        assert!(!Check::refused_for_spend(&[0, 0, 3]));
     }
 
     #[test]

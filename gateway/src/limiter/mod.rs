@@ -18,11 +18,18 @@
 //!   short re-check interval for releases elsewhere; an entry left by a dead replica expires at
 //!   its deadline.
 //!
+//! - `tokens` and `cost_usd` windows and the budget are read from the aggregator's spend
+//!   counters by the same script, but only when this replica's cached sums for the key are
+//!   older than `--spend-cache-ms` (default 200 ms) or at a limit (`spend_cache`): the counters
+//!   change only when the aggregator commits, and enforcement may lag by < 1 s. A key that has
+//!   no `requests` window and no `max_concurrency` then costs no round trip at all.
+//!
 //! When Redis cannot be reached, the policy decides: `open` admits (and counts the decision),
 //! `closed` refuses. Never a per-replica fallback, which would multiply the limit by the number
 //! of replicas.
 
 mod check;
+mod spend_cache;
 mod usage;
 mod wait;
 
@@ -40,7 +47,8 @@ use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::store::KeyRecord;
 
-pub use check::{Attempt, Check, RequestBudget, SCRIPT, Verdict, is_limited};
+pub use check::{Attempt, Check, RequestBudget, SCRIPT, Spent, Verdict, is_limited};
+pub use spend_cache::SpendCache;
 pub use usage::LimitUsage;
 
 /// How often the first waiter of a key on this replica re-checks for a slot that another
@@ -120,6 +128,7 @@ pub struct Limiter {
     /// A lease not renewed for this long is free again.
     lease_ttl: Duration,
     keeper: Arc<Keeper>,
+    spend_cache: SpendCache,
     metrics: Arc<Metrics>,
 }
 
@@ -129,6 +138,7 @@ pub struct KeeperTask {
     releases: mpsc::UnboundedReceiver<Release>,
     shutdown: watch::Receiver<bool>,
     lease_ttl: Duration,
+    metrics: Arc<Metrics>,
 }
 
 /// A request waiting for a concurrency slot. Dropping it (admitted, timed out, refused for
@@ -195,6 +205,7 @@ impl Limiter {
         keyspace: Keyspace,
         policy: RedisDownPolicy,
         lease_ttl: Duration,
+        spend_cache: Duration,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> (Self, KeeperTask) {
@@ -210,6 +221,7 @@ impl Limiter {
             releases: rx,
             shutdown,
             lease_ttl,
+            metrics: Arc::clone(&metrics),
         };
         let limiter = Self {
             conn,
@@ -218,6 +230,7 @@ impl Limiter {
             policy,
             lease_ttl,
             keeper,
+            spend_cache: SpendCache::new(spend_cache),
             metrics,
         };
         (limiter, task)
@@ -304,8 +317,8 @@ impl Limiter {
         }
     }
 
-    /// One script call. A full concurrency limit comes back as a verdict, not an error, so the
-    /// caller may wait.
+    /// One script call at most. A full concurrency limit comes back as a verdict, not an
+    /// error, so the caller may wait.
     async fn attempt(
         &self,
         key: &KeyRecord,
@@ -313,12 +326,33 @@ impl Limiter {
         now_ms: i64,
         wait_until_ms: i64,
     ) -> Result<(Verdict, Admission), GatewayError> {
+        // The monotonic clock, read now rather than taken from `now_ms` (set when the request
+        // arrived, before its body was read): the sums' age bounds the enforcement lag.
+        let read_at = std::time::Instant::now();
+        let spend_limited = check::has_spend_limits(key);
+        let read_spend = spend_limited && !self.spend_cache.admits(key, read_at);
+        if spend_limited {
+            if read_spend {
+                self.metrics.spend_reads.inc();
+            } else {
+                self.metrics.spend_cached.inc();
+            }
+        }
+        if !read_spend && !check::has_counted_limits(key) {
+            // Only spend limits, and the cache admits: nothing to count, no round trip.
+            let verdict = Verdict::Admitted {
+                budget: None,
+                free_after: 0,
+            };
+            return Ok((verdict, Admission::default()));
+        }
         let attempt = Attempt {
             key,
             request_id,
             now_ms,
             lease_ttl_ms: u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX),
             wait_until_ms,
+            read_spend,
         };
         let check = Check::new(&self.script, &self.keyspace, &attempt);
         self.metrics.redis_round_trips.inc();
@@ -335,6 +369,11 @@ impl Limiter {
                 });
             }
         };
+        if let Some(spent) = check.spent(&reply) {
+            self.spend_cache.insert(&key.id, read_at, spent);
+        } else if Check::refused_for_spend(&reply) {
+            self.spend_cache.forget_older(&key.id, read_at);
+        }
         let verdict = check.decide(&reply)?;
         let admission = match &verdict {
             Verdict::Admitted { budget, .. } => Admission {
@@ -415,6 +454,7 @@ impl KeeperTask {
             };
             pipe.cmd("ZREM").arg(key).arg(id).ignore();
         }
+        self.metrics.redis_round_trips.inc();
         if let Err(e) = pipe.query_async::<()>(&mut self.conn).await {
             // Leases expire by themselves within the lease TTL, queue entries at their deadline.
             tracing::warn!(error = %e, "releasing concurrency leases failed");
@@ -438,6 +478,7 @@ impl KeeperTask {
         }
         let until = chrono::Utc::now().timestamp_millis() + self.lease_ttl.as_millis() as i64;
         let mut pipe = redis::pipe();
+        self.metrics.redis_round_trips.inc();
         for (id, key) in &held {
             pipe.cmd("ZADD")
                 .arg(key)

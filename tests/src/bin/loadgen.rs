@@ -11,6 +11,7 @@
 //!
 //! ```text
 //! cargo run --release -p tests --bin loadgen -- [--duration-secs 10] [--limits] [--out FILE.md]
+//!     [--spend-cache-ms N]
 //! ```
 //!
 //! With `--limits`, every gateway run is repeated right after with a second key that has a
@@ -61,6 +62,10 @@ struct Args {
     /// cost windows, budget, max_concurrency), none reachable, and compare limits on and off.
     #[arg(long)]
     limits: bool,
+    /// Run the gateway with this `--spend-cache-ms` instead of its default (0 reads the spend
+    /// counters on every request, as before the cache).
+    #[arg(long)]
+    spend_cache_ms: Option<u64>,
 }
 
 const WARMUP: Duration = Duration::from_secs(1);
@@ -91,7 +96,12 @@ async fn main() -> anyhow::Result<()> {
 
 async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
     let mut children = Children::new()?;
-    let mut deployment = Deployment::start(&mut children, binaries).await?;
+    let gateway_settings: Vec<(&'static str, String)> = args
+        .spend_cache_ms
+        .map(|ms| ("GATEWAY_SPEND_CACHE_MS", ms.to_string()))
+        .into_iter()
+        .collect();
+    let mut deployment = Deployment::start(&mut children, binaries, &gateway_settings).await?;
     let key = deployment.provision().await?;
     let mut served = deployment.preflight(&key).await?;
     let limited = if args.limits {
@@ -152,6 +162,10 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
         rss_before_kib,
         rss_after_kib,
         conservation,
+        gateway_settings: gateway_settings
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect(),
     };
     Ok(report.markdown())
 }

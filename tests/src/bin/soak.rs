@@ -143,7 +143,7 @@ struct Sample {
 
 async fn soak(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
     let mut children = Children::new()?;
-    let mut deployment = Deployment::start(&mut children, binaries).await?;
+    let mut deployment = Deployment::start(&mut children, binaries, &[]).await?;
     let key = deployment.provision().await?;
     let preflight = deployment.preflight(&key).await?;
 

@@ -32,9 +32,13 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// Starts Redis, the mock, the aggregator and the gateway, each on a free port, and waits
-    /// until each one serves.
-    pub async fn start(children: &mut Children, binaries: &Binaries) -> anyhow::Result<Self> {
+    /// Starts Redis, the mock, the aggregator and the gateway (with `gateway_settings` added to
+    /// its environment), each on a free port, and waits until each one serves.
+    pub async fn start(
+        children: &mut Children,
+        binaries: &Binaries,
+        gateway_settings: &[(&'static str, String)],
+    ) -> anyhow::Result<Self> {
         let [redis_addr, mock_addr, aggregator_addr, gateway_addr] =
             [free_addr()?, free_addr()?, free_addr()?, free_addr()?];
         let redis_url = format!("redis://{redis_addr}");
@@ -95,6 +99,7 @@ impl Deployment {
             "GATEWAY_SPOOL_DIR",
             children.log_dir().join("spool").display().to_string(),
         ));
+        gateway_env.extend_from_slice(gateway_settings);
         let gateway_pid = children.spawn("gateway", &binaries.gateway, &[], &gateway_env)?;
 
         let deployment = Self {

@@ -66,6 +66,8 @@ pub struct Report {
     pub rss_before_kib: u64,
     pub rss_after_kib: u64,
     pub conservation: Conservation,
+    /// Gateway settings the run changed from their defaults, as `NAME=value`.
+    pub gateway_settings: Vec<String>,
 }
 
 impl Report {
@@ -88,6 +90,13 @@ impl Report {
             self.duration.as_secs_f64(),
             self.warmup.as_secs_f64(),
         )?;
+        if !self.gateway_settings.is_empty() {
+            writeln!(
+                out,
+                "Gateway settings changed from the defaults: `{}`.\n",
+                self.gateway_settings.join("`, `")
+            )?;
+        }
         writeln!(
             out,
             "| concurrency | stream | target | req/s | p50 ms | p99 ms | errors \
