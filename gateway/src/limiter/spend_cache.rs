@@ -1,7 +1,8 @@
 //! Each key's spend sums (token and cost windows, lifetime cost), cached per replica for a
 //! short freshness, so that most requests of a key with spend limits skip reading the
 //! aggregator's spend counters: ~60–85 hash fields per window, which made the limiter script
-//! cost Redis ~30 µs per request instead of ~10.
+//! cost Redis ~3× as much for a key with a few minutes of spend and ~11× for one with a month of
+//! it (`scriptbench`, BENCHMARKS.md).
 //!
 //! Why a cached sum is good enough: the counters change only when the aggregator commits a
 //! batch, and enforcement may lag the spending event by < 1 s (issue 5). A sum is used only
@@ -19,8 +20,8 @@
 //!
 //! Refreshing ahead: once an entry is half its freshness old, one request reads the counters
 //! while the others keep using the entry. Waiting for it to go stale would
-//! send every concurrent request of a busy key to the full read at once, each costing Redis up
-//! to ~250 µs for a key with a month of spend history, every freshness period.
+//! send every concurrent request of a busy key to the full read at once, each costing Redis
+//! ~250–350 µs for a key with a month of spend history, every freshness period.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
