@@ -11,10 +11,11 @@ use crate::accounts::{Lease, Want};
 use crate::auth::presented_secret;
 use crate::error::GatewayError;
 use crate::limiter::{LeaseGuard, RequestBudget};
+use crate::metrics::Metrics;
 use crate::provider::{Endpoint, Provider};
 use crate::relay::{self, Outbound};
 use crate::state::AppState;
-use crate::usage::Call;
+use crate::usage::{CLIENT_CLOSED, Call};
 
 pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     handle(state, Endpoint::Messages, headers, body).await
@@ -41,8 +42,8 @@ pub async fn responses(State(state): State<AppState>, headers: HeaderMap, body: 
 }
 
 async fn handle(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
-    state.metrics.in_flight.inc();
-    let mut call = Call::start(endpoint);
+    let mut in_flight = InFlight::enter(&state.metrics, endpoint);
+    let mut call = Call::start(endpoint, state.events.clone());
     let response = match admit(&state, &mut call, &headers, body).await {
         Ok(admitted) => {
             let out = Outbound {
@@ -65,14 +66,42 @@ async fn handle(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: B
             if let GatewayError::Store(e) = &err {
                 tracing::error!(error = %e, "store unavailable while admitting a request");
             }
-            relay::reject(&state.events, &call, err)
+            relay::reject(call, err)
         }
     };
-    state.metrics.in_flight.dec();
-    state
-        .metrics
-        .request_done(endpoint.as_str(), response.status().as_u16());
+    in_flight.answered(response.status().as_u16());
     response
+}
+
+/// Counts a request in flight until its handler returns or is dropped (the client hung up
+/// first, which is then counted with the status its event records).
+struct InFlight<'a> {
+    metrics: &'a Metrics,
+    endpoint: Endpoint,
+    status: u16,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(metrics: &'a Metrics, endpoint: Endpoint) -> Self {
+        metrics.in_flight.inc();
+        Self {
+            metrics,
+            endpoint,
+            status: CLIENT_CLOSED,
+        }
+    }
+
+    fn answered(&mut self, status: u16) {
+        self.status = status;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        self.metrics
+            .request_done(self.endpoint.as_str(), self.status);
+    }
 }
 
 /// The parts of a request body the gateway looks at; everything else passes through unread.

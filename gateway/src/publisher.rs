@@ -43,6 +43,16 @@ impl Publisher {
     }
 }
 
+#[cfg(test)]
+impl Publisher {
+    /// A publisher whose events land in the returned receiver, for unit tests.
+    pub fn for_test() -> (Self, mpsc::UnboundedReceiver<UsageEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let metrics = Arc::default();
+        (Self { tx, metrics }, rx)
+    }
+}
+
 pub struct PublisherTask {
     rx: mpsc::UnboundedReceiver<UsageEvent>,
     conn: ConnectionManager,

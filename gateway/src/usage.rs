@@ -5,6 +5,11 @@ use std::time::Instant;
 use shared::{SCHEMA_VERSION, UsageEvent};
 
 use crate::provider::Endpoint;
+use crate::publisher::Publisher;
+
+/// The status an event records when the client went away before any answer reached it (the
+/// convention nginx started: no HTTP status was ever sent).
+pub const CLIENT_CLOSED: u16 = 499;
 
 /// Token counts in the event's normalized meaning (CONTRACT.md §3), whatever the provider's
 /// format: `input_tokens` excludes cache reads and writes.
@@ -19,7 +24,10 @@ pub struct Usage {
     pub service_tier: Option<String>,
 }
 
-/// One request in flight: what is known about it so far.
+/// One request in flight: what is known about it so far, and the duty to publish its one usage
+/// event. [`Call::publish`] discharges the duty; a call dropped before that (hyper drops the
+/// handler when the client hangs up, at whatever await it was) publishes a
+/// `client_disconnected` event from `Drop`, so no path out of a request goes unmetered.
 #[derive(Debug)]
 pub struct Call {
     id: uuid::Uuid,
@@ -32,10 +40,12 @@ pub struct Call {
     pub requested_model: Option<String>,
     pub stream: bool,
     ttft_us: Option<u64>,
+    events: Publisher,
+    published: bool,
 }
 
 impl Call {
-    pub fn start(endpoint: Endpoint) -> Self {
+    pub fn start(endpoint: Endpoint, events: Publisher) -> Self {
         Self {
             id: uuid::Uuid::now_v7(),
             ts_ms: chrono::Utc::now().timestamp_millis(),
@@ -46,6 +56,8 @@ impl Call {
             requested_model: None,
             stream: false,
             ttft_us: None,
+            events,
+            published: false,
         }
     }
 
@@ -65,9 +77,17 @@ impl Call {
         }
     }
 
+    /// Publishes the request's event, finished now; only the first call publishes.
+    pub fn publish(&mut self, status: u16, usage: &Usage, error: Option<&str>) {
+        if !self.published {
+            self.published = true;
+            self.events.publish(self.event(status, usage, error));
+        }
+    }
+
     /// The event for this request, finished now. Token counts come from the upstream and are
     /// clamped to [`MAX_TOKENS`].
-    pub fn finish(&self, status: u16, usage: &Usage, error: Option<&str>) -> UsageEvent {
+    fn event(&self, status: u16, usage: &Usage, error: Option<&str>) -> UsageEvent {
         let model = usage
             .model
             .clone()
@@ -97,6 +117,16 @@ impl Call {
     }
 }
 
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.publish(
+            CLIENT_CLOSED,
+            &Usage::default(),
+            Some("client_disconnected"),
+        );
+    }
+}
+
 /// A larger count is a broken (or hostile) upstream report; the aggregator would dead-letter
 /// the event (see [`shared::MAX_TOKENS`]), so it is clamped here and the request still counts.
 pub use shared::MAX_TOKENS;
@@ -117,18 +147,18 @@ mod tests {
 
     #[test]
     fn the_upstream_model_wins_over_the_requested_one() {
-        let mut call = Call::start(Endpoint::Messages);
+        let mut call = Call::start(Endpoint::Messages, Publisher::for_test().0);
         call.requested_model = Some("claude-sonnet-4-5".into());
         let usage = Usage {
             model: Some("claude-sonnet-4-5-20250929".into()),
             ..Usage::default()
         };
         assert_eq!(
-            call.finish(200, &usage, None).model,
+            call.event(200, &usage, None).model,
             "claude-sonnet-4-5-20250929"
         );
         assert_eq!(
-            call.finish(401, &Usage::default(), Some("unauthorized"))
+            call.event(401, &Usage::default(), Some("unauthorized"))
                 .model,
             "claude-sonnet-4-5"
         );
@@ -136,13 +166,13 @@ mod tests {
 
     #[test]
     fn time_to_first_byte_keeps_the_first_measurement() {
-        let mut call = Call::start(Endpoint::Messages);
+        let mut call = Call::start(Endpoint::Messages, Publisher::for_test().0);
         call.first_byte_sent();
         let first = call.ttft_us;
         std::thread::sleep(std::time::Duration::from_millis(2));
         call.first_byte_sent();
         assert_eq!(call.ttft_us, first);
-        assert!(call.finish(200, &Usage::default(), None).latency_us >= first.unwrap_or(0));
+        assert!(call.event(200, &Usage::default(), None).latency_us >= first.unwrap_or(0));
     }
 
     #[test]
@@ -152,7 +182,29 @@ mod tests {
             input_tokens: 12,
             ..Usage::default()
         };
-        let event = Call::start(Endpoint::Messages).finish(200, &usage, None);
+        let event =
+            Call::start(Endpoint::Messages, Publisher::for_test().0).event(200, &usage, None);
         assert_eq!((event.input_tokens, event.output_tokens), (12, MAX_TOKENS));
+    }
+
+    #[test]
+    fn a_call_publishes_exactly_one_event_and_a_dropped_one_counts_as_disconnected() {
+        let (events, mut rx) = Publisher::for_test();
+        let mut call = Call::start(Endpoint::Messages, events.clone());
+        call.publish(200, &Usage::default(), None);
+        call.publish(500, &Usage::default(), Some("upstream_error"));
+        drop(call);
+        let first = rx.try_recv().unwrap();
+        assert_eq!((first.status, first.error), (200, None));
+        assert!(rx.try_recv().is_err(), "published once, not again on drop");
+
+        let mut call = Call::start(Endpoint::ChatCompletions, events);
+        call.key_id = Some("k1".into());
+        drop(call);
+        let left = rx.try_recv().unwrap();
+        assert_eq!(
+            (left.status, left.error.as_deref(), left.key_id.as_deref()),
+            (CLIENT_CLOSED, Some("client_disconnected"), Some("k1"))
+        );
     }
 }

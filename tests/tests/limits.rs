@@ -602,6 +602,15 @@ async fn a_wait_that_runs_out_gets_the_usual_429_and_a_client_that_leaves_frees_
     assert!(gone.is_err(), "the client timed out");
     metric_reaches(&p, p.gateway, CANCELLED, 1.0).await;
     metric_reaches(&p, p.gateway, WAITING, 0.0).await;
+    // ...except its usage event: the key's stats show a request that was never answered.
+    eventually(Duration::from_secs(5), || async {
+        let events = p.events().await;
+        events
+            .iter()
+            .any(|e| e.status == 499 && e.error.as_deref() == Some("client_disconnected"))
+            .then_some(())
+    })
+    .await;
     let client = redis::Client::open(p.redis_url.as_str()).unwrap();
     let conn = client.get_multiplexed_async_connection().await.unwrap();
     let queue = shared::Keyspace::new(&p.stream)

@@ -578,3 +578,56 @@ async fn an_account_at_its_concurrency_limit_is_skipped() {
         "{by_stream:?}"
     );
 }
+
+/// A client that gives up before the answer's head arrives (a non-streaming call, or a stream
+/// whose upstream is slow to start) still gets its request counted: hyper drops the handler
+/// when the connection closes, and the gateway must publish the event anyway, and free the
+/// key's concurrency slot.
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_still_produces_one_event() {
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    let (key_id, secret) = p
+        .add_key(json!({"name": "impatient", "max_concurrency": 1}))
+        .await;
+    for (stream, path) in [(false, "/v1/messages"), (true, "/v1/messages")] {
+        let gave_up = p
+            .http
+            .post(p.gateway_url(path))
+            .bearer_auth(&secret)
+            .timeout(Duration::from_millis(150))
+            .json(
+                &json!({"model": "claude-haiku-4-5", "max_tokens": 5, "stream": stream,
+                          "messages": [], "mock": {"latency_ms": 1500}}),
+            )
+            .send()
+            .await;
+        assert!(gave_up.unwrap_err().is_timeout());
+    }
+
+    let events = p.wait_for_events(2).await;
+    for (e, stream) in events.iter().zip([false, true]) {
+        assert_eq!(
+            (e.status, e.error.as_deref(), e.stream),
+            (499, Some("client_disconnected"), stream),
+            "{e:?}"
+        );
+        assert_eq!(e.key_id.as_deref(), Some(key_id.as_str()));
+        assert!(e.account_id.is_some(), "it was relayed: {e:?}");
+        assert_eq!(e.model, "claude-haiku-4-5");
+        check_tokens(e, 0, 0, 0, 0);
+        assert!(e.latency_us >= 150_000, "{e:?}");
+    }
+
+    // The slot of max_concurrency 1 is free again.
+    let response = post(
+        &p,
+        "/v1/messages",
+        &secret,
+        json!({
+        "model": "claude-haiku-4-5", "max_tokens": 5, "messages": []}),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(p.wait_for_events(3).await.len(), 3);
+}

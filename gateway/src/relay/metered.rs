@@ -18,7 +18,6 @@ use super::StreamUsage;
 use crate::accounts::Lease;
 use crate::limiter::LeaseGuard;
 use crate::metrics::Metrics;
-use crate::publisher::Publisher;
 use crate::sse::SseParser;
 use crate::usage::Call;
 use std::sync::Arc;
@@ -36,7 +35,6 @@ pub struct Metered {
     filter: Option<Box<dyn ChunkFilter>>,
     call: Call,
     status: u16,
-    events: Publisher,
     metrics: Arc<Metrics>,
     /// Held so the account's in-flight slot and the key's concurrency slot are freed exactly
     /// when the stream ends.
@@ -53,7 +51,6 @@ pub struct MeteredParts {
     pub filter: Option<Box<dyn ChunkFilter>>,
     pub call: Call,
     pub status: u16,
-    pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub lease: Lease,
     pub concurrency: Option<LeaseGuard>,
@@ -70,7 +67,6 @@ impl Metered {
             filter: parts.filter,
             call: parts.call,
             status: parts.status,
-            events: parts.events,
             metrics: parts.metrics,
             _lease: parts.lease,
             _concurrency: parts.concurrency,
@@ -84,8 +80,7 @@ impl Metered {
         if !self.finished {
             self.finished = true;
             self.metrics.streams_open.dec();
-            self.events
-                .publish(self.call.finish(self.status, self.usage.usage(), error));
+            self.call.publish(self.status, self.usage.usage(), error);
         }
     }
 }

@@ -26,7 +26,6 @@ use crate::accounts::{Lease, Want};
 use crate::error::GatewayError;
 use crate::limiter::LeaseGuard;
 use crate::provider::{Endpoint, Provider};
-use crate::publisher::Publisher;
 use crate::sse::SseHandler;
 use crate::state::AppState;
 use crate::store::AccountRecord;
@@ -108,7 +107,7 @@ pub async fn forward(
             }
         }
         return match attempt {
-            Err(err) => reject(&state.events, &call, err),
+            Err(err) => reject(call, err),
             Ok(upstream) => {
                 let held = (lease, out.concurrency.take());
                 relay_answer(state, call, held, upstream, out.hide_usage).await
@@ -197,7 +196,6 @@ async fn relay_answer(
             filter: hide_usage.then(chunk_filter),
             call,
             status: status.as_u16(),
-            events: state.events.clone(),
             metrics: Arc::clone(&state.metrics),
             lease,
             concurrency,
@@ -212,13 +210,9 @@ async fn relay_answer(
         Ok(Ok(body)) => body,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, account = %lease.account.record.id, "reading the upstream body failed");
-            return reject(
-                &state.events,
-                &call,
-                GatewayError::UpstreamUnreachable(e.to_string()),
-            );
+            return reject(call, GatewayError::UpstreamUnreachable(e.to_string()));
         }
-        Err(_) => return reject(&state.events, &call, GatewayError::UpstreamTimeout),
+        Err(_) => return reject(call, GatewayError::UpstreamTimeout),
     };
     let usage = if status.is_success() {
         json_usage(endpoint, &body).unwrap_or_default()
@@ -226,16 +220,14 @@ async fn relay_answer(
         Usage::default()
     };
     call.first_byte_sent();
-    state
-        .events
-        .publish(call.finish(status.as_u16(), &usage, upstream_error_kind(status)));
+    call.publish(status.as_u16(), &usage, upstream_error_kind(status));
     drop((lease, concurrency));
     respond(status, headers, Body::from(body))
 }
 
 /// Publishes the event for a request that failed before any upstream byte reached the client.
-pub fn reject(events: &Publisher, call: &Call, err: GatewayError) -> Response {
-    events.publish(call.finish(err.status().as_u16(), &Usage::default(), Some(err.kind())));
+pub fn reject(mut call: Call, err: GatewayError) -> Response {
+    call.publish(err.status().as_u16(), &Usage::default(), Some(err.kind()));
     err.into_response_for(call.endpoint.provider())
 }
 
