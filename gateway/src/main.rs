@@ -1,5 +1,10 @@
 use anyhow::Context;
 
+/// Every request allocates and frees many small buffers (headers, bodies, the event); with
+/// glibc's allocator that was about 15% of the gateway's CPU time under load (`perf`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     if let Err(e) = run().await {
