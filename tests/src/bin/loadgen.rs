@@ -3,16 +3,22 @@
 //! One invocation starts a private Redis, the mock upstream, the aggregator and the gateway as
 //! child processes on free loopback ports, then runs closed-loop load for concurrency {1, 32} ×
 //! {non-streaming, streaming} × {direct to the mock, through the gateway}, and prints one
-//! Markdown report: throughput, exact p50/p99, errors, the gateway's CPU per request, Redis
-//! commands per request, its memory before and after, and a conservation check that every
-//! request the gateway answered reached the stream and the aggregator's totals. Every number in
-//! the report is measured in that one run. It stops by itself: about 8 × (1 s + duration) plus at
-//! most 30 s of waiting for the aggregator.
+//! Markdown report: throughput, p50/p99, errors, the gateway's CPU per request, Redis commands
+//! per request, its memory before and after, and a conservation check that every request the
+//! gateway answered reached the stream and the aggregator's totals. Every number in the report
+//! is measured in that one run. It stops by itself: about 8 × (1 s + duration) plus at most 30 s
+//! of waiting for the aggregator.
 //!
 //! ```text
 //! cargo run --release -p tests --bin loadgen -- [--duration-secs 10] [--limits] [--out FILE.md]
-//!     [--spend-cache-ms N]
+//!     [--spend-cache-ms N] [--driver auto|wrk|reqwest]
 //! ```
+//!
+//! The load comes from one of two drivers. `wrk` (`apt-get install wrk`) costs far less CPU per
+//! request than our own client, which matters when it shares two cores with the servers it
+//! measures; `reqwest`, our own client, has exact percentiles and checks that every stream ends
+//! with `message_stop`. `auto`, the default, takes wrk when it is on `PATH`. With wrk, served
+//! requests are the gateway's own count, since wrk drops its last requests unanswered.
 //!
 //! With `--limits`, every gateway run is repeated right after with a second key that has a
 //! requests window, token and cost windows, a budget and `max_concurrency`, all out of the
@@ -21,7 +27,8 @@
 //!
 //! Layout, in the order this file uses them: `processes` (the binaries and the guard that kills
 //! the children), `deployment` (starting and provisioning the servers), `load` (the closed
-//! loop), `probes` (`/proc`, Redis counters, `/metrics`) and `report` (Markdown).
+//! loop of the reqwest driver), `wrk` (the wrk driver), `probes` (`/proc`, Redis counters,
+//! `/metrics`) and `report` (Markdown).
 
 #[path = "../loadgen/deployment.rs"]
 mod deployment;
@@ -33,18 +40,20 @@ mod probes;
 mod processes;
 #[path = "../loadgen/report.rs"]
 mod report;
+#[path = "../loadgen/wrk.rs"]
+mod wrk;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 use crate::deployment::Deployment;
-use crate::load::LoadSpec;
+use crate::load::{LoadResult, LoadSpec};
 use crate::processes::{Binaries, Children};
-use crate::report::{GatewayCost, Report, Row, Target};
+use crate::report::{Driver, GatewayCost, Report, Row, Target};
 
 #[derive(Debug, Parser)]
 #[command(about = "Load harness: the gateway against direct calls to the mock upstream")]
@@ -66,6 +75,28 @@ struct Args {
     /// counters on every request, as before the cache).
     #[arg(long)]
     spend_cache_ms: Option<u64>,
+    /// What sends the load: `wrk` (must be on PATH), our `reqwest` client, or `auto`, which is
+    /// wrk when it is on PATH and reqwest otherwise.
+    #[arg(long, value_enum, default_value_t = DriverChoice::Auto)]
+    driver: DriverChoice,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DriverChoice {
+    Auto,
+    Wrk,
+    Reqwest,
+}
+
+impl DriverChoice {
+    fn resolve(self) -> anyhow::Result<Driver> {
+        match self {
+            Self::Auto if wrk::on_path() => Ok(Driver::Wrk),
+            Self::Auto | Self::Reqwest => Ok(Driver::Reqwest),
+            Self::Wrk if wrk::on_path() => Ok(Driver::Wrk),
+            Self::Wrk => bail!("--driver wrk needs `wrk` on PATH (apt-get install wrk)"),
+        }
+    }
 }
 
 const WARMUP: Duration = Duration::from_secs(1);
@@ -79,11 +110,12 @@ async fn main() -> anyhow::Result<()> {
     if args.duration_secs == 0 {
         bail!("--duration-secs must be at least 1");
     }
+    let driver = args.driver.resolve()?;
     let binaries = Binaries::locate(args.rebuild)?;
     // Losing the race to a signal drops `bench`, and with it the `Children` guard that kills
     // every server it started and the load tasks' `JoinSet`.
     let markdown = tokio::select! {
-        markdown = bench(&args, &binaries) => markdown?,
+        markdown = bench(&args, driver, &binaries) => markdown?,
         () = shutdown_signal() => bail!("interrupted; the child processes were stopped"),
     };
     print!("{markdown}");
@@ -94,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
+async fn bench(args: &Args, driver: Driver, binaries: &Binaries) -> anyhow::Result<String> {
     let mut children = Children::new()?;
     let gateway_settings: Vec<(&'static str, String)> = args
         .spend_cache_ms
@@ -103,6 +135,13 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
         .collect();
     let mut deployment = Deployment::start(&mut children, binaries, &gateway_settings).await?;
     let key = deployment.provision().await?;
+    eprintln!("loadgen: load from {}", driver.name());
+    // Before the preflight, so that the gateway's count covers everything it answers.
+    let gateway_counted_before = match driver {
+        Driver::Wrk => Some(messages_counted(&deployment).await?),
+        Driver::Reqwest => None,
+    };
+    // Counted by the client: what the gateway answered that the client saw.
     let mut served = deployment.preflight(&key).await?;
     let limited = if args.limits {
         let limited = deployment.provision_limited().await?;
@@ -117,7 +156,11 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
     }
 
     let duration = Duration::from_secs(args.duration_secs);
-    let hz = probes::clock_ticks_per_sec();
+    let plan = Plan {
+        driver,
+        duration,
+        hz: probes::clock_ticks_per_sec(),
+    };
     let rss_before_kib = probes::rss_kib(deployment.gateway_pid)?;
     let mut rows = Vec::new();
     for concurrency in CONCURRENCIES {
@@ -128,19 +171,11 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
                     Target::Gateway => &key,
                     Target::GatewayLimited => limited.as_deref().unwrap_or(&key),
                 };
-                let row = run(
-                    &mut deployment,
-                    api_key,
-                    concurrency,
-                    stream,
-                    target,
-                    duration,
-                    hz,
-                )
-                .await
-                .with_context(|| {
-                    format!("run: concurrency {concurrency}, stream {stream}, {target:?}")
-                })?;
+                let row = run(&mut deployment, &plan, api_key, concurrency, stream, target)
+                    .await
+                    .with_context(|| {
+                        format!("run: concurrency {concurrency}, stream {stream}, {target:?}")
+                    })?;
                 children.check_alive()?;
                 if target != Target::Direct {
                     served += row.result.responses;
@@ -150,11 +185,18 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
         }
     }
     let rss_after_kib = probes::rss_kib(deployment.gateway_pid)?;
+    let client_counted = served;
+    // wrk drops its last requests without counting them (see `messages_counted`), so with wrk
+    // only the gateway's own count can match the stream.
+    if let Some(before) = gateway_counted_before {
+        served = messages_counted(&deployment).await?.saturating_sub(before);
+    }
     eprintln!("loadgen: waiting for the aggregator to count {served} requests …");
     let conservation = deployment.conservation(served, CONSERVATION_WAIT).await?;
     children.finish_cleanly();
     let report = Report {
         measured_at: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        driver,
         cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
         warmup: WARMUP,
         duration,
@@ -162,6 +204,7 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
         rss_before_kib,
         rss_after_kib,
         conservation,
+        client_counted,
         gateway_settings: gateway_settings
             .iter()
             .map(|(name, value)| format!("{name}={value}"))
@@ -219,29 +262,58 @@ fn by_command(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> 
     delta
 }
 
+/// What every run of one invocation shares.
+struct Plan {
+    driver: Driver,
+    duration: Duration,
+    hz: u64,
+}
+
 async fn run(
     d: &mut Deployment,
+    plan: &Plan,
     api_key: &str,
     concurrency: usize,
     stream: bool,
     target: Target,
-    duration: Duration,
-    hz: u64,
 ) -> anyhow::Result<Row> {
     let base = match target {
         Target::Direct => &d.mock,
         Target::Gateway | Target::GatewayLimited => &d.gateway,
     };
     eprintln!("loadgen: concurrency {concurrency:>2}, stream {stream:<5}, {target:?} …");
-    let running = load::start(&LoadSpec {
+    let spec = LoadSpec {
         url: format!("{base}/v1/messages"),
         api_key: api_key.to_owned(),
         stream,
         concurrency,
         warmup: WARMUP,
-        duration,
-    })?;
-    let cost = if target != Target::Direct {
+        duration: plan.duration,
+    };
+    let sample = target != Target::Direct;
+    let (result, cost) = match plan.driver {
+        Driver::Reqwest => run_reqwest(d, &spec, sample, plan.hz).await?,
+        Driver::Wrk => run_wrk(d, &spec, sample, plan.hz).await?,
+    };
+    Ok(Row {
+        concurrency,
+        stream,
+        target,
+        result,
+        cost,
+    })
+}
+
+/// The reqwest driver's tasks run in the background, so the gateway is sampled at the edges of
+/// the window they measure.
+async fn run_reqwest(
+    d: &mut Deployment,
+    spec: &LoadSpec,
+    sample: bool,
+    hz: u64,
+) -> anyhow::Result<(LoadResult, Option<GatewayCost>)> {
+    let running = load::start(spec)?;
+    let cost = if sample {
         tokio::time::sleep_until(running.start).await;
         let before = GatewaySample::take(d).await?;
         tokio::time::sleep_until(running.end).await;
@@ -250,14 +322,51 @@ async fn run(
     } else {
         None
     };
-    let result = running.finish().await?;
-    Ok(Row {
-        concurrency,
-        stream,
-        target,
-        result,
-        cost,
-    })
+    Ok((running.finish().await?, cost))
+}
+
+/// wrk measures its whole process, so the gateway is sampled right before the measured process
+/// starts and right after it exits; the warm-up is a process of its own before that.
+async fn run_wrk(
+    d: &mut Deployment,
+    spec: &LoadSpec,
+    sample: bool,
+    hz: u64,
+) -> anyhow::Result<(LoadResult, Option<GatewayCost>)> {
+    let wrk = wrk::Wrk::prepare(spec)?;
+    let warmup = wrk.run(spec.warmup).await.context("wrk warm-up")?;
+    let before = if sample {
+        Some(GatewaySample::take(d).await?)
+    } else {
+        None
+    };
+    let measured = wrk.run(spec.duration).await.context("measured wrk run")?;
+    let cost = match before {
+        Some(before) => Some(GatewaySample::take(d).await?.cost_since(&before, hz)),
+        None => None,
+    };
+    Ok((wrk::result(&warmup, &measured), cost))
+}
+
+/// How long the gateway may take to finish the requests a stopped wrk left in flight.
+const SETTLE_WAIT: Duration = Duration::from_secs(5);
+
+/// The gateway's own count of `/v1/messages` requests, every status class, once no handler is
+/// running: it counts a request when its handler returns, and wrk leaves up to one request per
+/// connection in flight when it stops. The gateway prints only non-zero series, so no series
+/// means none yet.
+async fn messages_counted(d: &Deployment) -> anyhow::Result<u64> {
+    let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+    loop {
+        let text = probes::gateway_metrics(&d.control, &d.gateway).await?;
+        let in_flight = probes::counter_sum(&text, probes::IN_FLIGHT_METRIC).unwrap_or(0.0);
+        if in_flight == 0.0 || tokio::time::Instant::now() >= deadline {
+            let counted =
+                probes::counter_sum_labelled(&text, probes::REQUESTS_METRIC, r#"route="messages""#);
+            return Ok(counted.unwrap_or(0.0) as u64);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM; a handler that cannot be installed never fires.

@@ -29,9 +29,9 @@ pub struct LoadSpec {
     pub duration: Duration,
 }
 
-/// The Anthropic Messages request every run sends; `mock` tells the mock upstream what usage to
-/// report.
-fn request_body(stream: bool) -> Bytes {
+/// The Anthropic Messages request every run sends, whichever driver sends it; `mock` tells the
+/// mock upstream what usage to report.
+pub(crate) fn request_body(stream: bool) -> Bytes {
     let body = serde_json::json!({
         "model": "claude-sonnet-4-5",
         "max_tokens": 64,
@@ -49,10 +49,13 @@ pub struct RunningLoad {
     pub end: Instant,
 }
 
-/// What one run measured.
+/// What one run measured, by either driver.
 pub struct LoadResult {
-    /// Latencies of the 2xx responses completed in the window, microseconds, sorted.
-    pub latencies_us: Vec<u64>,
+    /// 2xx responses completed in the window.
+    pub ok: u64,
+    /// Latency percentiles of those responses in microseconds; `None` without any.
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
     /// Non-2xx responses, transport failures and truncated streams in the window.
     pub errors: u64,
     /// The same over the whole run, warm-up and tail included.
@@ -67,13 +70,25 @@ pub struct LoadResult {
 
 impl LoadResult {
     pub fn requests_per_sec(&self) -> f64 {
-        self.latencies_us.len() as f64 / self.window.as_secs_f64()
+        let secs = self.window.as_secs_f64();
+        if secs > 0.0 {
+            self.ok as f64 / secs
+        } else {
+            0.0
+        }
     }
 
-    /// Exact nearest-rank percentile in milliseconds; `None` without successful requests.
-    pub fn percentile_ms(&self, q: f64) -> Option<f64> {
-        percentile(&self.latencies_us, q).map(|us| us as f64 / 1000.0)
+    pub fn p50_ms(&self) -> Option<f64> {
+        self.p50_us.map(ms)
     }
+
+    pub fn p99_ms(&self) -> Option<f64> {
+        self.p99_us.map(ms)
+    }
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
 }
 
 /// Nearest-rank percentile of sorted samples: the smallest sample with at least `q` of all
@@ -109,8 +124,11 @@ pub async fn once(spec: &LoadSpec) -> anyhow::Result<()> {
 impl RunningLoad {
     /// Waits for every task to finish its last request and merges their tallies.
     pub async fn finish(mut self) -> anyhow::Result<LoadResult> {
+        let mut latencies_us = Vec::new();
         let mut result = LoadResult {
-            latencies_us: Vec::new(),
+            ok: 0,
+            p50_us: None,
+            p99_us: None,
             errors: 0,
             errors_total: 0,
             first_error: None,
@@ -119,13 +137,16 @@ impl RunningLoad {
         };
         while let Some(tally) = self.tasks.join_next().await {
             let tally = tally.context("a load task panicked")?;
-            result.latencies_us.extend(tally.latencies_us);
+            latencies_us.extend(tally.latencies_us);
             result.errors += tally.errors;
             result.errors_total += tally.errors_total;
             result.responses += tally.responses;
             result.first_error = result.first_error.or(tally.first_error);
         }
-        result.latencies_us.sort_unstable();
+        latencies_us.sort_unstable();
+        result.ok = latencies_us.len() as u64;
+        result.p50_us = percentile(&latencies_us, 0.50);
+        result.p99_us = percentile(&latencies_us, 0.99);
         Ok(result)
     }
 }

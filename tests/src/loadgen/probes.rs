@@ -151,6 +151,29 @@ fn parse_command_calls(info: &str) -> anyhow::Result<BTreeMap<String, u64>> {
     Ok(calls)
 }
 
+/// The gateway's count of answered client requests, by route and status class.
+pub const REQUESTS_METRIC: &str = "meter_gateway_requests_total";
+/// The gateway's gauge of client requests whose handler has not returned yet.
+pub const IN_FLIGHT_METRIC: &str = "meter_gateway_in_flight";
+
+/// The gateway's `/metrics` text.
+pub async fn gateway_metrics(http: &reqwest::Client, gateway: &str) -> anyhow::Result<String> {
+    let url = format!("{gateway}/metrics");
+    let response = http
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        bail!("GET {url}: {status}");
+    }
+    response
+        .text()
+        .await
+        .with_context(|| format!("reading {url}"))
+}
+
 /// The sum over all series of [`ROUND_TRIPS_METRIC`] on the gateway's `/metrics`, or `None` when
 /// the gateway has no such endpoint or counter (yet).
 pub async fn gateway_round_trips(http: &reqwest::Client, gateway: &str) -> Option<f64> {
@@ -165,17 +188,30 @@ pub async fn gateway_round_trips(http: &reqwest::Client, gateway: &str) -> Optio
 /// Sums the samples of `name` in a Prometheus text exposition: `name 12` or
 /// `name{label="v"} 12`, possibly followed by a timestamp.
 pub fn counter_sum(text: &str, name: &str) -> Option<f64> {
+    counter_sum_where(text, name, None)
+}
+
+/// [`counter_sum`] over only the series that carry `label` (`route="messages"`) among theirs.
+pub fn counter_sum_labelled(text: &str, name: &str, label: &str) -> Option<f64> {
+    counter_sum_where(text, name, Some(label))
+}
+
+fn counter_sum_where(text: &str, name: &str, label: Option<&str>) -> Option<f64> {
     let mut found = None;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name) else {
             continue;
         };
         let value = if let Some(labelled) = rest.strip_prefix('{') {
-            labelled.split_once('}').map(|(_, v)| v)
-        } else if rest.starts_with(' ') {
+            labelled
+                .split_once('}')
+                .filter(|(labels, _)| label.is_none_or(|l| labels.split(',').any(|x| x == l)))
+                .map(|(_, v)| v)
+        } else if rest.starts_with(' ') && label.is_none() {
             Some(rest)
         } else {
-            // Another metric whose name starts with ours, such as `..._total_created`.
+            // Another metric whose name starts with ours, such as `..._total_created`, or an
+            // unlabelled series when a label is asked for.
             None
         };
         if let Some(v) = value.and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()) {
@@ -219,5 +255,18 @@ mod tests {
         assert_eq!(counter_sum(text, "m"), Some(7.0));
         assert_eq!(counter_sum("m 5\n", "m"), Some(5.0));
         assert_eq!(counter_sum("other 5\n", "m"), None);
+    }
+
+    #[test]
+    fn a_labelled_sum_keeps_only_the_series_with_that_label() {
+        let text = "m{route=\"messages\",status=\"2xx\"} 30\n\
+            m{route=\"messages\",status=\"4xx\"} 2\n\
+            m{route=\"other\",status=\"2xx\"} 7\n\
+            m 100\n";
+        assert_eq!(
+            counter_sum_labelled(text, "m", "route=\"messages\""),
+            Some(32.0)
+        );
+        assert_eq!(counter_sum_labelled(text, "m", "route=\"models\""), None);
     }
 }

@@ -7,6 +7,38 @@ use std::time::Duration;
 use crate::deployment::Conservation;
 use crate::load::LoadResult;
 
+/// What sent the load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// The `wrk` executable (the `wrk` module).
+    Wrk,
+    /// Our own closed loop over reqwest (the `load` module).
+    Reqwest,
+}
+
+impl Driver {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Wrk => "wrk",
+            Self::Reqwest => "reqwest",
+        }
+    }
+
+    /// The intro's description of how the load was sent.
+    fn method(self) -> &'static str {
+        match self {
+            Self::Wrk => {
+                "closed loop, HTTP/1.1 keep-alive, one connection per unit of concurrency over \
+                 1 wrk thread (concurrency 1) or 2; the warm-up and the measured window are two \
+                 wrk processes, so the window starts on fresh connections. wrk"
+            }
+            Self::Reqwest => {
+                "closed loop, HTTP/1.1 keep-alive, one connection per concurrent task. Loadgen"
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Direct,
@@ -48,7 +80,7 @@ pub struct Row {
 impl Row {
     /// Requests completed in the window, failed ones included: the denominator of costs.
     fn completed(&self) -> u64 {
-        self.result.latencies_us.len() as u64 + self.result.errors
+        self.result.ok + self.result.errors
     }
 
     fn per_request(&self, total: f64) -> Option<f64> {
@@ -59,13 +91,17 @@ impl Row {
 
 pub struct Report {
     pub measured_at: String,
+    pub driver: Driver,
     pub cores: usize,
     pub warmup: Duration,
     pub duration: Duration,
     pub rows: Vec<Row>,
     pub rss_before_kib: u64,
     pub rss_after_kib: u64,
+    /// `conservation.served` is the gateway's own count with wrk, and this the client's (which
+    /// it is with reqwest too).
     pub conservation: Conservation,
+    pub client_counted: u64,
     /// Gateway settings the run changed from their defaults, as `NAME=value`.
     pub gateway_settings: Vec<String>,
 }
@@ -82,13 +118,16 @@ impl Report {
         writeln!(out, "## Gateway load — `loadgen`\n")?;
         writeln!(
             out,
-            "Measured {} on {} cores: {} s per row after a {} s warm-up that is not measured; \
-             closed loop, HTTP/1.1 keep-alive, one connection per concurrent task. Loadgen, the \
-             mock upstream, Redis, the aggregator and the gateway all share the machine.\n",
+            "Measured {} on {} cores with the {} driver (`--driver {}`): {} s per row after a \
+             {} s warm-up that is not measured; {}, the mock upstream, Redis, the aggregator and \
+             the gateway all share the machine.\n",
             self.measured_at,
             self.cores,
+            self.driver.name(),
+            self.driver.name(),
             self.duration.as_secs_f64(),
             self.warmup.as_secs_f64(),
+            self.driver.method(),
         )?;
         if !self.gateway_settings.is_empty() {
             writeln!(
@@ -123,8 +162,8 @@ impl Report {
                 yes_no(row.stream),
                 row.target.label(),
                 thousands(r.requests_per_sec().round() as u64),
-                fixed(r.percentile_ms(0.50), 3),
-                fixed(r.percentile_ms(0.99), 3),
+                fixed(r.p50_ms(), 3),
+                fixed(r.p99_ms(), 3),
                 r.errors,
             )?;
         }
@@ -149,20 +188,14 @@ impl Report {
             } else {
                 "–".to_owned()
             };
-            let added = |q: f64| {
-                let delta = g
-                    .percentile_ms(q)
-                    .zip(d.percentile_ms(q))
-                    .map(|(g, d)| g - d);
-                fixed(delta, 3)
-            };
+            let added = |p: Percentile| fixed(p(g).zip(p(d)).map(|(g, d)| g - d), 3);
             writeln!(
                 out,
                 "| {} | {} | {ratio} | {} | {} |",
                 direct.concurrency,
                 yes_no(direct.stream),
-                added(0.50),
-                added(0.99),
+                added(LoadResult::p50_ms),
+                added(LoadResult::p99_ms),
             )?;
         }
 
@@ -183,16 +216,33 @@ impl Report {
         } else {
             "**MISMATCH**"
         };
+        let (verb, source) = match self.driver {
+            Driver::Wrk => (
+                "counted",
+                "its own `meter_gateway_requests_total` on `messages`, any status; ",
+            ),
+            Driver::Reqwest => ("answered", ""),
+        };
         writeln!(
             out,
-            "- **Conservation:** the gateway answered {} requests (warm-ups and tails included), \
-             the stream holds {} events, and `/v1/usage` reports {} requests: {verdict} \
-             (polled {:.1} s).",
+            "- **Conservation:** the gateway {verb} {} requests ({source}warm-ups and tails \
+             included), the stream holds {} events, and `/v1/usage` reports {} requests: \
+             {verdict} (polled {:.1} s).",
             thousands(c.served),
             thousands(c.stream_len),
             thousands(c.usage_requests),
             c.waited.as_secs_f64(),
         )?;
+        if self.driver == Driver::Wrk {
+            writeln!(
+                out,
+                "  wrk itself counted {} responses: when a wrk process stops it closes its \
+                 connections with a request still in flight on each, which the gateway then \
+                 finishes or records as a 499 `client_disconnected` event, so wrk falls short \
+                 by up to its concurrency per process.",
+                thousands(self.client_counted),
+            )?;
+        }
         writeln!(
             out,
             "- **Redis cmds / req** is the `total_commands_processed` delta over the window, \
@@ -202,12 +252,7 @@ impl Report {
              The gateway's own count is its `meter_gateway_redis_round_trips_total` counter; \
              n/a means its `/metrics` has none."
         )?;
-        writeln!(
-            out,
-            "- **req/s, p50, p99** count 2xx responses completed in the window (streams read \
-             to `message_stop`); **errors** are non-2xx, truncated streams and transport \
-             failures in the window. CPU is the gateway's utime + stime over the window."
-        )?;
+        writeln!(out, "{}", self.counting_note())?;
         for row in &self.rows {
             let Some(cost) = &row.cost else { continue };
             let parts: Vec<String> = cost
@@ -248,6 +293,26 @@ impl Report {
 }
 
 impl Report {
+    /// What the table's counts and times cover, which differs by driver.
+    fn counting_note(&self) -> &'static str {
+        match self.driver {
+            Driver::Reqwest => {
+                "- **req/s, p50, p99** count 2xx responses completed in the window (streams read \
+                 to `message_stop`); **errors** are non-2xx, truncated streams and transport \
+                 failures in the window. CPU is the gateway's utime + stime over the window."
+            }
+            Driver::Wrk => {
+                "- **req/s** counts the 2xx responses of the measured wrk process over its own \
+                 elapsed time; **p50, p99** are wrk's `--latency` distribution over all of its \
+                 responses, printed by wrk to two decimals; **errors** are non-2xx responses and \
+                 socket errors (connect, read, write, timeout). wrk reads streamed responses to \
+                 their end but does not look at bodies, so it does not check them for \
+                 `message_stop`. CPU is the gateway's utime + stime from just before the \
+                 measured wrk process starts to just after it exits."
+            }
+        }
+    }
+
     /// Limits on against off, when the run had both.
     fn write_limits(&self, out: &mut String) -> std::fmt::Result {
         let pairs: Vec<(&Row, &Row)> = self
@@ -280,15 +345,8 @@ impl Report {
             } else {
                 "–".to_owned()
             };
-            let q = |r: &crate::load::LoadResult, q: f64| fixed(r.percentile_ms(q), 3);
-            let added = |q: f64| {
-                fixed(
-                    b.percentile_ms(q)
-                        .zip(a.percentile_ms(q))
-                        .map(|(b, a)| b - a),
-                    3,
-                )
-            };
+            let q = |r: &LoadResult, p: Percentile| fixed(p(r), 3);
+            let added = |p: Percentile| fixed(p(b).zip(p(a)).map(|(b, a)| b - a), 3);
             writeln!(
                 out,
                 "| {} | {} | {} | {} | {ratio} | {} | {} | {} | {} | {} | {} |",
@@ -296,17 +354,20 @@ impl Report {
                 yes_no(on.stream),
                 thousands(a.requests_per_sec().round() as u64),
                 thousands(b.requests_per_sec().round() as u64),
-                q(a, 0.50),
-                q(b, 0.50),
-                added(0.50),
-                q(a, 0.99),
-                q(b, 0.99),
-                added(0.99),
+                q(a, LoadResult::p50_ms),
+                q(b, LoadResult::p50_ms),
+                added(LoadResult::p50_ms),
+                q(a, LoadResult::p99_ms),
+                q(b, LoadResult::p99_ms),
+                added(LoadResult::p99_ms),
             )?;
         }
         Ok(())
     }
 }
+
+/// One of the result's latency percentiles, in milliseconds.
+type Percentile = fn(&LoadResult) -> Option<f64>;
 
 fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
