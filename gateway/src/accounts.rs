@@ -18,19 +18,45 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::error::GatewayError;
-use crate::provider::Provider;
+use crate::provider::{Endpoint, Provider};
 use crate::store::{AccountRecord, Store};
 
 #[derive(Debug)]
 pub struct Account {
     pub record: AccountRecord,
     pub provider: Provider,
+    /// The upstream URL of each endpoint, parsed once here rather than on every request.
+    urls: [Option<reqwest::Url>; Endpoint::ALL.len()],
     in_flight: Arc<AtomicU32>,
     /// Unix ms until which the account rests (0 = not resting).
     cooling_until: Arc<AtomicI64>,
 }
 
 impl Account {
+    fn new(
+        record: AccountRecord,
+        provider: Provider,
+        in_flight: Arc<AtomicU32>,
+        cooling_until: Arc<AtomicI64>,
+    ) -> Self {
+        let urls = Endpoint::ALL.map(|endpoint| {
+            reqwest::Url::parse(&format!("{}{}", record.base_url, endpoint.upstream_path())).ok()
+        });
+        Self {
+            record,
+            provider,
+            urls,
+            in_flight,
+            cooling_until,
+        }
+    }
+
+    /// Where `endpoint` is on this account's upstream; `None` for a base URL that does not
+    /// parse (the admin API refuses those, so only a hand-edited record can have one).
+    pub fn url(&self, endpoint: Endpoint) -> Option<&reqwest::Url> {
+        self.urls[endpoint as usize].as_ref()
+    }
+
     fn serves(&self, provider: Provider, model: &str) -> bool {
         self.provider == provider
             && self
@@ -111,12 +137,12 @@ impl Accounts {
                 // Redis is the shared truth, but a rest this replica just started may not have
                 // reached it yet: keep the later of the two.
                 cooling_until.fetch_max(cooldown.unwrap_or(0), Ordering::Relaxed);
-                Some(Arc::new(Account {
-                    record: record.clone(),
+                Some(Arc::new(Account::new(
+                    record.clone(),
                     provider,
                     in_flight,
                     cooling_until,
-                }))
+                )))
             })
             .collect();
         if let Ok(mut current) = self.current.write() {
@@ -220,8 +246,8 @@ mod tests {
     use super::*;
 
     fn account(id: &str, priority: i64, in_flight: u32, cooling_until: i64) -> Arc<Account> {
-        Arc::new(Account {
-            record: AccountRecord {
+        Arc::new(Account::new(
+            AccountRecord {
                 id: id.into(),
                 name: id.into(),
                 provider: "anthropic".into(),
@@ -232,10 +258,28 @@ mod tests {
                 models: None,
                 created_at_ms: 0,
             },
-            provider: Provider::Anthropic,
-            in_flight: Arc::new(AtomicU32::new(in_flight)),
-            cooling_until: Arc::new(AtomicI64::new(cooling_until)),
-        })
+            Provider::Anthropic,
+            Arc::new(AtomicU32::new(in_flight)),
+            Arc::new(AtomicI64::new(cooling_until)),
+        ))
+    }
+
+    #[test]
+    fn each_endpoints_upstream_url_is_parsed_once_below_the_base_url() {
+        let mut a = Arc::try_unwrap(account("a", 0, 0, 0)).unwrap();
+        assert_eq!(
+            a.url(Endpoint::ChatCompletions).map(reqwest::Url::as_str),
+            Some("http://x/v1/chat/completions")
+        );
+        a.record.base_url = "https://gw.example.com/anthropic".into();
+        let mut a = Account::new(a.record, a.provider, a.in_flight, a.cooling_until);
+        assert_eq!(
+            a.url(Endpoint::CountTokens).map(reqwest::Url::as_str),
+            Some("https://gw.example.com/anthropic/v1/messages/count_tokens")
+        );
+        a.record.base_url.clear();
+        let a = Account::new(a.record, a.provider, a.in_flight, a.cooling_until);
+        assert!(a.url(Endpoint::Messages).is_none(), "no scheme, no URL");
     }
 
     fn want<'a>(session: Option<&'a str>, exclude: Option<&'a str>) -> Want<'a> {

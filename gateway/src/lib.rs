@@ -118,11 +118,14 @@ pub async fn run(
     let keeper = tokio::spawn(keeper.run());
 
     let http = reqwest::Client::builder()
+        // A relay answers with what the upstream said, as any reverse proxy does; following a
+        // redirect would also turn a POST into a GET, and costs a URL parse per request.
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(config.upstream_connect_timeout)
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
         .build()?;
-    let state = AppState {
+    let state = AppState::new(state::Shared {
         limiter: Arc::new(limiter),
         metrics: Arc::clone(&metrics),
         keys: Arc::new(KeyCache::new(
@@ -135,7 +138,7 @@ pub async fn run(
         store,
         accounts,
         events,
-    };
+    });
 
     let app = router(state);
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");

@@ -41,6 +41,14 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Every endpoint, in declaration order: `endpoint as usize` indexes arrays of this length.
+    pub const ALL: [Endpoint; 4] = [
+        Self::Messages,
+        Self::CountTokens,
+        Self::ChatCompletions,
+        Self::Responses,
+    ];
+
     pub fn provider(self) -> Provider {
         match self {
             Self::Messages | Self::CountTokens => Provider::Anthropic,

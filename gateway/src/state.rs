@@ -1,5 +1,8 @@
-//! The state every handler shares: cheap handles, cloned per request.
+//! The state every handler shares. Axum clones it for each request, so it is one `Arc`: a
+//! single reference count to bump instead of one per handle (each an atomic that both cores
+//! contend for under load).
 
+use std::ops::Deref;
 use std::sync::Arc;
 
 use crate::accounts::Accounts;
@@ -11,7 +14,9 @@ use crate::publisher::Publisher;
 use crate::store::Store;
 
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
     pub config: Arc<Config>,
     pub http: reqwest::Client,
     pub store: Store,
@@ -20,4 +25,18 @@ pub struct AppState {
     pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub limiter: Arc<Limiter>,
+}
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }

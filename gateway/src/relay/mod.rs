@@ -22,13 +22,12 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use futures_util::stream::StreamExt;
 
-use crate::accounts::{Lease, Want};
+use crate::accounts::{Account, Lease, Want};
 use crate::error::GatewayError;
 use crate::limiter::LeaseGuard;
 use crate::provider::{Endpoint, Provider};
 use crate::sse::SseHandler;
 use crate::state::AppState;
-use crate::store::AccountRecord;
 use crate::usage::{Call, Usage};
 use metered::{ChunkFilter, Metered, MeteredParts};
 
@@ -74,7 +73,7 @@ pub async fn forward(
     loop {
         let account = Arc::clone(&lease.account);
         let sent_at = std::time::Instant::now();
-        let attempt = send(state, endpoint, &account.record, &out).await;
+        let attempt = send(state, endpoint, &account, &out).await;
         let rest = match &attempt {
             Ok(upstream) => {
                 state.metrics.upstream_latency(provider, sent_at.elapsed());
@@ -141,10 +140,16 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 async fn send(
     state: &AppState,
     endpoint: Endpoint,
-    account: &AccountRecord,
+    account: &Account,
     out: &Outbound<'_>,
 ) -> Result<reqwest::Response, GatewayError> {
-    let url = format!("{}{}", account.base_url, endpoint.upstream_path());
+    let url = account.url(endpoint).cloned().ok_or_else(|| {
+        GatewayError::UpstreamUnreachable(format!(
+            "account {} has an invalid base_url",
+            account.record.id
+        ))
+    })?;
+    let account = &account.record;
     let request = state
         .http
         .post(url)
