@@ -56,17 +56,24 @@ if pv .. ':' .. rid ~= token then return {'stale'} end
 -- a replay is switching: it needs the figures still for a moment
 if rid ~= '0' and redis.call('HGET', KEYS[2], 'rfz') == rid then return {'frozen'} end
 
--- 1. duplicates, live then shadow: nothing is written if any are found
+-- 1. duplicates, live then shadow: nothing is written if any are found. Per arrival slot s:
+--    the key indexes of the seen-sets of s-1, s and s+1, a count, then the ids, sent once and
+--    checked against all three; recorded in s's set in step 2.
+local records = {}
 for _, status in ipairs({'dup', 'sdup'}) do
   local out = {status}
   local n = tonumber(take())
   for _ = 1, n do
-    local k = tonumber(take()); local cnt = tonumber(take())
-    for s = pos, pos + cnt - 1, 512 do
-      local e = math.min(s + 511, pos + cnt - 1)
-      local hit = redis.call('SMISMEMBER', KEYS[k], unpack(ARGV, s, e))
-      for j = 1, #hit do if hit[j] == 1 then out[#out + 1] = ARGV[s + j - 1] end end
+    local sets = {tonumber(take()), tonumber(take()), tonumber(take())}
+    local cnt = tonumber(take())
+    for _, k in ipairs(sets) do
+      for s = pos, pos + cnt - 1, 512 do
+        local e = math.min(s + 511, pos + cnt - 1)
+        local hit = redis.call('SMISMEMBER', KEYS[k], unpack(ARGV, s, e))
+        for j = 1, #hit do if hit[j] == 1 then out[#out + 1] = ARGV[s + j - 1] end end
+      end
     end
+    records[#records + 1] = {sets[2], pos, cnt}
     pos = pos + cnt
   end
   if #out > 1 then return out end
@@ -99,15 +106,13 @@ for _ = 1, n do
 end
 if #conflicts > 1 then return conflicts end
 
--- 2. record ids as seen
-n = tonumber(take())
-for _ = 1, n do
-  local k = tonumber(take()); local cnt = tonumber(take())
-  for s = pos, pos + cnt - 1, 512 do
-    redis.call('SADD', KEYS[k], unpack(ARGV, s, math.min(s + 511, pos + cnt - 1)))
+-- 2. record ids as seen, in their own slot's set
+for _, r in ipairs(records) do
+  local k, at, cnt = r[1], r[2], r[3]
+  for s = at, at + cnt - 1, 512 do
+    redis.call('SADD', KEYS[k], unpack(ARGV, s, math.min(s + 511, at + cnt - 1)))
   end
   redis.call('EXPIRE', KEYS[k], seen_ttl)
-  pos = pos + cnt
 end
 
 -- 3. cells: write the new values checked in 1b
@@ -500,31 +505,22 @@ impl Committer {
         let sets: Vec<(&str, &[Seen])> = std::iter::once(("", batch.live))
             .chain(batch.shadow)
             .collect();
-        let mut records: Vec<(String, Vec<&str>)> = Vec::new();
         for (section, (prefix, seen)) in sets.iter().enumerate() {
             let mut by_slot: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
             for s in seen.iter() {
                 by_slot.entry(s.slot).or_default().push(s.id);
             }
-            let mut checks: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
+            invocation.arg(by_slot.len());
             for (slot, ids) in &by_slot {
                 for neighbour in slot - 1..=slot + 1 {
-                    checks.entry(neighbour).or_default().extend(ids);
+                    let k = key_index(self.seen_key(prefix, neighbour), &mut keys);
+                    invocation.arg(k);
                 }
-            }
-            invocation.arg(checks.len());
-            for (slot, ids) in &checks {
-                let k = key_index(self.seen_key(prefix, *slot), &mut keys);
-                invocation.arg(k).arg(ids.len()).arg(ids);
+                invocation.arg(ids.len()).arg(ids);
             }
             if section == 0 && batch.shadow.is_none() {
                 invocation.arg(0);
             }
-            records.extend(
-                by_slot
-                    .into_iter()
-                    .map(|(slot, ids)| (self.seen_key(prefix, slot), ids)),
-            );
         }
         invocation.arg(batch.cells.len());
         for (write, cells) in batch.cells.iter().zip(merged) {
@@ -537,11 +533,6 @@ impl Committer {
                 let stamp: &[u8] = cell.stamp.as_ref().map_or(&[], |s| &s[..]);
                 invocation.arg(field).arg(stamp).arg(&cell.value[..]);
             }
-        }
-        invocation.arg(records.len());
-        for (key, ids) in records {
-            let k = key_index(key, &mut keys);
-            invocation.arg(k).arg(ids.len()).arg(ids);
         }
         invocation.arg(batch.increments.len());
         for write in batch.increments {
@@ -595,7 +586,14 @@ pub fn applied(reply: &redis::RedisResult<Vec<Value>>) -> bool {
 fn parse_reply(reply: Vec<Value>) -> Attempt {
     let mut reply = reply.into_iter();
     let status = reply.next().and_then(|v| text(&v)).unwrap_or_default();
-    let strings = |rest: std::vec::IntoIter<Value>| rest.filter_map(|v| text(&v)).collect();
+    // An id can be in two neighbouring slots' sets (copies that arrived an hour apart), and
+    // is reported once per set it is in.
+    let strings = |rest: std::vec::IntoIter<Value>| {
+        let mut seen = std::collections::HashSet::new();
+        rest.filter_map(|v| text(&v))
+            .filter(|id| seen.insert(id.clone()))
+            .collect()
+    };
     Attempt::Done(match status.as_str() {
         "ok" => Outcome::Applied,
         "dup" => Outcome::Duplicates(strings(reply)),
