@@ -24,7 +24,7 @@
 //!
 //! Every key the script touches carries the deployment's hash tag, so it runs on a cluster too.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use redis::aio::ConnectionManager;
@@ -207,6 +207,7 @@ impl CommitError {
 pub struct Committer {
     script: Script,
     keyspace: Keyspace,
+    ctl_key: String,
     group: String,
     window_secs: i64,
     cache: CellCache,
@@ -326,6 +327,7 @@ impl Committer {
     pub fn new(keyspace: Keyspace, group: String, window_secs: i64) -> Self {
         Self {
             script: Script::new(SCRIPT),
+            ctl_key: keyspace.key(control::CTL),
             keyspace,
             group,
             window_secs: window_secs.max(1),
@@ -366,7 +368,7 @@ impl Committer {
             .map(|w| self.keyspace.key(&w.key))
             .collect();
         let merged = self.merge(&keys, batch.cells);
-        let cmd = self.build(batch, &merged);
+        let cmd = self.build(batch, &keys, &merged);
         self.generation += 1;
         let generation = self.generation;
         let mut touched = Vec::new();
@@ -482,75 +484,105 @@ impl Committer {
             .collect()
     }
 
-    /// The script call (`EVALSHA`) for `batch` with its cells' merged values.
-    fn build(&self, batch: &Batch<'_>, merged: &[Vec<Merged>]) -> redis::Cmd {
-        let mut keys: Vec<String> = vec![
-            self.keyspace.stream().to_owned(),
-            self.keyspace.key(control::CTL),
-        ];
-        let mut index: HashMap<String, usize> = HashMap::new();
-        let mut key_index = |name: String, keys: &mut Vec<String>| -> usize {
-            *index.entry(name.clone()).or_insert_with(|| {
+    /// The script call (`EVALSHA`) for `batch` with its cells' merged values; `cell_keys` are
+    /// the full names of `batch.cells`' hashes.
+    ///
+    /// `EVALSHA` lists the keys before the arguments that refer to them by index, so a first
+    /// pass collects the keys (and each reference, in argument order) and a second writes the
+    /// arguments straight into the command: a commit is megabytes of cell values, copied once.
+    fn build(&self, batch: &Batch<'_>, cell_keys: &[String], merged: &[Vec<Merged>]) -> redis::Cmd {
+        let sections: Vec<(&str, BTreeMap<i64, Vec<&str>>)> = std::iter::once(("", batch.live))
+            .chain(batch.shadow)
+            .map(|(prefix, seen)| {
+                let mut by_slot: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
+                for s in seen {
+                    by_slot.entry(s.slot).or_default().push(s.id);
+                }
+                (prefix, by_slot)
+            })
+            .collect();
+        let increment_keys: Vec<String> = batch
+            .increments
+            .iter()
+            .map(|w| self.keyspace.key(&w.key))
+            .collect();
+
+        let mut keys: Vec<&str> = vec![self.keyspace.stream(), &self.ctl_key];
+        let seen_keys: Vec<String> = sections
+            .iter()
+            .flat_map(|(prefix, by_slot)| {
+                by_slot
+                    .keys()
+                    .flat_map(move |slot| (slot - 1..=slot + 1).map(move |s| (*prefix, s)))
+            })
+            .map(|(prefix, slot)| self.seen_key(prefix, slot))
+            .collect();
+        let mut index: FxHashMap<&str, usize> = FxHashMap::default();
+        let mut refs: Vec<usize> = Vec::new();
+        for name in seen_keys.iter().chain(cell_keys).chain(&increment_keys) {
+            let i = *index.entry(name.as_str()).or_insert_with(|| {
                 keys.push(name);
                 keys.len()
-            })
-        };
+            });
+            refs.push(i);
+        }
+        let mut refs = refs.into_iter();
+        let mut next_ref = || refs.next().unwrap_or(0);
 
-        let mut invocation = ArgList::default();
-        invocation
+        let data: usize = merged
+            .iter()
+            .flatten()
+            .map(|m| m.value.len() + 2 * cell::STAMP_LEN)
+            .sum::<usize>()
+            + batch
+                .cells
+                .iter()
+                .flat_map(|w| &w.cells)
+                .map(|(f, _)| f.len())
+                .sum::<usize>()
+            + 64 * (batch.live.len() + batch.acks.len() + keys.len());
+        let mut cmd = redis::Cmd::with_capacity(0, data);
+        cmd.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(keys.len())
+            .arg(&keys)
             .arg(&self.group)
             .arg(self.window_secs * 3)
             .arg(batch.token)
             .arg(self.keyspace.key(""));
-        let sets: Vec<(&str, &[Seen])> = std::iter::once(("", batch.live))
-            .chain(batch.shadow)
-            .collect();
-        for (section, (prefix, seen)) in sets.iter().enumerate() {
-            let mut by_slot: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
-            for s in seen.iter() {
-                by_slot.entry(s.slot).or_default().push(s.id);
-            }
-            invocation.arg(by_slot.len());
-            for (slot, ids) in &by_slot {
-                for neighbour in slot - 1..=slot + 1 {
-                    let k = key_index(self.seen_key(prefix, neighbour), &mut keys);
-                    invocation.arg(k);
-                }
-                invocation.arg(ids.len()).arg(ids);
+        for (section, (_, by_slot)) in sections.iter().enumerate() {
+            cmd.arg(by_slot.len());
+            for ids in by_slot.values() {
+                cmd.arg(next_ref())
+                    .arg(next_ref())
+                    .arg(next_ref())
+                    .arg(ids.len())
+                    .arg(ids);
             }
             if section == 0 && batch.shadow.is_none() {
-                invocation.arg(0);
+                cmd.arg(0);
             }
         }
-        invocation.arg(batch.cells.len());
+        cmd.arg(batch.cells.len());
         for (write, cells) in batch.cells.iter().zip(merged) {
-            let k = key_index(self.keyspace.key(&write.key), &mut keys);
-            invocation
-                .arg(k)
+            cmd.arg(next_ref())
                 .arg(write.expire_at.unwrap_or(0))
                 .arg(cells.len());
             for ((field, _), cell) in write.cells.iter().zip(cells) {
                 let stamp: &[u8] = cell.stamp.as_ref().map_or(&[], |s| &s[..]);
-                invocation.arg(field).arg(stamp).arg(&cell.value[..]);
+                cmd.arg(field).arg(stamp).arg(&cell.value[..]);
             }
         }
-        invocation.arg(batch.increments.len());
+        cmd.arg(batch.increments.len());
         for write in batch.increments {
-            let k = key_index(self.keyspace.key(&write.key), &mut keys);
-            invocation
-                .arg(k)
+            cmd.arg(next_ref())
                 .arg(write.expire_at.unwrap_or(0))
                 .arg(write.fields.len());
             for (field, n) in &write.fields {
-                invocation.arg(field).arg(*n);
+                cmd.arg(field).arg(*n);
             }
         }
-        invocation.arg(batch.acks.len()).arg(batch.acks);
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(keys.len()).arg(&keys);
-        for arg in invocation.args {
-            cmd.arg(arg);
-        }
+        cmd.arg(batch.acks.len()).arg(batch.acks);
         cmd
     }
 
@@ -612,19 +644,6 @@ fn parse_reply(reply: Vec<Value>) -> Attempt {
         }
         _ => Outcome::Stale,
     })
-}
-
-/// Script arguments collected before the keys are known (`EVALSHA` lists keys first).
-#[derive(Default)]
-struct ArgList {
-    args: Vec<Vec<u8>>,
-}
-
-impl ArgList {
-    fn arg(&mut self, value: impl redis::ToRedisArgs) -> &mut Self {
-        self.args.extend(value.to_redis_args());
-        self
-    }
 }
 
 fn stamp_of(bytes: &[u8]) -> Option<[u8; cell::STAMP_LEN]> {
