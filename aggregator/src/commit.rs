@@ -371,7 +371,7 @@ impl Committer {
         let cmd = self.build(batch, &keys, &merged);
         self.generation += 1;
         let generation = self.generation;
-        let mut touched = Vec::new();
+        let mut touched = Vec::with_capacity(batch.cells.iter().map(|w| w.cells.len()).sum());
         for ((key, write), cells) in keys.iter().zip(batch.cells).zip(merged) {
             for ((field, change), merged) in write.cells.iter().zip(cells) {
                 if let Some((known, created)) = self.cache.slot(key, field) {
