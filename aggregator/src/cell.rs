@@ -92,7 +92,7 @@ impl Cell {
         };
         let mut totals = base.totals;
         totals.add(&change.totals);
-        let bins = base.latency.len() + base.ttft.len() + change.latency.len();
+        let bins = base.latency.len() + base.ttft.len() + change.latency.len() + change.ttft.len();
         let mut out = Vec::with_capacity(40 + 4 * bins);
         header(&mut out, &totals, stamp);
         put_merged(&mut out, &base.latency, &change.latency);

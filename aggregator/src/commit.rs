@@ -64,7 +64,8 @@ for _, status in ipairs({'dup', 'sdup'}) do
   local out = {status}
   local n = tonumber(take())
   for _ = 1, n do
-    local sets = {tonumber(take()), tonumber(take()), tonumber(take())}
+    local before = tonumber(take()); local own = tonumber(take()); local after = tonumber(take())
+    local sets = {before, own, after}
     local cnt = tonumber(take())
     for _, k in ipairs(sets) do
       for s = pos, pos + cnt - 1, 512 do

@@ -31,6 +31,16 @@ impl fmt::Display for Provider {
     }
 }
 
+// `Endpoint::ALL[i] as usize == i`, checked at compile time, so indexing an array by
+// `endpoint as usize` cannot pick another endpoint's entry.
+const _: () = {
+    let mut i = 0;
+    while i < Endpoint::ALL.len() {
+        assert!(Endpoint::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 /// A client route: which provider it speaks and how its usage is reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {

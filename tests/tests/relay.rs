@@ -587,39 +587,92 @@ async fn an_account_at_its_concurrency_limit_is_skipped() {
 async fn a_client_that_leaves_before_the_answer_still_produces_one_event() {
     let p = Pipeline::start().await;
     p.add_account("anthropic").await;
-    let (key_id, secret) = p
-        .add_key(json!({"name": "impatient", "max_concurrency": 1}))
+    let (open_id, open) = p.add_key(json!({"name": "impatient"})).await;
+    let (one_id, one) = p
+        .add_key(json!({"name": "one-at-a-time", "max_concurrency": 1}))
         .await;
-    for (stream, path) in [(false, "/v1/messages"), (true, "/v1/messages")] {
-        let gave_up = p
-            .http
-            .post(p.gateway_url(path))
-            .bearer_auth(&secret)
+    let give_up = |secret: &str, stream: bool| {
+        p.http
+            .post(p.gateway_url("/v1/messages"))
+            .bearer_auth(secret)
             .timeout(Duration::from_millis(150))
             .json(
                 &json!({"model": "claude-haiku-4-5", "max_tokens": 5, "stream": stream,
                           "messages": [], "mock": {"latency_ms": 1500}}),
             )
             .send()
-            .await;
-        assert!(gave_up.unwrap_err().is_timeout());
+    };
+    for (secret, stream) in [(&open, false), (&open, true), (&one, false)] {
+        assert!(give_up(secret, stream).await.unwrap_err().is_timeout());
     }
 
-    let events = p.wait_for_events(2).await;
-    for (e, stream) in events.iter().zip([false, true]) {
+    let left: Vec<UsageEvent> = eventually(Duration::from_secs(10), || async {
+        let left: Vec<UsageEvent> = p
+            .events()
+            .await
+            .into_iter()
+            .filter(|e| e.status == 499)
+            .collect();
+        (left.len() >= 3).then_some(left)
+    })
+    .await;
+    assert_eq!(left.len(), 3, "{left:?}");
+    for (e, (key, stream)) in
+        left.iter()
+            .zip([(&open_id, false), (&open_id, true), (&one_id, false)])
+    {
         assert_eq!(
-            (e.status, e.error.as_deref(), e.stream),
-            (499, Some("client_disconnected"), stream),
+            (e.error.as_deref(), e.stream, e.key_id.as_ref()),
+            (Some("client_disconnected"), stream, Some(key)),
             "{e:?}"
         );
-        assert_eq!(e.key_id.as_deref(), Some(key_id.as_str()));
         assert!(e.account_id.is_some(), "it was relayed: {e:?}");
         assert_eq!(e.model, "claude-haiku-4-5");
         check_tokens(e, 0, 0, 0, 0);
-        assert!(e.latency_us >= 150_000, "{e:?}");
+        // Until the client's 150 ms timeout (which started a little before the gateway's
+        // clock), well before the upstream's 1.5 s answer.
+        assert!((100_000..1_000_000).contains(&e.latency_us), "{e:?}");
     }
 
-    // The slot of max_concurrency 1 is free again.
+    // The only slot of the max_concurrency 1 key is free again (its release reaches Redis
+    // asynchronously, hence the retries).
+    eventually(Duration::from_secs(5), || async {
+        let r = post(
+            &p,
+            "/v1/messages",
+            &one,
+            json!({
+            "model": "claude-haiku-4-5", "max_tokens": 5, "messages": []}),
+        )
+        .await;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+}
+
+/// The provider APIs never redirect, so a redirect means the account's base_url is wrong. The
+/// gateway neither follows it (a POST would become a GET) nor passes it on (it would send the
+/// client past the gateway): the client gets a 502 and the account rests.
+#[tokio::test]
+async fn an_upstream_redirect_is_a_502_and_rests_the_account() {
+    let p = Pipeline::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let redirecting = axum::Router::new().fallback(|| async {
+        (
+            axum::http::StatusCode::TEMPORARY_REDIRECT,
+            [(
+                axum::http::header::LOCATION,
+                "https://api.example.com/v1/messages",
+            )],
+        )
+    });
+    tokio::spawn(async move { axum::serve(listener, redirecting).await });
+    let account = p
+        .add_account_at("anthropic", &format!("http://{addr}"), json!({}))
+        .await;
+    let (_, secret) = p.add_key(json!({"name": "r"})).await;
+
     let response = post(
         &p,
         "/v1/messages",
@@ -628,6 +681,22 @@ async fn a_client_that_leaves_before_the_answer_still_produces_one_event() {
         "model": "claude-haiku-4-5", "max_tokens": 5, "messages": []}),
     )
     .await;
-    assert_eq!(response.status(), 200);
-    assert_eq!(p.wait_for_events(3).await.len(), 3);
+    assert_eq!(response.status(), 502);
+    assert!(response.headers().get("location").is_none());
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["type"], "error", "{body}");
+
+    let events = p.wait_for_events(1).await;
+    assert_eq!(
+        (events[0].status, events[0].error.as_deref()),
+        (502, Some("upstream_unreachable"))
+    );
+    let (_, resting) = p
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/accounts/{account}"),
+            None,
+        )
+        .await;
+    assert!(resting["cooling_down_until"].is_string(), "{resting}");
 }

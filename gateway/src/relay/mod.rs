@@ -107,6 +107,20 @@ pub async fn forward(
         }
         return match attempt {
             Err(err) => reject(call, err),
+            // Not followed (a relay passes answers on, and following would turn the POST into
+            // a GET), and not passed on either: it would point the client past the gateway.
+            Ok(upstream) if upstream.status().is_redirection() => {
+                let location = upstream
+                    .headers()
+                    .get(header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("nowhere");
+                tracing::warn!(account = %account.record.id, status = %upstream.status(), location, "upstream answered with a redirect; set the account's base_url to the final address");
+                reject(
+                    call,
+                    GatewayError::UpstreamUnreachable(format!("redirected to {location}")),
+                )
+            }
             Ok(upstream) => {
                 let held = (lease, out.concurrency.take());
                 relay_answer(state, call, held, upstream, out.hide_usage).await
@@ -119,9 +133,13 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// Statuses after which an account should rest and the request may go elsewhere.
+/// Statuses after which an account should rest and the request may go elsewhere. A redirect
+/// is among them: the provider APIs do not redirect, so the account's `base_url` is wrong.
 fn rests_account(status: StatusCode) -> bool {
-    status == StatusCode::TOO_MANY_REQUESTS || status.as_u16() == 529 || status.is_server_error()
+    status == StatusCode::TOO_MANY_REQUESTS
+        || status.as_u16() == 529
+        || status.is_server_error()
+        || status.is_redirection()
 }
 
 /// `retry-after` in seconds (HTTP dates are not used by the providers).
