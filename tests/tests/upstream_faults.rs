@@ -18,9 +18,15 @@ async fn send(
     path: &str,
     body: Value,
 ) -> (u16, bool, String, Duration) {
+    // A fresh connection per request: a fault that cuts a response makes the gateway close
+    // that connection, and a pooled client could still pick it for the next request before
+    // it saw the close (hyper's IncompleteMessage, seen once in CI).
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let started = Instant::now();
-    let response = p
-        .http
+    let response = client
         .post(p.gateway_url(path))
         .header("x-api-key", secret)
         .bearer_auth(secret)
