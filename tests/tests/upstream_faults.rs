@@ -115,6 +115,19 @@ async fn upstream_faults_end_cleanly_are_metered_once_and_leave_the_gateway_heal
     );
     println!("reset mid-stream: cut after {took:?}");
 
+    // Reset after the head, before the first event: no byte reached the client yet, so it
+    // gets a well-formed 502 rather than a 200 head on a connection that then breaks.
+    let (status, whole, body, _) = send(
+        &p,
+        &secret,
+        "/v1/messages",
+        messages(json!({"cut_after_events": 0}), true),
+    )
+    .await;
+    assert_eq!((status, whole), (502, true), "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["type"], "error", "{body}");
+
     // Malformed SSE mixed into a stream: relayed byte for byte, and the usage of the
     // well-formed events is still captured.
     let (status, whole, body, _) = send(
@@ -222,7 +235,7 @@ async fn upstream_faults_end_cleanly_are_metered_once_and_leave_the_gateway_heal
     assert_eq!((status, whole), (200, true), "{body}");
 
     // Exactly one event per request, each with its error kind.
-    let want = 1 + 1 + 1 + 3 + 60 + 1 + 1 + 1;
+    let want = 1 + 1 + 1 + 1 + 3 + 60 + 1 + 1 + 1;
     let events = p.wait_for_events(want).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let events = if p.events().await.len() == events.len() {
@@ -239,13 +252,14 @@ async fn upstream_faults_end_cleanly_are_metered_once_and_leave_the_gateway_heal
         ((504, Some("upstream_timeout".to_owned())), 1),
         ((200, Some("upstream_timeout".to_owned())), 1),
         ((200, Some("upstream_error".to_owned())), 1),
+        ((502, Some("upstream_unreachable".to_owned())), 1),
         ((200, None), 3 + 1 + 1 + 1),
         ((429, Some("upstream_rate_limited".to_owned())), 60),
     ]
     .into_iter()
     .collect();
     assert_eq!(kinds, expected);
-    let malformed = &events[3];
+    let malformed = &events[4];
     assert_eq!(
         (malformed.input_tokens, malformed.output_tokens),
         (11, 7),

@@ -43,6 +43,8 @@ pub struct Metered {
     idle: Duration,
     idle_deadline: Pin<Box<Sleep>>,
     finished: bool,
+    /// An upstream failure, held back for one poll (see `poll_next`).
+    failed: Option<std::io::Error>,
 }
 
 pub struct MeteredParts {
@@ -73,6 +75,7 @@ impl Metered {
             idle: parts.idle,
             idle_deadline: Box::pin(tokio::time::sleep(parts.idle)),
             finished: false,
+            failed: None,
         }
     }
 
@@ -90,6 +93,9 @@ impl Stream for Metered {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         loop {
             if this.finished {
                 return Poll::Ready(None);
@@ -114,7 +120,13 @@ impl Stream for Metered {
                     // seen and cut the client's stream so it knows the answer is incomplete.
                     tracing::warn!(error = %e, "upstream stream failed");
                     this.finish(Some("upstream_error"));
-                    return Poll::Ready(Some(Err(std::io::Error::other(e))));
+                    // The error aborts the client's connection, and hyper drops whatever it
+                    // has not written yet: the last chunks, or even the head if the failure
+                    // came in the same read as the first event. Returning Pending once lets
+                    // it flush them first.
+                    this.failed = Some(std::io::Error::other(e));
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
                 Poll::Ready(None) => {
                     let rest = this.filter.as_mut().map(|f| f.finish()).unwrap_or_default();

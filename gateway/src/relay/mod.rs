@@ -213,8 +213,32 @@ async fn relay_answer(
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
 
     if is_sse && status.is_success() {
+        // The head goes out with the first event, not before: should the stream die before any
+        // byte of it, the client still gets a well-formed error instead of a connection closed
+        // without an answer (and the event says so). No byte waits: the first one is the reason
+        // to answer at all.
+        let mut body = upstream.bytes_stream().boxed();
+        let first = match tokio::time::timeout(state.config.upstream_idle_timeout, body.next())
+            .await
+        {
+            Ok(Some(Ok(chunk))) => chunk,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, account = %lease.account.record.id, "upstream stream failed before its first event");
+                return reject(call, GatewayError::UpstreamUnreachable(e.to_string()));
+            }
+            Ok(None) => {
+                tracing::warn!(account = %lease.account.record.id, "upstream stream ended before its first event");
+                return reject(
+                    call,
+                    GatewayError::UpstreamUnreachable("empty event stream".into()),
+                );
+            }
+            Err(_) => return reject(call, GatewayError::UpstreamTimeout),
+        };
         let metered = Metered::new(MeteredParts {
-            upstream: upstream.bytes_stream().boxed(),
+            upstream: futures_util::stream::once(async move { Ok(first) })
+                .chain(body)
+                .boxed(),
             usage: stream_usage(endpoint),
             filter: hide_usage.then(chunk_filter),
             call,
