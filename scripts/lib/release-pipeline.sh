@@ -18,7 +18,8 @@ start_release_pipeline() {
   pids+=($!)
   export REDIS_URL=redis://127.0.0.1:$RPORT ADMIN_TOKEN=$name METER_STREAM="$name:$$" RUST_LOG=warn GATEWAY_SPOOL_DIR="$DIR/spool"
   sleep 0.3
-  "$BIN/mock-upstream" --listen "$MOCK" >/dev/null 2>&1 & pids+=($!)
+  # MOCK_ARGS=--canned: a fixed reply without parsing, the fast fake upstream.
+  "$BIN/mock-upstream" --listen "$MOCK" ${MOCK_ARGS:-} >/dev/null 2>&1 & pids+=($!)
   "$BIN/aggregator" --listen "$AG" >"$DIR/agg.log" 2>&1 & pids+=($!)
   "$BIN/gateway" --listen "$GW" >"$DIR/gw.log" 2>&1 & pids+=($!)
   GW_PID=${pids[3]}

@@ -17,7 +17,16 @@ struct Args {
     /// Credential to require (`x-api-key` for Anthropic routes, `Bearer` for OpenAI routes).
     #[arg(long, env = "MOCK_API_KEY")]
     api_key: Option<String>,
+    /// Answer every POST with one fixed Anthropic Messages reply (100 input, 20 output
+    /// tokens), without parsing the request: a fake upstream that costs almost nothing, like
+    /// the one behind the gateway issue's reference figures, so a benchmark measures the
+    /// relay rather than the mock. No scripting, no credentials check, no streaming.
+    #[arg(long)]
+    canned: bool,
 }
+
+/// The reply of `--canned`, in the shape of the Messages API.
+const CANNED: &str = r#"{"id":"msg_canned","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929","content":[{"type":"text","text":"Hello! How can I help you today?"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":100,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":20}}"#;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -35,6 +44,18 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
     println!("mock upstream listening on http://{addr}");
+    if args.canned {
+        let app = axum::Router::new().fallback(|_body: axum::body::Bytes| async {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                CANNED,
+            )
+        });
+        return axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving the canned upstream");
+    }
     let config = MockConfig {
         api_key: args.api_key,
     };
