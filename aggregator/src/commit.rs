@@ -241,6 +241,7 @@ struct Known {
 const CACHE_CELLS: usize = 50_000;
 
 impl CellCache {
+    #[cfg(test)]
     fn get(&self, key: &str, field: &str) -> Option<&Known> {
         self.cells.get(key)?.get(field)
     }
@@ -287,7 +288,6 @@ impl CellCache {
 /// A cell's stamp as last known (`None`: absent) and its value after the batch.
 struct Merged {
     stamp: Option<[u8; cell::STAMP_LEN]>,
-    new_stamp: [u8; cell::STAMP_LEN],
     value: Vec<u8>,
 }
 
@@ -368,28 +368,42 @@ impl Committer {
             .iter()
             .map(|w| self.keyspace.key(&w.key))
             .collect();
-        let merged = self.merge(&keys, batch.cells);
-        let cmd = self.build(batch, &keys, &merged);
         self.generation += 1;
         let generation = self.generation;
         let mut touched = Vec::with_capacity(batch.cells.iter().map(|w| w.cells.len()).sum());
-        for ((key, write), cells) in keys.iter().zip(batch.cells).zip(merged) {
-            for ((field, change), merged) in write.cells.iter().zip(cells) {
-                if let Some((known, created)) = self.cache.slot(key, field) {
-                    let before = (!created).then_some((known.stamp, known.generation));
-                    known.cell.add(change);
-                    known.stamp = Some(merged.new_stamp);
-                    known.generation = generation;
-                    touched.push(Touch {
-                        key: key.clone(),
-                        field: field.clone(),
-                        generation,
-                        change: change.clone(),
-                        before,
+        // Each cell is added to its cache entry, and the sum encoded from there: one pass over
+        // its bins to add, one to encode.
+        let mut merged = Vec::with_capacity(batch.cells.len());
+        for (key, write) in keys.iter().zip(batch.cells) {
+            let mut cells = Vec::with_capacity(write.cells.len());
+            for (field, change) in &write.cells {
+                let new_stamp = cell::new_stamp();
+                let Some((known, created)) = self.cache.slot(key, field) else {
+                    cells.push(Merged {
+                        stamp: None,
+                        value: change.encode(new_stamp),
                     });
-                }
+                    continue;
+                };
+                let before = (!created).then_some((known.stamp, known.generation));
+                known.cell.add(change);
+                cells.push(Merged {
+                    stamp: known.stamp,
+                    value: known.cell.encode(new_stamp),
+                });
+                known.stamp = Some(new_stamp);
+                known.generation = generation;
+                touched.push(Touch {
+                    key: key.clone(),
+                    field: field.clone(),
+                    generation,
+                    change: change.clone(),
+                    before,
+                });
             }
+            merged.push(cells);
         }
+        let cmd = self.build(batch, &keys, &merged);
         Staged { cmd, touched }
     }
 
@@ -461,28 +475,6 @@ impl Committer {
                 None => self.cache.remove(&touch.key, &touch.field),
             }
         }
-    }
-
-    /// Each cell of `writes` as last known plus the batch's change, with a new stamp.
-    fn merge(&self, keys: &[String], writes: &[CellWrite]) -> Vec<Vec<Merged>> {
-        keys.iter()
-            .zip(writes)
-            .map(|(key, write)| {
-                write
-                    .cells
-                    .iter()
-                    .map(|(field, change)| {
-                        let known = self.cache.get(key, field);
-                        let new_stamp = cell::new_stamp();
-                        Merged {
-                            stamp: known.and_then(|k| k.stamp),
-                            new_stamp,
-                            value: Cell::encode_sum(known.map(|k| &k.cell), change, new_stamp),
-                        }
-                    })
-                    .collect()
-            })
-            .collect()
     }
 
     /// The script call (`EVALSHA`) for `batch` with its cells' merged values; `cell_keys` are

@@ -71,7 +71,9 @@ pub struct Args {
     pub pricing: Option<PathBuf>,
     #[arg(global = true, long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Stream entries read per batch.
+    /// Most stream entries per batch; default 8000. Live traffic makes smaller batches (see
+    /// `--linger-ms`); a backlog is read in full batches, where larger ones share more cells
+    /// per commit but hold Redis longer (about 35 ms at 8000 in `aggbench`).
     #[arg(global = true, long, env = "METER_BATCH_SIZE")]
     pub batch_size: Option<usize>,
     /// Entries pending this long on another consumer are taken over, milliseconds.
@@ -153,7 +155,7 @@ impl Config {
                 reason: format!("{} does not exist", path.display()),
             });
         }
-        let batch_size = args.batch_size.or(file.batch_size).unwrap_or(2000);
+        let batch_size = args.batch_size.or(file.batch_size).unwrap_or(8000);
         if batch_size == 0 {
             return Err(ConfigError::Invalid {
                 name: "batch size",
