@@ -3,7 +3,8 @@
 # Everything stops when the sourcing script exits.
 # Usage: start_release_pipeline NAME PORT_BASE: gateway on PORT_BASE+80, aggregator +81, mock
 # +1090, Redis on 6390 + PORT_BASE/10000.
-# Sets: BIN DIR GW AG MOCK RPORT KEY GW_PID, and writes $DIR/post.lua for wrk.
+# Sets: BIN DIR GW AG MOCK RPORT KEY and the PIDs REDIS_PID MOCK_PID AG_PID GW_PID, and writes
+# $DIR/post.lua for wrk.
 
 start_release_pipeline() {
   local name=$1 base=$2
@@ -22,7 +23,7 @@ start_release_pipeline() {
   "$BIN/mock-upstream" --listen "$MOCK" ${MOCK_ARGS:-} >/dev/null 2>&1 & pids+=($!)
   "$BIN/aggregator" --listen "$AG" >"$DIR/agg.log" 2>&1 & pids+=($!)
   "$BIN/gateway" --listen "$GW" >"$DIR/gw.log" 2>&1 & pids+=($!)
-  GW_PID=${pids[3]}
+  REDIS_PID=${pids[0]} MOCK_PID=${pids[1]} AG_PID=${pids[2]} GW_PID=${pids[3]}
   for _ in $(seq 1 100); do curl -fs "http://$GW/readyz" >/dev/null && break; sleep 0.1; done
   local admin=(curl -fsS -H "authorization: Bearer $ADMIN_TOKEN" -H 'content-type: application/json')
   "${admin[@]}" -X POST "http://$GW/admin/accounts" \
