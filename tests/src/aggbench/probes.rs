@@ -169,6 +169,8 @@ pub struct AggregatorMetrics {
     pub dead_lettered: u64,
     pub batches: u64,
     pub errors: u64,
+    /// Commits refused because a cell had changed (or was not cached) and sent again.
+    pub conflicts: u64,
     /// Absent when the aggregator could not read its group's info.
     pub lag: Option<u64>,
     pub pending: Option<u64>,
@@ -192,6 +194,7 @@ impl AggregatorMetrics {
             dead_lettered: value("meter_events_dead_lettered_total").unwrap_or(0),
             batches: value("meter_batches_total").unwrap_or(0),
             errors: value("meter_consumer_errors_total").unwrap_or(0),
+            conflicts: value("meter_commit_conflicts_total").unwrap_or(0),
             lag: value("meter_consumer_lag"),
             pending: value("meter_consumer_pending"),
         }

@@ -201,13 +201,15 @@ impl Report {
         writeln!(
             out,
             "\nAggregator / bare consumer: **{}** (from process start), {} (from first applied). \
-             The aggregator committed {} batches ({:.0} events each on average) and retried {} \
-             failed consume or commit attempts.",
+             The aggregator committed {} batches ({:.0} events each on average), retried {} \
+             failed consume or commit attempts, and sent {} commits again because cells had \
+             changed or were not cached (`meter_commit_conflicts_total`).",
             ratio(total_rate, bare_rate),
             ratio(steady_rate, bare_rate),
             int(c.metrics.batches),
             c.metrics.applied as f64 / c.metrics.batches.max(1) as f64,
-            int(c.metrics.errors)
+            int(c.metrics.errors),
+            int(c.metrics.conflicts)
         )?;
 
         writeln!(out, "\n## Resources\n")?;
