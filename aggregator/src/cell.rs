@@ -374,6 +374,14 @@ mod tests {
     }
 
     #[test]
+    fn bins_are_stored_as_count_then_steps_and_counts() {
+        // Stored values outlive the code: this layout must not change.
+        let mut out = Vec::new();
+        put_bins(&mut out, &[(5, 1), (17, 2), (300, 1)]);
+        assert_eq!(out, [3, 5, 1, 12, 2, 0x9b, 0x02, 1]);
+    }
+
+    #[test]
     fn garbage_and_old_formats_are_refused() {
         assert_eq!(Cell::decode(b""), None);
         assert_eq!(Cell::decode(b"12345678"), None);
