@@ -251,10 +251,10 @@ struct Known {
     used: u64,
 }
 
-/// Cells kept in the cache before its least recently used half or more is dropped (minute cells of
-/// the past pile up; hour, day and month cells stay hot). A busy hour, day or month cell holds a
-/// few hundred sketch bins (a few KiB): in `aggbench` the aggregator's RSS peaked at 370 MiB
-/// with this bound.
+/// Cells kept in the cache before its least recently used half or more is dropped (minute
+/// cells of the past pile up; hour, day and month cells stay hot). A busy hour, day or month
+/// cell holds a few hundred sketch bins (a few KiB): in `aggbench` the aggregator's RSS peaked
+/// at 370 MiB with this bound.
 ///
 /// The bound must hold the hour, day and month cells of every tuple that spends now and then:
 /// a dropped cell that exists is sent as absent, and the whole commit is refused once. With
