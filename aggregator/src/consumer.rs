@@ -119,6 +119,8 @@ pub struct Consumer {
     /// The state batches are priced under; reloaded when a commit finds it stale.
     state: Option<Snapshot>,
     committer: Committer,
+    /// Commits go over a connection of their own (see [`commit::Link`]).
+    link: commit::Link,
     metrics: Arc<Metrics>,
 }
 
@@ -126,6 +128,7 @@ impl Consumer {
     pub fn new(
         config: ConsumerConfig,
         conn: ConnectionManager,
+        link: commit::Link,
         control: Control,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -140,6 +143,7 @@ impl Consumer {
             control,
             state: None,
             committer,
+            link,
             metrics,
         }
     }
@@ -299,8 +303,8 @@ impl Consumer {
         }
     }
 
-    /// Under a backlog: while Redis runs one batch's commit script, the next batch is read
-    /// (before the script, so it does not wait behind it), decoded, priced and merged against
+    /// Under a backlog: while Redis runs one batch's commit, the next batch is read
+    /// (before the commit, so it does not wait behind it), decoded, priced and merged against
     /// the cells as they will be once the first applies. If it does not apply, the second is
     /// thrown away and built again; stamps make a wrong guess cost a retry, never a figure.
     async fn process_pipelined(&mut self, entries: Vec<Entry>) -> Result<(), CommitError> {
@@ -317,15 +321,20 @@ impl Consumer {
                     return Err(e.into());
                 }
             };
-            let mut conn = self.conn.clone();
-            let (reply, next) = tokio::join!(commit::send(&staged.cmd, &mut conn), async {
-                // Let the connection's task write the script call to the socket before this
-                // task spends its CPU on the next batch (it would run only after otherwise).
-                tokio::task::yield_now().await;
+            let sending = commit::spawn_send(staged, self.link.clone()).await;
+            let next = async {
                 let next = self.prepare(next_entries).await?;
                 let next_staged = next.as_ref().map(|n| self.stage(n));
                 Ok::<_, CommitError>(next.zip(next_staged))
-            });
+            }
+            .await;
+            let Some((sent, link, reply)) = sending.reply().await else {
+                if let Ok(Some((_, s))) = next {
+                    self.committer.forget(s);
+                }
+                return Err(CommitError::Lost);
+            };
+            self.link = link;
             // The next batch was staged on top of this one: if this one did not apply, undo
             // the next first (newest first), and build it again once this one is in.
             let mut next = next;
@@ -336,7 +345,7 @@ impl Consumer {
             }
             let settled = self
                 .committer
-                .settle(staged, reply, &self.metrics.commit_conflicts);
+                .settle(sent, reply, &self.metrics.commit_conflicts);
             let next = match next {
                 Ok(next) => next,
                 Err(e) => {
@@ -485,7 +494,7 @@ impl Consumer {
                     let token = batch.priced.state.token();
                     self.committer
                         .commit(
-                            &mut self.conn,
+                            &mut self.link,
                             &lists.batch(&batch, &token),
                             &self.metrics.commit_conflicts,
                         )
@@ -551,8 +560,8 @@ impl Consumer {
 }
 
 /// An event whose token counts no real request has (above [`MAX_TOKENS`]) is dead-lettered, not
-/// counted: its counters could overflow, and a commit script that fails half-way keeps the
-/// writes it made.
+/// counted: its counters could overflow, and a commit's `EXEC` in which one command fails keeps
+/// the writes of all the others.
 pub fn plausible(event: UsageEvent) -> Result<UsageEvent, String> {
     let counts = [
         ("input_tokens", event.input_tokens),

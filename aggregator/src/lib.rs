@@ -98,6 +98,7 @@ pub async fn run(
             dedupe_window_secs: config.dedupe_window_secs,
         },
         consumer_conn,
+        commit_link(&config.redis_url)?,
         control::Control::new(config.keyspace.clone(), pricing),
         Arc::clone(&metrics),
     );
@@ -224,6 +225,15 @@ async fn reload_on_hangup(
             }
         }
     }
+}
+
+/// The consumer's connection for commits; it connects on first use.
+fn commit_link(url: &str) -> Result<commit::Link, StartError> {
+    let client = redis::Client::open(url).map_err(|source| StartError::Redis {
+        url: url.to_owned(),
+        source,
+    })?;
+    Ok(commit::Link::new(client, Duration::from_secs(5)))
 }
 
 async fn connect_redis(url: &str) -> Result<ConnectionManager, StartError> {

@@ -273,7 +273,7 @@ pub async fn run(
 
     let (stop_lease, lease) = tokio::sync::oneshot::channel::<()>();
     let lease_task = tokio::spawn(renew_lease(
-        ConnectionManager::new_with_config(client, conn_config).await?,
+        ConnectionManager::new_with_config(client.clone(), conn_config).await?,
         keyspace.key(&control::lease_key(rid)),
         lease,
     ));
@@ -281,6 +281,7 @@ pub async fn run(
         config,
         &args,
         &mut conn,
+        client,
         rid,
         (from_ms, to_ms),
         pricing.map(Arc::new),
@@ -331,10 +332,15 @@ struct Counts {
     duplicates: u64,
 }
 
+/// How long one chunk's commit may take before its connection is given up.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[allow(clippy::too_many_arguments)]
 async fn rebuild(
     config: &Config,
     args: &ReplayArgs,
     conn: &mut ConnectionManager,
+    client: redis::Client,
     rid: i64,
     (from_ms, to_ms): (i64, i64),
     pricing: Option<Arc<Pricing>>,
@@ -349,6 +355,7 @@ async fn rebuild(
         return Err(ReplayError::Abandoned);
     }
     let mut shadow = Shadow {
+        link: commit::Link::new(client, CHUNK_TIMEOUT),
         committer: Committer::new(
             keyspace.clone(),
             config.group.clone(),
@@ -401,16 +408,13 @@ async fn rebuild(
                 .map(|r| r.decode(&mut counts))
                 .and_then(|c| shadow.stage(&c).map(|s| (c, s))),
             Some((chunk, staged)) => {
-                let mut sender = conn.clone();
-                let (reply, (next, mut next_staged)) =
-                    tokio::join!(commit::send(&staged.cmd, &mut sender), async {
-                        // Let the connection's task send the commit before this task's CPU
-                        // work on the next chunk.
-                        tokio::task::yield_now().await;
-                        let next = raw.map(|r| r.decode(&mut counts));
-                        let staged = next.as_ref().and_then(|c| shadow.stage(c));
-                        (next, staged)
-                    });
+                let sending = commit::spawn_send(staged, shadow.link.clone()).await;
+                let next = raw.map(|r| r.decode(&mut counts));
+                let mut next_staged = next.as_ref().and_then(|c| shadow.stage(c));
+                let Some((staged, link, reply)) = sending.reply().await else {
+                    return Err(ReplayError::Commit(CommitError::Lost));
+                };
+                shadow.link = link;
                 // Staged on top of this chunk: undo it first if this one did not apply.
                 if !commit::applied(&reply)
                     && let Some(s) = next_staged.take()
@@ -592,6 +596,7 @@ impl Chunk {
 /// Applies chunks to the replay's shadow copy.
 struct Shadow {
     committer: Committer,
+    link: commit::Link,
     control: Control,
     pricing: Arc<Pricing>,
     pricing_version: i64,
@@ -647,7 +652,7 @@ impl Shadow {
                     let Some(staged) = self.stage(&chunk) else {
                         return Ok(());
                     };
-                    let reply = commit::send(&staged.cmd, conn).await;
+                    let reply = commit::send(&staged, &mut self.link).await;
                     match self.committer.settle(staged, reply, &self.conflicts)? {
                         Some(outcome) => outcome,
                         None => continue,
