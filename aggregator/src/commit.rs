@@ -12,9 +12,9 @@
 //! Stats cells are packed values (`cell.rs`) that Redis cannot add to, so the committer adds the
 //! batch to each cell's last known value (its cache of what it wrote or was told; a cell it does
 //! not know is taken as absent) and the sums are written only if the check finds every cell
-//! still carrying the stamp they were computed from. If one does not (another consumer, or a replay's switch,
-//! changed it; or the cache did not know it), nothing is written, the reply carries the current
-//! values, and the batch is merged again. Each refusal means someone else's write landed or the
+//! still carrying the stamp they were computed from. If one does not (another consumer, or a
+//! replay's switch, changed it; or the cache did not know it), nothing is written, the reply
+//! carries the current values, and the batch is merged again. Each refusal means someone else's write landed or the
 //! cache learned a value, so the system as a whole always makes progress.
 //!
 //! Deduplication is by event id within a window of arrival time (the stream entry id's
@@ -59,9 +59,11 @@ local prefix = take()
 --    died (its lease expired) is abandoned here, which stops the shadow writes
 local pv = redis.call('HGET', KEYS[1], 'pv') or '0'
 local rid = redis.call('HGET', KEYS[1], 'rid') or '0'
+--    (that touches the watched control hash, so this attempt's apply could not go through:
+--    the caller checks again at once)
 if rid ~= '0' and redis.call('EXISTS', prefix .. 'rp' .. rid .. ':lease') == 0 then
   redis.call('HDEL', KEYS[1], 'rid', 'rfrom', 'rto', 'rfz')
-  rid = '0'
+  return {'aborted'}
 end
 if pv .. ':' .. rid ~= token then return {'stale'} end
 -- a replay is switching: it needs the figures still for a moment
@@ -184,7 +186,7 @@ pub struct Committer {
 }
 
 /// The last known value of cells, as this committer wrote or was told them: a batch is merged
-/// into these and sent in one round trip, without reading first. A wrong entry (someone else
+/// into these and sent without reading first. A wrong entry (someone else
 /// wrote the cell, it expired, a replay replaced it) costs one refused attempt, whose reply
 /// carries the current value; the stamp check makes the cache a guess that is never trusted.
 struct CellCache {
@@ -565,11 +567,10 @@ impl Committer {
             }
         }
 
+        // Not the replay's lease: renewing it would abort commits. A lease that expires after
+        // the check lets one apply reach a dead replay's shadow, which is deleted unused.
         let mut watch = redis::cmd("WATCH");
         watch.arg(&keys);
-        if let Some(rid) = control::token_replay(batch.token) {
-            watch.arg(self.keyspace.key(&control::lease_key(rid)));
-        }
         let mut check = redis::pipe();
         check.cmd("UNWATCH").ignore().add_command(watch).ignore();
         let mut eval = redis::cmd("EVALSHA");
@@ -648,6 +649,11 @@ impl Link {
                 .set_response_timeout(Some(response_timeout)),
             conn: None,
         }
+    }
+
+    /// Forgets the connection (after its commit was lost), so the next commit opens another.
+    pub fn reset(&mut self) {
+        self.conn = None;
     }
 
     async fn connection(&mut self) -> redis::RedisResult<&mut MultiplexedConnection> {

@@ -332,6 +332,7 @@ impl Consumer {
                 if let Ok(Some((_, s))) = next {
                     self.committer.forget(s);
                 }
+                self.link.reset();
                 return Err(CommitError::Lost);
             };
             self.link = link;

@@ -77,12 +77,6 @@ pub fn token(pricing_version: i64, rid: i64) -> String {
     format!("{pricing_version}:{rid}")
 }
 
-/// The replay a token was made under, if any.
-pub fn token_replay(token: &str) -> Option<i64> {
-    let rid: i64 = token.split_once(':')?.1.parse().ok()?;
-    (rid != 0).then_some(rid)
-}
-
 /// Loads [`Snapshot`]s, parsing a price table only when its version changed.
 pub struct Control {
     keyspace: Keyspace,

@@ -2,7 +2,7 @@
 //!
 //! It consumes usage events from the Redis stream as a member of a consumer group, prices each
 //! one exactly, and commits a batch's effect on the stats together with its acknowledgement in
-//! one atomic script, so crashes and redeliveries never change a figure. It also serves the
+//! one checked transaction, so crashes and redeliveries never change a figure. It also serves the
 //! stats API over the same Redis state.
 //!
 //! Reading order: [`config`], [`pricing`], `stats` (the data model), `commit` (the atomic

@@ -412,6 +412,7 @@ async fn rebuild(
                 let next = raw.map(|r| r.decode(&mut counts));
                 let mut next_staged = next.as_ref().and_then(|c| shadow.stage(c));
                 let Some((staged, link, reply)) = sending.reply().await else {
+                    shadow.link.reset();
                     return Err(ReplayError::Commit(CommitError::Lost));
                 };
                 shadow.link = link;
