@@ -250,6 +250,22 @@ impl Consumer {
         count: usize,
         block: Option<Duration>,
     ) -> redis::RedisResult<Vec<Entry>> {
+        let cmd = self.read_command(from, count, block);
+        read_entries(cmd, &mut self.conn).await
+    }
+
+    /// Reads the next new entries on a task of its own, so that Redis's reading and the reply's
+    /// parsing overlap this task's work (on the other core).
+    async fn read_ahead(&self, count: usize) -> Reading {
+        let cmd = self.read_command(">", count, None);
+        let mut conn = self.conn.clone();
+        let task = tokio::spawn(async move { read_entries(cmd, &mut conn).await });
+        // As in `commit::spawn_send`: let it start before this task's CPU work.
+        tokio::task::yield_now().await;
+        Reading(task)
+    }
+
+    fn read_command(&self, from: &str, count: usize, block: Option<Duration>) -> redis::Cmd {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.config.group)
@@ -262,17 +278,7 @@ impl Consumer {
         cmd.arg("STREAMS")
             .arg(self.config.keyspace.stream())
             .arg(from);
-        let reply: Value = cmd.query_async(&mut self.conn).await?;
-        // Reply: [[stream, [entry, ...]]] or nil on timeout.
-        let Some(streams) = as_array(&reply) else {
-            return Ok(Vec::new());
-        };
-        Ok(streams
-            .iter()
-            .filter_map(as_array)
-            .filter_map(|pair| pair.get(1).and_then(as_array))
-            .flat_map(|entries| entries.iter().filter_map(parse_entry))
-            .collect())
+        cmd
     }
 
     /// Takes over entries that other (presumably dead) consumers left pending too long.
@@ -303,17 +309,25 @@ impl Consumer {
         }
     }
 
-    /// Under a backlog: while Redis runs one batch's commit, the next batch is read
-    /// (before the commit, so it does not wait behind it), decoded, priced and merged against
-    /// the cells as they will be once the first applies. If it does not apply, the second is
-    /// thrown away and built again; stamps make a wrong guess cost a retry, never a figure.
+    /// Under a backlog: while Redis runs one batch's commit, the next batch is decoded,
+    /// priced and merged against the cells as they will be once the first applies, and the
+    /// one after it is read. If a commit does not apply, the batch staged on it is thrown away
+    /// and built again; stamps make a wrong guess cost a retry, never a figure.
+    ///
+    /// Entries read ahead are pending for this consumer until committed: should anything fail,
+    /// the consumer reads its own pending entries again before new ones.
     async fn process_pipelined(&mut self, entries: Vec<Entry>) -> Result<(), CommitError> {
+        let batch_size = self.config.batch_size;
         let Some(mut current) = self.prepare(entries).await? else {
             return Ok(());
         };
+        let mut reading: Option<Reading> = None;
         let mut staged = self.stage(&current);
         loop {
-            let next_entries = self.read_now(self.config.batch_size).await;
+            let next_entries = match reading.take() {
+                Some(reading) => reading.entries().await,
+                None => self.read_now(batch_size).await,
+            };
             let next_entries = match next_entries {
                 Ok(entries) => entries,
                 Err(e) => {
@@ -322,6 +336,10 @@ impl Consumer {
                 }
             };
             let sending = commit::spawn_send(staged, self.link.clone()).await;
+            // A full read means the backlog goes on: start reading the batch after next.
+            if next_entries.len() >= batch_size {
+                reading = Some(self.read_ahead(batch_size).await);
+            }
             let next = async {
                 let next = self.prepare(next_entries).await?;
                 let next_staged = next.as_ref().map(|n| self.stage(n));
@@ -602,6 +620,40 @@ fn arrival_ms(entry_id: &str) -> i64 {
         .map_or(entry_id, |(ms, _)| ms)
         .parse()
         .unwrap_or(0)
+}
+
+/// A read started by [`Consumer::read_ahead`].
+struct Reading(tokio::task::JoinHandle<redis::RedisResult<Vec<Entry>>>);
+
+impl Reading {
+    /// Its entries. Should the task have been lost, what it read stays pending for this
+    /// consumer, which reads its own pending entries again after an error.
+    async fn entries(self) -> redis::RedisResult<Vec<Entry>> {
+        self.0.await.unwrap_or_else(|_| {
+            Err((
+                redis::ErrorKind::Io,
+                "the stream read ended without a reply",
+            )
+                .into())
+        })
+    }
+}
+
+async fn read_entries(
+    cmd: redis::Cmd,
+    conn: &mut ConnectionManager,
+) -> redis::RedisResult<Vec<Entry>> {
+    let reply: Value = cmd.query_async(conn).await?;
+    // Reply: [[stream, [entry, ...]]] or nil on timeout.
+    let Some(streams) = as_array(&reply) else {
+        return Ok(Vec::new());
+    };
+    Ok(streams
+        .iter()
+        .filter_map(as_array)
+        .filter_map(|pair| pair.get(1).and_then(as_array))
+        .flat_map(|entries| entries.iter().filter_map(parse_entry))
+        .collect())
 }
 
 fn as_array(value: &Value) -> Option<&Vec<Value>> {

@@ -385,24 +385,38 @@ async fn rebuild(
     else {
         return Ok(Counts::default());
     };
-    let mut reader = Reader {
-        stream,
-        group: &config.group,
+    let mut reader = Some(Reader {
+        stream: stream.to_owned(),
+        group: config.group.clone(),
         cursor: format!("{}-0", from_ms.max(0)),
         end,
         batch_size: args.batch_size,
         range: (from_ms, to_ms),
         done: false,
-    };
+    });
     let total: u64 = conn.xlen(stream).await?;
     let mut counts = Counts::default();
     let began = Instant::now();
     let mut last_report = Instant::now();
-    // One chunk's commit runs in Redis while the next chunk is read, decoded, priced and
-    // staged on top of it (as in the live consumer's backlog path).
+    // One chunk's commit runs in Redis while the next chunk is decoded, priced and staged on
+    // top of it, and the one after that is read (as in the live consumer's backlog path).
     let mut inflight: Option<(Chunk, commit::Staged)> = None;
+    let mut reading: Option<ReadAhead> = None;
     loop {
-        let raw = reader.next(conn, &mut counts).await?;
+        let raw = match (reading.take(), reader.as_mut()) {
+            (Some(task), _) => {
+                let (back, raw) = task.chunk().await?;
+                reader = Some(back);
+                raw?
+            }
+            (None, Some(idle)) => idle.next(conn).await?,
+            (None, None) => None,
+        };
+        counts.read += raw.as_ref().map_or(0, |r| r.entries.len() as u64);
+        let done = reader.as_ref().is_none_or(|r| r.done);
+        if !done && let Some(idle) = reader.take() {
+            reading = Some(ReadAhead::start(idle, conn.clone()).await);
+        }
         inflight = match inflight.take() {
             None => raw
                 .map(|r| r.decode(&mut counts))
@@ -433,7 +447,7 @@ async fn rebuild(
             last_report = Instant::now();
             report(progress, &counts, began, total);
         }
-        if reader.done && inflight.is_none() {
+        if done && inflight.is_none() {
             break;
         }
     }
@@ -448,9 +462,9 @@ async fn rebuild(
 }
 
 /// Reads the stream in chunks, keeping the acknowledged entries of the range.
-struct Reader<'a> {
-    stream: &'a str,
-    group: &'a str,
+struct Reader {
+    stream: String,
+    group: String,
     cursor: String,
     /// The last entry at registration.
     end: (u64, u64),
@@ -459,18 +473,37 @@ struct Reader<'a> {
     done: bool,
 }
 
-impl Reader<'_> {
+/// A [`Reader`] reading its next chunk on a task of its own, so that Redis's reading and the
+/// reply's parsing overlap the replay's work on the chunk before.
+struct ReadAhead(tokio::task::JoinHandle<(Reader, Result<Option<Raw>, ReplayError>)>);
+
+impl ReadAhead {
+    async fn start(mut reader: Reader, mut conn: ConnectionManager) -> Self {
+        let task = tokio::spawn(async move {
+            let raw = reader.next(&mut conn).await;
+            (reader, raw)
+        });
+        // A task spawned from a worker waits in its LIFO slot until this task yields.
+        tokio::task::yield_now().await;
+        Self(task)
+    }
+
+    /// The reader back, and its chunk.
+    async fn chunk(self) -> Result<(Reader, Result<Option<Raw>, ReplayError>), ReplayError> {
+        self.0.await.map_err(|_| {
+            ReplayError::Redis((redis::ErrorKind::Io, "a stream read ended without a reply").into())
+        })
+    }
+}
+
+impl Reader {
     /// The next chunk as stored; `None` once the stream is read up to `end`.
-    async fn next(
-        &mut self,
-        conn: &mut ConnectionManager,
-        counts: &mut Counts,
-    ) -> Result<Option<Raw>, ReplayError> {
+    async fn next(&mut self, conn: &mut ConnectionManager) -> Result<Option<Raw>, ReplayError> {
         if self.done {
             return Ok(None);
         }
         let entries: Vec<Vec<Value>> = redis::cmd("XRANGE")
-            .arg(self.stream)
+            .arg(&self.stream)
             .arg(&self.cursor)
             .arg("+")
             .arg("COUNT")
@@ -489,17 +522,16 @@ impl Reader<'_> {
         };
         self.done = parse_id(last).unwrap_or(end) >= end;
         self.cursor = format!("({last}");
-        counts.read += entries.len() as u64;
 
         // Acknowledged = delivered to the group and no longer pending. Read the delivery
         // position first: an entry delivered in between then still counts as not acknowledged.
         let (groups, pending): (StreamInfoGroupsReply, StreamPendingCountReply) = redis::pipe()
             .cmd("XINFO")
             .arg("GROUPS")
-            .arg(self.stream)
+            .arg(&self.stream)
             .cmd("XPENDING")
-            .arg(self.stream)
-            .arg(self.group)
+            .arg(&self.stream)
+            .arg(&self.group)
             .arg(first)
             .arg(last)
             .arg(entries.len())

@@ -10,6 +10,7 @@
 //! Costs are exact: attodollars (1e-18 USD) in an i128.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use rustc_hash::FxHashMap;
 use shared::UsageEvent;
@@ -138,7 +139,11 @@ pub struct Delta {
     // Fx rather than SipHash: these maps are hit several times per event, with keys that no
     // client chooses freely enough to attack the hash (SipHash was 3.6 % of replay CPU).
     tuple_index: FxHashMap<String, u32>,
-    cells: FxHashMap<(Resolution, i64, u32), Cell>,
+    /// Events summed per (minute start, tuple). The hour, day and month cells are summed from
+    /// these once per batch ([`Delta::cells`]): one map lookup per event instead of four.
+    minutes: FxHashMap<(i64, u32), Cell>,
+    /// The `now_ms` of the last event added, for retention.
+    now_ms: i64,
     spend: SpendDelta,
     /// Scratch space for encoding a tuple without allocating.
     scratch: String,
@@ -171,22 +176,47 @@ impl Delta {
         self.spend.add(event, cost);
         let tuple = self.intern(event);
         let totals = Totals::of(event, cost);
-        let latency = sketch::bin_of(event.latency_us);
-        let ttft = event.ttft_us.map(sketch::bin_of);
-        for resolution in Resolution::ALL {
-            let start = resolution.start_of(event.ts);
-            if !resolution.retained(start, now_ms) {
-                continue;
-            }
-            let cell = self.cells.entry((resolution, start, tuple)).or_default();
-            cell.totals.add(&totals);
-            if resolution.has_sketches() {
-                cell::add_bin(&mut cell.latency, latency, 1);
-                if let Some(bin) = ttft {
-                    cell::add_bin(&mut cell.ttft, bin, 1);
+        let cell = self
+            .minutes
+            .entry((Resolution::Minute.start_of(event.ts), tuple))
+            .or_default();
+        cell.totals.add(&totals);
+        cell::add_bin(&mut cell.latency, sketch::bin_of(event.latency_us), 1);
+        if let Some(ttft) = event.ttft_us {
+            cell::add_bin(&mut cell.ttft, sketch::bin_of(ttft), 1);
+        }
+        self.now_ms = now_ms;
+    }
+
+    /// Every cell the batch changes, at every resolution whose bucket is still retained (a
+    /// very late event is not written where it would expire at once); months without sketches.
+    fn cells(&self) -> FxHashMap<(Resolution, i64, u32), Cell> {
+        let mut out: FxHashMap<(Resolution, i64, u32), Cell> = FxHashMap::default();
+        out.reserve(self.minutes.len() * 2);
+        for (&(minute, tuple), cell) in &self.minutes {
+            for resolution in Resolution::ALL {
+                let start = resolution.start_of(minute);
+                if !resolution.retained(start, self.now_ms) {
+                    continue;
+                }
+                match out.entry((resolution, start, tuple)) {
+                    Entry::Occupied(mut sum) if resolution.has_sketches() => {
+                        sum.get_mut().add(cell)
+                    }
+                    Entry::Occupied(mut sum) => sum.get_mut().totals.add(&cell.totals),
+                    Entry::Vacant(slot) if resolution.has_sketches() => {
+                        slot.insert(cell.clone());
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(Cell {
+                            totals: cell.totals,
+                            ..Cell::default()
+                        });
+                    }
                 }
             }
         }
+        out
     }
 
     fn intern(&mut self, event: &UsageEvent) -> u32 {
@@ -205,10 +235,10 @@ impl Delta {
     /// figures, a replay's shadow prefix for its copy).
     pub fn cell_writes(&self, prefix: &str) -> Vec<CellWrite> {
         let mut out: HashMap<(Resolution, i64), Vec<(String, Cell)>> = HashMap::new();
-        for ((resolution, start, tuple), cell) in &self.cells {
-            out.entry((*resolution, *start))
+        for ((resolution, start, tuple), cell) in self.cells() {
+            out.entry((resolution, start))
                 .or_default()
-                .push((self.tuples[*tuple as usize].clone(), cell.clone()));
+                .push((self.tuples[tuple as usize].clone(), cell));
         }
         out.into_iter()
             .map(|((resolution, start), cells)| CellWrite {
@@ -228,10 +258,8 @@ impl Delta {
     /// count per UTC day touched (`<prefix>days`), which tells the switch which days to swap in.
     pub fn shadow_increments(&self, prefix: &str, now_ms: i64) -> Vec<BucketWrite> {
         let mut days: HashMap<i64, i64> = HashMap::new();
-        for ((resolution, start, _), cell) in &self.cells {
-            if *resolution == Resolution::Day {
-                *days.entry(*start).or_default() += cell.totals.requests;
-            }
+        for (&(minute, _), cell) in &self.minutes {
+            *days.entry(Resolution::Day.start_of(minute)).or_default() += cell.totals.requests;
         }
         let mut writes = self.increments(now_ms);
         for write in &mut writes {
