@@ -255,7 +255,7 @@ impl Consumer {
     }
 
     /// Reads the next new entries on a task of its own, so that Redis's reading and the reply's
-    /// parsing overlap this task's work (on the other core).
+    /// parsing overlap this task's work.
     async fn read_ahead(&self, count: usize) -> Reading {
         let cmd = self.read_command(">", count, None);
         let mut conn = self.conn.clone();

@@ -136,8 +136,8 @@ impl Totals {
 pub struct Delta {
     /// Encoded dimension tuples (the cells' field names), each stored once.
     tuples: Vec<String>,
-    // Fx rather than SipHash: these maps are hit several times per event, with keys that no
-    // client chooses freely enough to attack the hash (SipHash was 3.6 % of replay CPU).
+    // Fx rather than SipHash: these maps are hit for every event, with keys that no client
+    // chooses freely enough to attack the hash (SipHash was 3.6 % of replay CPU).
     tuple_index: FxHashMap<String, u32>,
     /// Events summed per (minute start, tuple). The hour, day and month cells are summed from
     /// these once per batch ([`Delta::cells`]): one map lookup per event instead of four.
@@ -170,9 +170,10 @@ pub struct BucketWrite {
 }
 
 impl Delta {
-    /// Adds an event to every resolution whose bucket for it is still retained at `now_ms`
-    /// (a very late event is not written where it would expire at once).
+    /// Adds an event to its minute's cell. Every resolution whose bucket for it is still
+    /// retained at `now_ms` gets it ([`Delta::cells`]); a batch has one `now_ms` for all events.
     pub fn add(&mut self, event: &UsageEvent, cost: Option<Cost>, now_ms: i64) {
+        debug_assert!(self.minutes.is_empty() || self.now_ms == now_ms);
         self.spend.add(event, cost);
         let tuple = self.intern(event);
         let totals = Totals::of(event, cost);
@@ -336,6 +337,33 @@ mod tests {
     const HOUR_MS: i64 = crate::rollup::HOUR_MS;
     /// Late enough that every resolution is still retained.
     const NOW: i64 = 3 * HOUR_MS;
+
+    #[test]
+    fn each_resolution_gets_the_events_of_its_retained_buckets_and_months_no_sketches() {
+        // Three days later: the minutes of the first hour are gone, its hour is kept.
+        let now = 72 * HOUR_MS;
+        let mut delta = Delta::default();
+        delta.add(&event(60_000, "m", 200, 1), None, now);
+        delta.add(&event(2 * 60_000 + 5, "m", 200, 2), None, now);
+        delta.add(&event(71 * HOUR_MS, "m", 200, 4), None, now);
+        let writes = delta.cell_writes("");
+        let input = |key: &str| -> Option<(i64, usize)> {
+            let w = writes.iter().find(|w| w.key == key)?;
+            let cell = &w.cells.first()?.1;
+            Some((cell.totals.input_tokens, cell.latency.len()))
+        };
+        assert_eq!(
+            input("st:m:60000"),
+            None,
+            "an expired minute is not written"
+        );
+        assert_eq!(input("st:h:0"), Some((3, 1)), "its hour sums both minutes");
+        assert_eq!(input(&format!("st:m:{}", 71 * HOUR_MS)), Some((4, 1)));
+        assert_eq!(input("st:d:0"), Some((3, 1)));
+        assert_eq!(input(&format!("st:d:{}", 48 * HOUR_MS)), Some((4, 1)));
+        assert_eq!(input("st:M:0"), Some((7, 0)), "a month has totals only");
+        assert_eq!(writes.iter().map(|w| w.cells.len()).sum::<usize>(), 6);
+    }
 
     /// The hour cells of a delta, by (hour, dimensions).
     fn hours(delta: &Delta) -> HashMap<(i64, Dims), Cell> {
