@@ -5,8 +5,8 @@
 //! `HINCRBY`s per event across the resolutions, and Redis spent ~30 µs of CPU per event on them.
 //! Packed, a batch writes each touched cell once, whatever it holds. The price is that Redis can
 //! no longer add to a value: the consumer reads the cells it is about to change, adds its batch
-//! in memory, and writes them back only after a check that each cell still carries the stamp it
-//! read (`commit.rs`). A stamp is 8 random bytes, new on every write, so a cell that
+//! in memory, and writes them back in a script that first checks each cell still carries the
+//! stamp it read (`commit.rs`). A stamp is 8 random bytes, new on every write, so a cell that
 //! was changed, deleted or replaced by anyone in between is noticed, and the batch is recomputed.
 //!
 //! Layout (a forever contract, like the sketch bin index):

@@ -1,20 +1,12 @@
-//! Applies a batch to Redis exactly once, in two round trips on a connection of its own:
-//! 1. `WATCH` every key the check reads, then the check script (state, duplicates, stamps),
-//!    which writes nothing;
-//! 2. if it passed, one `MULTI` … `EXEC` with the stats writes, the seen ids and the `XACK`.
-//!
-//! `EXEC` applies all of it or, if any watched key changed since the check, none of it, so no
-//! crash can separate "counted" from "acknowledged", and nothing checked can change before the
-//! apply. The writes are plain commands rather than part of the script because Redis turns
-//! every script argument into a Lua string (hashing all of its bytes): with megabytes of cell
-//! values per batch that was most of a commit's cost in Redis.
+//! Applies a batch to Redis exactly once: state check, dedupe check, stats writes and `XACK` in
+//! one Lua script, so no crash can separate "counted" from "acknowledged".
 //!
 //! Stats cells are packed values (`cell.rs`) that Redis cannot add to, so the committer adds the
 //! batch to each cell's last known value (its cache of what it wrote or was told; a cell it does
-//! not know is taken as absent) and the sums are written only if the check finds every cell
-//! still carrying the stamp they were computed from. If one does not (another consumer, or a
-//! replay's switch, changed it; or the cache did not know it), nothing is written, the reply
-//! carries the current values, and the batch is merged again. Each refusal means someone else's write landed or the
+//! not know is taken as absent) and the script writes the sums only if every cell still carries
+//! the stamp they were computed from. If one does not (another consumer, or a replay's switch,
+//! changed it; or the cache did not know it), nothing is written, the reply carries the current
+//! values, and the batch is merged again. Each refusal means someone else's write landed or the
 //! cache learned a value, so the system as a whole always makes progress.
 //!
 //! Deduplication is by event id within a window of arrival time (the stream entry id's
@@ -23,21 +15,20 @@
 //! against slots `s-1`, `s`, `s+1` and recorded in `s`, so two copies arriving less than one
 //! window apart always meet, whichever is processed first. Sets expire after three windows.
 //!
-//! An id is recorded only in the same `EXEC` that applies its event (recording first and
-//! failing after would meter a retried event zero times). When the check finds duplicates it
-//! returns them; the caller drops them and commits again.
+//! An id is recorded only in the same script that applies its event (recording first and
+//! failing after would meter a retried event zero times). When the check finds duplicates the
+//! script writes nothing and returns them; the caller drops them and commits again.
 //!
 //! While a replay runs, a commit also applies its events to the replay's shadow copy, which
 //! has seen-sets of its own (the replay may have applied an event there already), and the
-//! check refuses a batch priced under a state (`control`) that is no longer in force.
+//! script refuses a batch priced under a state (`control`) that is no longer in force.
 //!
-//! Every key a commit touches carries the deployment's hash tag, so the script and the
-//! transaction run on a cluster too.
+//! Every key the script touches carries the deployment's hash tag, so it runs on a cluster too.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use rustc_hash::FxHashMap;
 use shared::Keyspace;
@@ -46,36 +37,36 @@ use crate::cell::{self, Cell};
 use crate::control;
 use crate::stats::{BucketWrite, CellWrite};
 
-/// The check: whether a staged batch may apply. It writes nothing but the abandoning of a dead
-/// replay; what the batch changes is applied by a `MULTI`/`EXEC` sent after it under `WATCH`
-/// (see [`send`]).
-const CHECK: &str = r#"
+const SCRIPT: &str = r#"
 local pos = 1
 local function take() local v = ARGV[pos]; pos = pos + 1; return v end
+local group = take()
+local seen_ttl = tonumber(take())
 local token = take()
 local prefix = take()
 
 -- 0. the state this batch was priced under must still be in force; a replay whose process
 --    died (its lease expired) is abandoned here, which stops the shadow writes
-local pv = redis.call('HGET', KEYS[1], 'pv') or '0'
-local rid = redis.call('HGET', KEYS[1], 'rid') or '0'
---    (that touches the watched control hash, so this attempt's apply could not go through:
---    the caller checks again at once)
+local pv = redis.call('HGET', KEYS[2], 'pv') or '0'
+local rid = redis.call('HGET', KEYS[2], 'rid') or '0'
 if rid ~= '0' and redis.call('EXISTS', prefix .. 'rp' .. rid .. ':lease') == 0 then
-  redis.call('HDEL', KEYS[1], 'rid', 'rfrom', 'rto', 'rfz')
-  return {'aborted'}
+  redis.call('HDEL', KEYS[2], 'rid', 'rfrom', 'rto', 'rfz')
+  rid = '0'
 end
 if pv .. ':' .. rid ~= token then return {'stale'} end
 -- a replay is switching: it needs the figures still for a moment
-if rid ~= '0' and redis.call('HGET', KEYS[1], 'rfz') == rid then return {'frozen'} end
+if rid ~= '0' and redis.call('HGET', KEYS[2], 'rfz') == rid then return {'frozen'} end
 
--- 1. duplicates, live then shadow. Per arrival slot s: the key indexes of the seen-sets of
---    s-1, s and s+1, a count, then the ids, checked against all three.
+-- 1. duplicates, live then shadow: nothing is written if any are found. Per arrival slot s:
+--    the key indexes of the seen-sets of s-1, s and s+1, a count, then the ids, sent once and
+--    checked against all three; recorded in s's set in step 2.
+local records = {}
 for _, status in ipairs({'dup', 'sdup'}) do
   local out = {status}
   local n = tonumber(take())
   for _ = 1, n do
-    local sets = {tonumber(take()), tonumber(take()), tonumber(take())}
+    local before = tonumber(take()); local own = tonumber(take()); local after = tonumber(take())
+    local sets = {before, own, after}
     local cnt = tonumber(take())
     for _, k in ipairs(sets) do
       for s = pos, pos + cnt - 1, 512 do
@@ -84,36 +75,81 @@ for _, status in ipairs({'dup', 'sdup'}) do
         for j = 1, #hit do if hit[j] == 1 then out[#out + 1] = ARGV[s + j - 1] end end
       end
     end
+    records[#records + 1] = {sets[2], pos, cnt}
     pos = pos + cnt
   end
   if #out > 1 then return out end
 end
 
--- 2. cells: each must still carry the stamp the batch was computed from ('' = absent); per
---    hash: key index, count, then (field, stamp) pairs. Every cell that does not is returned
---    with its current value (false = absent).
+-- 1b. cells: each must still carry the stamp the batch was computed from ('' = absent);
+--     per hash: key index, expiry, count, then (field, stamp, new value) triples. Every cell
+--     that does not is returned with its current value (false = absent), nothing written.
 local CHUNK = 256
+local cells_at = pos
 local conflicts = {'conflict'}
 local n = tonumber(take())
 for _ = 1, n do
-  local k = tonumber(take()); local cnt = tonumber(take())
-  for s = pos, pos + 2 * cnt - 1, 2 * CHUNK do
-    local e = math.min(s + 2 * CHUNK - 1, pos + 2 * cnt - 1)
+  local k = tonumber(take()); take(); local cnt = tonumber(take())
+  for s = pos, pos + 3 * cnt - 1, 3 * CHUNK do
+    local e = math.min(s + 3 * CHUNK - 1, pos + 3 * cnt - 1)
     local fields = {}
-    for j = s, e, 2 do fields[#fields + 1] = ARGV[j] end
+    for j = s, e, 3 do fields[#fields + 1] = ARGV[j] end
     local current = redis.call('HMGET', KEYS[k], unpack(fields))
     for j = 1, #current do
       local stamp = current[j] and string.sub(current[j], 1, 8) or ''
-      if stamp ~= ARGV[s + (j - 1) * 2 + 1] then
+      if stamp ~= ARGV[s + (j - 1) * 3 + 1] then
         conflicts[#conflicts + 1] = KEYS[k]
         conflicts[#conflicts + 1] = fields[j]
         conflicts[#conflicts + 1] = current[j]
       end
     end
   end
-  pos = pos + 2 * cnt
+  pos = pos + 3 * cnt
 end
 if #conflicts > 1 then return conflicts end
+
+-- 2. record ids as seen, in their own slot's set
+for _, r in ipairs(records) do
+  local k, at, cnt = r[1], r[2], r[3]
+  for s = at, at + cnt - 1, 512 do
+    redis.call('SADD', KEYS[k], unpack(ARGV, s, math.min(s + 511, at + cnt - 1)))
+  end
+  redis.call('EXPIRE', KEYS[k], seen_ttl)
+end
+
+-- 3. cells: write the new values checked in 1b
+local after = pos
+pos = cells_at
+n = tonumber(take())
+for _ = 1, n do
+  local k = tonumber(take()); local expire_at = tonumber(take()); local cnt = tonumber(take())
+  for s = pos, pos + 3 * cnt - 1, 3 * CHUNK do
+    local args = {}
+    for j = s, math.min(s + 3 * CHUNK - 1, pos + 3 * cnt - 1), 3 do
+      args[#args + 1] = ARGV[j]; args[#args + 1] = ARGV[j + 2]
+    end
+    redis.call('HSET', KEYS[k], unpack(args))
+  end
+  if expire_at > 0 then redis.call('EXPIREAT', KEYS[k], expire_at) end
+  pos = pos + 3 * cnt
+end
+pos = after
+
+-- 4. counter increments (spend): key index, expiry (unix s, 0 = keep), pair count, pairs
+n = tonumber(take())
+for _ = 1, n do
+  local k = tonumber(take()); local expire_at = tonumber(take()); local cnt = tonumber(take())
+  for _ = 1, cnt do
+    local f = take(); redis.call('HINCRBY', KEYS[k], f, take())
+  end
+  if expire_at > 0 then redis.call('EXPIREAT', KEYS[k], expire_at) end
+end
+
+-- 5. acknowledge every entry of the batch, duplicates and dead letters included
+n = tonumber(take())
+for s = pos, pos + n - 1, 512 do
+  redis.call('XACK', KEYS[1], group, unpack(ARGV, s, math.min(s + 511, pos + n - 1)))
+end
 return {'ok'}
 "#;
 
@@ -186,7 +222,7 @@ pub struct Committer {
 }
 
 /// The last known value of cells, as this committer wrote or was told them: a batch is merged
-/// into these and sent without reading first. A wrong entry (someone else
+/// into these and sent in one round trip, without reading first. A wrong entry (someone else
 /// wrote the cell, it expired, a replay replaced it) costs one refused attempt, whose reply
 /// carries the current value; the stamp check makes the cache a guess that is never trusted.
 struct CellCache {
@@ -319,25 +355,15 @@ struct Merged {
 
 /// A commit ready to send, and the cells it put into the cache.
 pub struct Staged {
-    commit: Commit,
+    pub cmd: redis::Cmd,
     touched: Vec<Touch>,
-}
-
-/// The two round trips of a commit: the check under `WATCH`, and the apply, which `EXEC`
-/// refuses if anything the check read changed in between.
-struct Commit {
-    check: redis::Pipeline,
-    apply: redis::Pipeline,
 }
 
 impl Staged {
     /// A staging that changed nothing (what is left after it was undone).
     pub fn empty() -> Self {
         Self {
-            commit: Commit {
-                check: redis::pipe(),
-                apply: redis::pipe(),
-            },
+            cmd: redis::Cmd::new(),
             touched: Vec::new(),
         }
     }
@@ -363,7 +389,7 @@ enum Attempt {
 impl Committer {
     pub fn new(keyspace: Keyspace, group: String, window_secs: i64) -> Self {
         Self {
-            script: Script::new(CHECK),
+            script: Script::new(SCRIPT),
             ctl_key: keyspace.key(control::CTL),
             keyspace,
             group,
@@ -382,13 +408,13 @@ impl Committer {
     /// changed; `conflicts` counts such retries.
     pub async fn commit(
         &mut self,
-        link: &mut Link,
+        conn: &mut ConnectionManager,
         batch: &Batch<'_>,
         conflicts: &AtomicU64,
     ) -> Result<Outcome, CommitError> {
         loop {
             let staged = self.stage(batch);
-            let reply = send(&staged, link).await;
+            let reply = send(&staged.cmd, conn).await;
             match self.settle(staged, reply, conflicts)? {
                 Some(outcome) => return Ok(outcome),
                 None => continue,
@@ -439,8 +465,8 @@ impl Committer {
             }
             merged.push(cells);
         }
-        let commit = self.build(batch, &keys, &merged);
-        Staged { commit, touched }
+        let cmd = self.build(batch, &keys, &merged);
+        Staged { cmd, touched }
     }
 
     /// Takes a staged commit's reply: its outcome, or `None` when cells had changed (the cache
@@ -515,14 +541,13 @@ impl Committer {
         }
     }
 
-    /// The check (`WATCH` of everything it reads, then the script) and the apply (`MULTI` …
-    /// `EXEC`) of `batch` with its cells' merged values; `cell_keys` are the full names of
-    /// `batch.cells`' hashes.
+    /// The script call (`EVALSHA`) for `batch` with its cells' merged values; `cell_keys` are
+    /// the full names of `batch.cells`' hashes.
     ///
-    /// The script gets only what it checks (ids, fields and stamps); the cell values, megabytes
-    /// of them, go into plain `HSET`s, which Redis takes without turning every argument into a
-    /// Lua string (that was most of a commit's cost in Redis).
-    fn build(&self, batch: &Batch<'_>, cell_keys: &[String], merged: &[Vec<Merged>]) -> Commit {
+    /// `EVALSHA` lists the keys before the arguments that refer to them by index, so a first
+    /// pass collects the keys (and each reference, in argument order) and a second writes the
+    /// arguments straight into the command: a commit is megabytes of cell values, copied once.
+    fn build(&self, batch: &Batch<'_>, cell_keys: &[String], merged: &[Vec<Merged>]) -> redis::Cmd {
         let sections: Vec<(&str, BTreeMap<i64, Vec<&str>>)> = std::iter::once(("", batch.live))
             .chain(batch.shadow)
             .map(|(prefix, seen)| {
@@ -533,94 +558,89 @@ impl Committer {
                 (prefix, by_slot)
             })
             .collect();
+        let increment_keys: Vec<String> = batch
+            .increments
+            .iter()
+            .map(|w| self.keyspace.key(&w.key))
+            .collect();
 
-        // The script's keys: the control hash, then each seen-set and cell hash once, referred
-        // to by index.
-        let mut keys: Vec<String> = vec![self.ctl_key.clone()];
-        let mut index: FxHashMap<String, usize> = FxHashMap::default();
-        let mut key_ref = |name: String| -> usize {
-            *index.entry(name).or_insert_with_key(|name| {
-                keys.push(name.clone());
-                keys.len()
+        let mut keys: Vec<&str> = vec![self.keyspace.stream(), &self.ctl_key];
+        let seen_keys: Vec<String> = sections
+            .iter()
+            .flat_map(|(prefix, by_slot)| {
+                by_slot
+                    .keys()
+                    .flat_map(move |slot| (slot - 1..=slot + 1).map(move |s| (*prefix, s)))
             })
-        };
-        let mut args = redis::Cmd::new();
-        args.arg(batch.token).arg(self.keyspace.key(""));
-        for (prefix, by_slot) in &sections {
-            args.arg(by_slot.len());
-            for (slot, ids) in by_slot {
-                for s in slot - 1..=slot + 1 {
-                    args.arg(key_ref(self.seen_key(prefix, s)));
-                }
-                args.arg(ids.len()).arg(ids);
+            .map(|(prefix, slot)| self.seen_key(prefix, slot))
+            .collect();
+        let mut index: FxHashMap<&str, usize> = FxHashMap::default();
+        let mut refs: Vec<usize> = Vec::new();
+        for name in seen_keys.iter().chain(cell_keys).chain(&increment_keys) {
+            let i = *index.entry(name.as_str()).or_insert_with(|| {
+                keys.push(name);
+                keys.len()
+            });
+            refs.push(i);
+        }
+        let mut refs = refs.into_iter();
+        let mut next_ref = || refs.next().unwrap_or(0);
+
+        let data: usize = merged
+            .iter()
+            .flatten()
+            .map(|m| m.value.len() + 2 * cell::STAMP_LEN)
+            .sum::<usize>()
+            + batch
+                .cells
+                .iter()
+                .flat_map(|w| &w.cells)
+                .map(|(f, _)| f.len())
+                .sum::<usize>()
+            + 64 * (batch.live.len() + batch.acks.len() + keys.len());
+        let mut cmd = redis::Cmd::with_capacity(0, data);
+        cmd.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(keys.len())
+            .arg(&keys)
+            .arg(&self.group)
+            .arg(self.window_secs * 3)
+            .arg(batch.token)
+            .arg(self.keyspace.key(""));
+        for (section, (_, by_slot)) in sections.iter().enumerate() {
+            cmd.arg(by_slot.len());
+            for ids in by_slot.values() {
+                cmd.arg(next_ref())
+                    .arg(next_ref())
+                    .arg(next_ref())
+                    .arg(ids.len())
+                    .arg(ids);
+            }
+            if section == 0 && batch.shadow.is_none() {
+                cmd.arg(0);
             }
         }
-        if batch.shadow.is_none() {
-            args.arg(0);
-        }
-        args.arg(batch.cells.len());
-        for ((key, write), cells) in cell_keys.iter().zip(batch.cells).zip(merged) {
-            args.arg(key_ref(key.clone())).arg(write.cells.len());
+        cmd.arg(batch.cells.len());
+        for (write, cells) in batch.cells.iter().zip(merged) {
+            cmd.arg(next_ref())
+                .arg(write.expire_at.unwrap_or(0))
+                .arg(cells.len());
             for ((field, _), cell) in write.cells.iter().zip(cells) {
                 let stamp: &[u8] = cell.stamp.as_ref().map_or(&[], |s| &s[..]);
-                args.arg(field).arg(stamp);
+                cmd.arg(field).arg(stamp).arg(&cell.value[..]);
             }
         }
-
-        // Not the replay's lease: renewing it would abort commits. A lease that expires after
-        // the check lets one apply reach a dead replay's shadow, which is deleted unused.
-        let mut watch = redis::cmd("WATCH");
-        watch.arg(&keys);
-        let mut check = redis::pipe();
-        check.cmd("UNWATCH").ignore().add_command(watch).ignore();
-        let mut eval = redis::cmd("EVALSHA");
-        eval.arg(self.script.get_hash()).arg(keys.len()).arg(&keys);
-        for arg in args.args_iter() {
-            if let redis::Arg::Simple(bytes) = arg {
-                eval.arg(bytes);
-            }
-        }
-        check.add_command(eval);
-
-        let mut apply = redis::pipe();
-        apply.atomic();
-        let seen_ttl = self.window_secs * 3;
-        for (prefix, by_slot) in &sections {
-            for (slot, ids) in by_slot {
-                let key = self.seen_key(prefix, *slot);
-                apply.sadd(&key, ids).ignore();
-                apply.expire(&key, seen_ttl).ignore();
-            }
-        }
-        for ((key, write), cells) in cell_keys.iter().zip(batch.cells).zip(merged) {
-            let mut hset = redis::cmd("HSET");
-            hset.arg(key);
-            for ((field, _), cell) in write.cells.iter().zip(cells) {
-                hset.arg(field).arg(&cell.value[..]);
-            }
-            apply.add_command(hset).ignore();
-            if let Some(at) = write.expire_at {
-                apply.cmd("EXPIREAT").arg(key).arg(at).ignore();
-            }
-        }
+        cmd.arg(batch.increments.len());
         for write in batch.increments {
-            let key = self.keyspace.key(&write.key);
+            cmd.arg(next_ref())
+                .arg(write.expire_at.unwrap_or(0))
+                .arg(write.fields.len());
             for (field, n) in &write.fields {
-                apply.hincr(&key, field, *n).ignore();
-            }
-            if let Some(at) = write.expire_at {
-                apply.cmd("EXPIREAT").arg(&key).arg(at).ignore();
+                cmd.arg(field).arg(*n);
             }
         }
-        if !batch.acks.is_empty() {
-            apply
-                .cmd("XACK")
-                .arg(self.keyspace.stream())
-                .arg(&self.group)
-                .arg(batch.acks)
-                .ignore();
-        }
-        Commit { check, apply }
+        cmd.arg(batch.acks.len()).arg(batch.acks);
+        cmd
     }
 
     fn seen_key(&self, prefix: &str, slot: i64) -> String {
@@ -628,67 +648,31 @@ impl Committer {
     }
 }
 
-/// The connection commits go over. `WATCH` belongs to a connection, so commits have one of
-/// their own, and it is never reconnected under them: a new connection between the check and
-/// the apply would apply unwatched. After an error it is dropped, and the next commit opens
-/// another and checks again.
-#[derive(Clone)]
-pub struct Link {
-    client: redis::Client,
-    config: redis::AsyncConnectionConfig,
-    conn: Option<MultiplexedConnection>,
-}
-
-impl Link {
-    /// `response_timeout` must outlast the longest commit (a replay's chunks are large).
-    pub fn new(client: redis::Client, response_timeout: std::time::Duration) -> Self {
-        Self {
-            client,
-            config: redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-                .set_response_timeout(Some(response_timeout)),
-            conn: None,
-        }
-    }
-
-    /// Forgets the connection (after its commit was lost), so the next commit opens another.
-    pub fn reset(&mut self) {
-        self.conn = None;
-    }
-
-    async fn connection(&mut self) -> redis::RedisResult<&mut MultiplexedConnection> {
-        if self.conn.is_none() {
-            let conn = self
-                .client
-                .get_multiplexed_async_connection_with_config(&self.config)
-                .await?;
-            self.conn = Some(conn);
-        }
-        match &mut self.conn {
-            Some(conn) => Ok(conn),
-            None => Err((redis::ErrorKind::Io, "no connection").into()),
-        }
-    }
-}
-
 /// Sends a staged commit (apart from the committer, so it can run while the caller prepares
-/// the next batch): the check, and if it passes, the apply. The reply is the check's; an apply
-/// that `EXEC` refused (a watched key changed after the check) answers `aborted`, which is
-/// staged and sent again like a conflict.
-pub async fn send(staged: &Staged, link: &mut Link) -> redis::RedisResult<Vec<Value>> {
-    let sent = send_on(&staged.commit, link).await;
-    if sent.is_err() {
-        link.conn = None;
+/// the next batch), loading the script first if Redis does not have it (a restart, `SCRIPT FLUSH`).
+pub async fn send(
+    cmd: &redis::Cmd,
+    conn: &mut ConnectionManager,
+) -> redis::RedisResult<Vec<Value>> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(SCRIPT)
+                .query_async::<()>(conn)
+                .await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
     }
-    sent
 }
 
-/// [`send`] on a task of its own, so that both of its round trips go on while the caller
-/// prepares the next batch (polled beside that CPU work, the apply would wait for it).
-pub async fn spawn_send(staged: Staged, mut link: Link) -> Sending {
+/// [`send`] on a task of its own, so that the commit goes on while the caller prepares the next
+/// batch (polled beside that CPU work, its reply would wait for it).
+pub async fn spawn_send(staged: Staged, mut conn: ConnectionManager) -> Sending {
     let task = tokio::spawn(async move {
-        let reply = send(&staged, &mut link).await;
-        (staged, link, reply)
+        let reply = send(&staged.cmd, &mut conn).await;
+        (staged, reply)
     });
     // A task spawned from a worker waits in that worker's LIFO slot, which no other worker
     // takes: it would send nothing until the caller's CPU work ends. Yielding runs it first.
@@ -697,41 +681,13 @@ pub async fn spawn_send(staged: Staged, mut link: Link) -> Sending {
 }
 
 /// A commit sent by [`spawn_send`].
-pub struct Sending(tokio::task::JoinHandle<(Staged, Link, redis::RedisResult<Vec<Value>>)>);
+pub struct Sending(tokio::task::JoinHandle<(Staged, redis::RedisResult<Vec<Value>>)>);
 
 impl Sending {
-    /// The staged commit back, the link to go on with, and the reply. `None` only if the task
-    /// panicked: what it staged stays in the cache as a guess the stamps will correct.
-    pub async fn reply(self) -> Option<(Staged, Link, redis::RedisResult<Vec<Value>>)> {
+    /// The staged commit back, and the reply. `None` only if the task panicked: what it staged
+    /// stays in the cache as a guess the stamps will correct.
+    pub async fn reply(self) -> Option<(Staged, redis::RedisResult<Vec<Value>>)> {
         self.0.await.ok()
-    }
-}
-
-async fn send_on(commit: &Commit, link: &mut Link) -> redis::RedisResult<Vec<Value>> {
-    let conn = link.connection().await?;
-    let checked = match commit.check.query_async::<Vec<Value>>(conn).await {
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(CHECK)
-                .query_async::<()>(conn)
-                .await?;
-            commit.check.query_async::<Vec<Value>>(conn).await?
-        }
-        other => other?,
-    };
-    let reply = match checked.into_iter().next() {
-        Some(Value::Array(reply)) => reply,
-        _ => {
-            return Err((redis::ErrorKind::UnexpectedReturnType, "commit check").into());
-        }
-    };
-    if reply.first().and_then(text).as_deref() != Some("ok") {
-        return Ok(reply);
-    }
-    match commit.apply.query_async::<Option<()>>(conn).await? {
-        Some(()) => Ok(reply),
-        None => Ok(vec![Value::SimpleString("aborted".into())]),
     }
 }
 
@@ -756,7 +712,6 @@ fn parse_reply(reply: Vec<Value>) -> Attempt {
         "dup" => Outcome::Duplicates(strings(reply)),
         "sdup" => Outcome::ShadowDuplicates(strings(reply)),
         "frozen" => Outcome::Frozen,
-        "aborted" => return Attempt::Conflicts(Vec::new()),
         "conflict" => {
             let rest: Vec<Value> = reply.collect();
             let current = rest
@@ -857,21 +812,6 @@ mod tests {
             None,
             "created entries are removed"
         );
-    }
-
-    #[test]
-    fn an_apply_that_exec_refused_is_undone_and_staged_again() {
-        let mut committer = Committer::new(Keyspace::new("t").unwrap(), "g".into(), 3600);
-        let staged = stage(&mut committer, cell(2, &[(3, 1)]));
-        assert!(known(&committer, "tuple").is_some());
-        let conflicts = AtomicU64::new(0);
-        let aborted = Ok(vec![Value::SimpleString("aborted".into())]);
-        assert!(!applied(&aborted));
-        let settled = committer.settle(staged, aborted, &conflicts).unwrap();
-        assert_eq!(settled, None, "sent again, not taken as an outcome");
-        assert_eq!(conflicts.load(Ordering::Relaxed), 1);
-        assert_eq!(known(&committer, "tuple"), None, "the staging is undone");
-        assert_eq!(known(&committer, "new"), None);
     }
 
     #[test]

@@ -119,8 +119,6 @@ pub struct Consumer {
     /// The state batches are priced under; reloaded when a commit finds it stale.
     state: Option<Snapshot>,
     committer: Committer,
-    /// Commits go over a connection of their own (see [`commit::Link`]).
-    link: commit::Link,
     metrics: Arc<Metrics>,
 }
 
@@ -128,7 +126,6 @@ impl Consumer {
     pub fn new(
         config: ConsumerConfig,
         conn: ConnectionManager,
-        link: commit::Link,
         control: Control,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -143,7 +140,6 @@ impl Consumer {
             control,
             state: None,
             committer,
-            link,
             metrics,
         }
     }
@@ -335,7 +331,7 @@ impl Consumer {
                     return Err(e.into());
                 }
             };
-            let sending = commit::spawn_send(staged, self.link.clone()).await;
+            let sending = commit::spawn_send(staged, self.conn.clone()).await;
             // A full read means the backlog goes on: start reading the batch after next.
             if next_entries.len() >= batch_size {
                 reading = Some(self.read_ahead(batch_size).await);
@@ -346,14 +342,12 @@ impl Consumer {
                 Ok::<_, CommitError>(next.zip(next_staged))
             }
             .await;
-            let Some((sent, link, reply)) = sending.reply().await else {
+            let Some((sent, reply)) = sending.reply().await else {
                 if let Ok(Some((_, s))) = next {
                     self.committer.forget(s);
                 }
-                self.link.reset();
                 return Err(CommitError::Lost);
             };
-            self.link = link;
             // The next batch was staged on top of this one: if this one did not apply, undo
             // the next first (newest first), and build it again once this one is in.
             let mut next = next;
@@ -513,7 +507,7 @@ impl Consumer {
                     let token = batch.priced.state.token();
                     self.committer
                         .commit(
-                            &mut self.link,
+                            &mut self.conn,
                             &lists.batch(&batch, &token),
                             &self.metrics.commit_conflicts,
                         )
@@ -579,8 +573,8 @@ impl Consumer {
 }
 
 /// An event whose token counts no real request has (above [`MAX_TOKENS`]) is dead-lettered, not
-/// counted: its counters could overflow, and a commit's `EXEC` in which one command fails keeps
-/// the writes of all the others.
+/// counted: its counters could overflow, and a commit script that fails half-way keeps the
+/// writes it made.
 pub fn plausible(event: UsageEvent) -> Result<UsageEvent, String> {
     let counts = [
         ("input_tokens", event.input_tokens),

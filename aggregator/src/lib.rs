@@ -2,7 +2,7 @@
 //!
 //! It consumes usage events from the Redis stream as a member of a consumer group, prices each
 //! one exactly, and commits a batch's effect on the stats together with its acknowledgement in
-//! one checked transaction, so crashes and redeliveries never change a figure. It also serves the
+//! one atomic script, so crashes and redeliveries never change a figure. It also serves the
 //! stats API over the same Redis state.
 //!
 //! Reading order: [`config`], [`pricing`], `stats` (the data model), `commit` (the atomic
@@ -98,7 +98,6 @@ pub async fn run(
             dedupe_window_secs: config.dedupe_window_secs,
         },
         consumer_conn,
-        commit_link(&config.redis_url)?,
         control::Control::new(config.keyspace.clone(), pricing),
         Arc::clone(&metrics),
     );
@@ -225,15 +224,6 @@ async fn reload_on_hangup(
             }
         }
     }
-}
-
-/// The consumer's connection for commits; it connects on first use.
-fn commit_link(url: &str) -> Result<commit::Link, StartError> {
-    let client = redis::Client::open(url).map_err(|source| StartError::Redis {
-        url: url.to_owned(),
-        source,
-    })?;
-    Ok(commit::Link::new(client, Duration::from_secs(5)))
 }
 
 async fn connect_redis(url: &str) -> Result<ConnectionManager, StartError> {

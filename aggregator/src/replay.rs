@@ -273,7 +273,7 @@ pub async fn run(
 
     let (stop_lease, lease) = tokio::sync::oneshot::channel::<()>();
     let lease_task = tokio::spawn(renew_lease(
-        ConnectionManager::new_with_config(client.clone(), conn_config).await?,
+        ConnectionManager::new_with_config(client, conn_config).await?,
         keyspace.key(&control::lease_key(rid)),
         lease,
     ));
@@ -281,7 +281,6 @@ pub async fn run(
         config,
         &args,
         &mut conn,
-        client,
         rid,
         (from_ms, to_ms),
         pricing.map(Arc::new),
@@ -332,15 +331,10 @@ struct Counts {
     duplicates: u64,
 }
 
-/// How long one chunk's commit may take before its connection is given up.
-const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
-
-#[allow(clippy::too_many_arguments)]
 async fn rebuild(
     config: &Config,
     args: &ReplayArgs,
     conn: &mut ConnectionManager,
-    client: redis::Client,
     rid: i64,
     (from_ms, to_ms): (i64, i64),
     pricing: Option<Arc<Pricing>>,
@@ -355,7 +349,6 @@ async fn rebuild(
         return Err(ReplayError::Abandoned);
     }
     let mut shadow = Shadow {
-        link: commit::Link::new(client, CHUNK_TIMEOUT),
         committer: Committer::new(
             keyspace.clone(),
             config.group.clone(),
@@ -422,14 +415,12 @@ async fn rebuild(
                 .map(|r| r.decode(&mut counts))
                 .and_then(|c| shadow.stage(&c).map(|s| (c, s))),
             Some((chunk, staged)) => {
-                let sending = commit::spawn_send(staged, shadow.link.clone()).await;
+                let sending = commit::spawn_send(staged, conn.clone()).await;
                 let next = raw.map(|r| r.decode(&mut counts));
                 let mut next_staged = next.as_ref().and_then(|c| shadow.stage(c));
-                let Some((staged, link, reply)) = sending.reply().await else {
-                    shadow.link.reset();
+                let Some((staged, reply)) = sending.reply().await else {
                     return Err(ReplayError::Commit(CommitError::Lost));
                 };
-                shadow.link = link;
                 // Staged on top of this chunk: undo it first if this one did not apply.
                 if !commit::applied(&reply)
                     && let Some(s) = next_staged.take()
@@ -629,7 +620,6 @@ impl Chunk {
 /// Applies chunks to the replay's shadow copy.
 struct Shadow {
     committer: Committer,
-    link: commit::Link,
     control: Control,
     pricing: Arc<Pricing>,
     pricing_version: i64,
@@ -685,7 +675,7 @@ impl Shadow {
                     let Some(staged) = self.stage(&chunk) else {
                         return Ok(());
                     };
-                    let reply = commit::send(&staged, &mut self.link).await;
+                    let reply = commit::send(&staged.cmd, conn).await;
                     match self.committer.settle(staged, reply, &self.conflicts)? {
                         Some(outcome) => outcome,
                         None => continue,

@@ -58,8 +58,8 @@ pub struct Report {
 
 pub struct ReplayRun {
     pub wall: std::time::Duration,
-    /// Scripts and transactions Redis ran meanwhile (the replay's commits, its switch, and live
-    /// commits, if any): calls and microseconds.
+    /// Scripts Redis ran meanwhile (the replay's commits, its switch, and live commits, if
+    /// any): calls and microseconds.
     pub scripts: Option<(u64, u64)>,
     /// The replay's own summary (stdout).
     pub summary: String,
@@ -310,9 +310,8 @@ impl Report {
             if let Some((calls, usec)) = replay.scripts {
                 writeln!(
                     out,
-                    "Redis ran {calls} scripts and transactions meanwhile (the replay's commits, \
-                     each a check script and an `EXEC`, and its switch): {:.1} ms each on average, \
-                     {:.2} µs per event in all.\n",
+                    "Redis ran {calls} scripts meanwhile (the replay's commits and switch): {:.1} ms \
+                     each on average, {:.2} µs per event in all.\n",
                     usec as f64 / 1e3 / calls.max(1) as f64,
                     usec as f64 / n.max(1) as f64,
                 )?;
