@@ -670,14 +670,13 @@ pub async fn send(
 /// [`send`] on a task of its own, so that the commit goes on while the caller prepares the next
 /// batch (polled beside that CPU work, its reply would wait for it).
 pub async fn spawn_send(staged: Staged, mut conn: ConnectionManager) -> Sending {
-    let task = tokio::spawn(async move {
-        let reply = send(&staged.cmd, &mut conn).await;
-        (staged, reply)
-    });
-    // A task spawned from a worker waits in that worker's LIFO slot, which no other worker
-    // takes: it would send nothing until the caller's CPU work ends. Yielding runs it first.
-    tokio::task::yield_now().await;
-    Sending(task)
+    Sending(
+        crate::task::spawn_started(async move {
+            let reply = send(&staged.cmd, &mut conn).await;
+            (staged, reply)
+        })
+        .await,
+    )
 }
 
 /// A commit sent by [`spawn_send`].

@@ -255,10 +255,7 @@ impl Consumer {
     async fn read_ahead(&self, count: usize) -> Reading {
         let cmd = self.read_command(">", count, None);
         let mut conn = self.conn.clone();
-        let task = tokio::spawn(async move { read_entries(cmd, &mut conn).await });
-        // As in `commit::spawn_send`: let it start before this task's CPU work.
-        tokio::task::yield_now().await;
-        Reading(task)
+        Reading(crate::task::spawn_started(async move { read_entries(cmd, &mut conn).await }).await)
     }
 
     fn read_command(&self, from: &str, count: usize, block: Option<Duration>) -> redis::Cmd {

@@ -24,6 +24,7 @@ mod control;
 pub mod replay;
 mod retention;
 mod switch;
+mod task;
 
 mod api;
 mod cells;

@@ -470,13 +470,13 @@ struct ReadAhead(tokio::task::JoinHandle<(Reader, Result<Option<Raw>, ReplayErro
 
 impl ReadAhead {
     async fn start(mut reader: Reader, mut conn: ConnectionManager) -> Self {
-        let task = tokio::spawn(async move {
-            let raw = reader.next(&mut conn).await;
-            (reader, raw)
-        });
-        // A task spawned from a worker waits in its LIFO slot until this task yields.
-        tokio::task::yield_now().await;
-        Self(task)
+        Self(
+            crate::task::spawn_started(async move {
+                let raw = reader.next(&mut conn).await;
+                (reader, raw)
+            })
+            .await,
+        )
     }
 
     /// The reader back, and its chunk.
