@@ -26,6 +26,7 @@
 //! Every key the script touches carries the deployment's hash tag, so it runs on a cluster too.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use redis::aio::ConnectionManager;
@@ -69,10 +70,14 @@ for _, status in ipairs({'dup', 'sdup'}) do
     local sets = {before, own, after}
     local cnt = tonumber(take())
     for _, k in ipairs(sets) do
-      for s = pos, pos + cnt - 1, 512 do
-        local e = math.min(s + 511, pos + cnt - 1)
-        local hit = redis.call('SMISMEMBER', KEYS[k], unpack(ARGV, s, e))
-        for j = 1, #hit do if hit[j] == 1 then out[#out + 1] = ARGV[s + j - 1] end end
+      -- a neighbouring slot's set rarely exists, and each id sent to SMISMEMBER costs Lua a
+      -- string handed to Redis and a result in a table
+      if redis.call('EXISTS', KEYS[k]) == 1 then
+        for s = pos, pos + cnt - 1, 512 do
+          local e = math.min(s + 511, pos + cnt - 1)
+          local hit = redis.call('SMISMEMBER', KEYS[k], unpack(ARGV, s, e))
+          for j = 1, #hit do if hit[j] == 1 then out[#out + 1] = ARGV[s + j - 1] end end
+        end
       end
     end
     records[#records + 1] = {sets[2], pos, cnt}
@@ -166,8 +171,9 @@ pub struct Batch<'a> {
     pub live: &'a [Seen<'a>],
     /// The replay's shadow prefix (`rp<rid>:`) and the events applied to its copy.
     pub shadow: Option<(&'a str, &'a [Seen<'a>])>,
-    /// What to add to each stats cell (live and shadow).
-    pub cells: &'a [CellWrite],
+    /// What to add to each stats cell (live and shadow); shared with the staged commit, which
+    /// undoes its changes to the cache from these if it does not apply.
+    pub cells: &'a Arc<Vec<CellWrite>>,
     /// Counter increments (spend, the shadow's day list).
     pub increments: &'a [BucketWrite],
     pub acks: &'a [String],
@@ -219,6 +225,8 @@ pub struct Committer {
     cache: CellCache,
     /// Of the last staging (see [`Known::generation`]).
     generation: u64,
+    /// The last staging's encoded cell values, kept for its capacity.
+    values: Vec<u8>,
 }
 
 /// The last known value of cells, as this committer wrote or was told them: a batch is merged
@@ -226,7 +234,7 @@ pub struct Committer {
 /// wrote the cell, it expired, a replay replaced it) costs one refused attempt, whose reply
 /// carries the current value; the stamp check makes the cache a guess that is never trusted.
 struct CellCache {
-    cells: FxHashMap<String, FxHashMap<String, Known>>,
+    cells: FxHashMap<String, FxHashMap<Arc<str>, Known>>,
     len: usize,
     max_cells: usize,
     /// The staging that last evicted (at most once per staging).
@@ -319,7 +327,7 @@ impl CellCache {
     /// The entry for a cell, created empty if missing, marked as used by staging `now`. `None`
     /// only if the map refused to hold the key it was just given, which cannot happen; a cache
     /// miss would be harmless anyway.
-    fn slot(&mut self, key: &str, field: &str, now: u64) -> Option<(&mut Known, bool)> {
+    fn slot(&mut self, key: &str, field: &Arc<str>, now: u64) -> Option<(&mut Known, bool)> {
         if self.len >= self.max_cells && self.evicted_at != now {
             self.evict(now);
         }
@@ -327,11 +335,11 @@ impl CellCache {
             self.cells.insert(key.to_owned(), FxHashMap::default());
         }
         let fields = self.cells.get_mut(key)?;
-        let created = !fields.contains_key(field);
+        let created = !fields.contains_key(&**field);
         if created {
             self.len += 1;
             fields.insert(
-                field.to_owned(),
+                Arc::clone(field),
                 Known {
                     stamp: None,
                     cell: Cell::default(),
@@ -340,7 +348,7 @@ impl CellCache {
                 },
             );
         }
-        fields.get_mut(field).map(|known| {
+        fields.get_mut(&**field).map(|known| {
             known.used = now;
             (known, created)
         })
@@ -350,12 +358,17 @@ impl CellCache {
 /// A cell's stamp as last known (`None`: absent) and its value after the batch.
 struct Merged {
     stamp: Option<[u8; cell::STAMP_LEN]>,
-    value: Vec<u8>,
+    /// Where the value is in the staging's buffer of values.
+    value: std::ops::Range<usize>,
 }
 
 /// A commit ready to send, and the cells it put into the cache.
 pub struct Staged {
     pub cmd: redis::Cmd,
+    /// The full key name of each of `writes`' hashes.
+    keys: Vec<String>,
+    /// The batch's changes, which `touched` refers to.
+    writes: Arc<Vec<CellWrite>>,
     touched: Vec<Touch>,
 }
 
@@ -364,17 +377,19 @@ impl Staged {
     pub fn empty() -> Self {
         Self {
             cmd: redis::Cmd::new(),
+            keys: Vec::new(),
+            writes: Arc::default(),
             touched: Vec::new(),
         }
     }
 }
 
-/// One cell a staging changed in the cache, and how to undo it.
+/// One cell a staging changed in the cache (the `cell`th of `writes[write]`), and how to undo
+/// it. Indices rather than copies: a batch touches thousands of cells.
 struct Touch {
-    key: String,
-    field: String,
+    write: usize,
+    cell: usize,
     generation: u64,
-    change: Cell,
     /// Stamp and generation before; `None`: the staging created the entry.
     before: Option<(Option<[u8; cell::STAMP_LEN]>, u64)>,
 }
@@ -396,6 +411,7 @@ impl Committer {
             window_secs: window_secs.max(1),
             cache: CellCache::default(),
             generation: 0,
+            values: Vec::new(),
         }
     }
 
@@ -436,37 +452,49 @@ impl Committer {
         // Each cell is added to its cache entry, and the sum encoded from there: one pass over
         // its bins to add, one to encode.
         let mut merged = Vec::with_capacity(batch.cells.len());
-        for (key, write) in keys.iter().zip(batch.cells) {
+        // All values in one buffer rather than one allocation each: they are copied into the
+        // command next.
+        let values = &mut self.values;
+        values.clear();
+        for (w, (key, write)) in keys.iter().zip(batch.cells.iter()).enumerate() {
             let mut cells = Vec::with_capacity(write.cells.len());
-            for (field, change) in &write.cells {
+            for (c, (field, change)) in write.cells.iter().enumerate() {
                 let new_stamp = cell::new_stamp();
                 let Some((known, created)) = self.cache.slot(key, field, generation) else {
+                    let at = values.len();
+                    change.encode_into(values, new_stamp);
                     cells.push(Merged {
                         stamp: None,
-                        value: change.encode(new_stamp),
+                        value: at..values.len(),
                     });
                     continue;
                 };
                 let before = (!created).then_some((known.stamp, known.generation));
                 known.cell.add(change);
+                let at = values.len();
+                known.cell.encode_into(values, new_stamp);
                 cells.push(Merged {
                     stamp: known.stamp,
-                    value: known.cell.encode(new_stamp),
+                    value: at..values.len(),
                 });
                 known.stamp = Some(new_stamp);
                 known.generation = generation;
                 touched.push(Touch {
-                    key: key.clone(),
-                    field: field.clone(),
+                    write: w,
+                    cell: c,
                     generation,
-                    change: change.clone(),
                     before,
                 });
             }
             merged.push(cells);
         }
         let cmd = self.build(batch, &keys, &merged);
-        Staged { cmd, touched }
+        Staged {
+            cmd,
+            keys,
+            writes: Arc::clone(batch.cells),
+            touched,
+        }
     }
 
     /// Takes a staged commit's reply: its outcome, or `None` when cells had changed (the cache
@@ -502,7 +530,7 @@ impl Committer {
                         },
                     };
                     let now = self.generation;
-                    if let Some((known, _)) = self.cache.slot(&key, &field, now) {
+                    if let Some((known, _)) = self.cache.slot(&key, &Arc::from(field), now) {
                         *known = Known {
                             stamp,
                             cell,
@@ -522,7 +550,9 @@ impl Committer {
     /// value.
     pub fn forget(&mut self, staged: Staged) {
         for touch in staged.touched.into_iter().rev() {
-            let Some(known) = self.cache.get_mut(&touch.key, &touch.field) else {
+            let (field, change) = &staged.writes[touch.write].cells[touch.cell];
+            let key = &staged.keys[touch.write];
+            let Some(known) = self.cache.get_mut(key, field) else {
                 continue;
             };
             // Changed since by a refusal's answer, or recreated after an eviction: not ours to
@@ -532,11 +562,11 @@ impl Committer {
             }
             match touch.before {
                 Some((stamp, generation)) => {
-                    known.cell.subtract(&touch.change);
+                    known.cell.subtract(change);
                     known.stamp = stamp;
                     known.generation = generation;
                 }
-                None => self.cache.remove(&touch.key, &touch.field),
+                None => self.cache.remove(key, field),
             }
         }
     }
@@ -627,7 +657,8 @@ impl Committer {
                 .arg(cells.len());
             for ((field, _), cell) in write.cells.iter().zip(cells) {
                 let stamp: &[u8] = cell.stamp.as_ref().map_or(&[], |s| &s[..]);
-                cmd.arg(field).arg(stamp).arg(&cell.value[..]);
+                let value = self.values.get(cell.value.clone()).unwrap_or_default();
+                cmd.arg(&**field).arg(stamp).arg(value);
             }
         }
         cmd.arg(batch.increments.len());
@@ -759,11 +790,11 @@ mod tests {
     }
 
     fn stage(committer: &mut Committer, change: Cell) -> Staged {
-        let cells = [CellWrite {
+        let cells = Arc::new(vec![CellWrite {
             key: "st:h:0".into(),
             expire_at: None,
             cells: vec![("tuple".into(), change), ("new".into(), cell(1, &[]))],
-        }];
+        }]);
         committer.stage(&Batch {
             token: "0:0",
             live: &[],
@@ -786,7 +817,7 @@ mod tests {
     fn stagings_that_did_not_apply_are_undone_exactly_newest_first() {
         let mut committer = Committer::new(Keyspace::new("t").unwrap(), "g".into(), 3600);
         let key = committer.keyspace.key("st:h:0");
-        let (entry, _) = committer.cache.slot(&key, "tuple", 0).unwrap();
+        let (entry, _) = committer.cache.slot(&key, &"tuple".into(), 0).unwrap();
         *entry = Known {
             stamp: Some([7; 8]),
             cell: cell(5, &[(3, 1)]),
@@ -819,7 +850,7 @@ mod tests {
         let key = committer.keyspace.key("st:h:0");
         let staged = stage(&mut committer, cell(2, &[]));
         // A refusal's answer: the cell as Redis holds it now.
-        let (entry, _) = committer.cache.slot(&key, "tuple", 0).unwrap();
+        let (entry, _) = committer.cache.slot(&key, &"tuple".into(), 0).unwrap();
         *entry = Known {
             stamp: Some([9; 8]),
             cell: cell(40, &[]),
@@ -841,9 +872,9 @@ mod tests {
         };
         // Stagings 1 to 4 each touch one cell; staging 5 finds the cache full.
         for (now, field) in [(1, "a"), (2, "b"), (3, "c"), (4, "d")] {
-            cache.slot("st:h:0", field, now).unwrap();
+            cache.slot("st:h:0", &field.into(), now).unwrap();
         }
-        let (hot, created) = cache.slot("st:h:0", "hot", 5).unwrap();
+        let (hot, created) = cache.slot("st:h:0", &"hot".into(), 5).unwrap();
         assert!(created);
         hot.cell.totals.requests = 7;
         assert!(cache.get("st:h:0", "a").is_none());
@@ -856,11 +887,11 @@ mod tests {
         assert_eq!(cache.get("st:h:0", "hot").unwrap().cell.totals.requests, 7);
         assert_eq!(cache.len, 2);
         // At most one eviction per staging, however full.
-        cache.slot("st:m:1", "e", 5).unwrap();
-        cache.slot("st:m:1", "f", 5).unwrap();
+        cache.slot("st:m:1", &"e".into(), 5).unwrap();
+        cache.slot("st:m:1", &"f".into(), 5).unwrap();
         assert_eq!(cache.len, 4);
         // The previous staging's cells are never dropped, even when they are the older half.
-        cache.slot("st:m:1", "g", 6).unwrap();
+        cache.slot("st:m:1", &"g".into(), 6).unwrap();
         assert!(cache.get("st:m:1", "e").is_some() && cache.get("st:h:0", "hot").is_some());
         assert!(cache.get("st:h:0", "d").is_none());
         assert_eq!(cache.len, 4);

@@ -60,7 +60,7 @@ struct Prepared {
 struct Priced {
     state: Snapshot,
     unpriced: usize,
-    cells: Vec<CellWrite>,
+    cells: Arc<Vec<CellWrite>>,
     increments: Vec<BucketWrite>,
 }
 
@@ -107,9 +107,9 @@ impl<'a> SeenLists<'a> {
 }
 
 /// One stream entry as read: its id and the raw `e` field, if any.
-struct Entry {
-    id: String,
-    payload: Option<Vec<u8>>,
+pub(crate) struct Entry {
+    pub id: String,
+    pub payload: Option<Vec<u8>>,
 }
 
 pub struct Consumer {
@@ -288,11 +288,11 @@ impl Consumer {
             .await?;
         // Reply: [next cursor, [entry, ...], [deleted ids]]; entries deleted by trimming are
         // already gone from the pending list, so there is nothing to do for them.
-        Ok(as_array(&reply)
-            .and_then(|parts| parts.get(1))
-            .and_then(as_array)
-            .map(|entries| entries.iter().filter_map(parse_entry).collect())
-            .unwrap_or_default())
+        Ok(match reply {
+            Value::Array(parts) => parts.into_iter().nth(1).map(take_entries),
+            _ => None,
+        }
+        .unwrap_or_default())
     }
 
     async fn process(&mut self, entries: Vec<Entry>) -> Result<(), CommitError> {
@@ -402,10 +402,10 @@ impl Consumer {
             return Ok(None);
         }
         let started = std::time::Instant::now();
-        let acks: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+        let mut acks: Vec<String> = Vec::with_capacity(entries.len());
         let mut events: Vec<(i64, UsageEvent)> = Vec::with_capacity(entries.len());
-        let mut dead: Vec<(&Entry, String)> = Vec::new();
-        for entry in &entries {
+        let mut dead: Vec<(Entry, String)> = Vec::new();
+        for entry in entries {
             let decoded = match &entry.payload {
                 Some(bytes) => shared::decode(bytes)
                     .map_err(|e| e.to_string())
@@ -413,8 +413,14 @@ impl Consumer {
                 None => Err(format!("entry has no `{EVENT_FIELD}` field")),
             };
             match decoded {
-                Ok(event) => events.push((arrival_ms(&entry.id), event)),
-                Err(reason) => dead.push((entry, reason)),
+                Ok(event) => {
+                    events.push((arrival_ms(&entry.id), event));
+                    acks.push(entry.id);
+                }
+                Err(reason) => {
+                    acks.push(entry.id.clone());
+                    dead.push((entry, reason));
+                }
             }
         }
         if !dead.is_empty() {
@@ -422,9 +428,8 @@ impl Consumer {
         }
 
         // Within a batch, the first copy of an id wins; the commit deduplicates across batches.
-        let mut ids = HashSet::with_capacity(events.len());
         let before = events.len();
-        events.retain(|(_, e)| ids.insert(e.id.clone()));
+        keep_first_of_each_id(&mut events);
         let duplicates = before - events.len();
         let in_shadow = HashSet::new();
         let priced = self.price(&events, &in_shadow).await?;
@@ -478,7 +483,7 @@ impl Consumer {
         Ok(Priced {
             state,
             unpriced,
-            cells,
+            cells: Arc::new(cells),
             increments,
         })
     }
@@ -549,7 +554,7 @@ impl Consumer {
         m.record_apply_time(batch.started.elapsed());
     }
 
-    async fn dead_letter(&mut self, dead: &[(&Entry, String)]) -> redis::RedisResult<()> {
+    async fn dead_letter(&mut self, dead: &[(Entry, String)]) -> redis::RedisResult<()> {
         let stream = self.config.keyspace.dead_letter_stream();
         let mut pipe = redis::pipe();
         for (entry, reason) in dead {
@@ -567,6 +572,20 @@ impl Consumer {
         }
         pipe.query_async(&mut self.conn).await
     }
+}
+
+/// Drops every event whose id an earlier one of `events` has (a producer's retry that arrived
+/// close behind its original). SipHash, as producers choose ids; borrowed, as a batch has
+/// thousands.
+pub(crate) fn keep_first_of_each_id(events: &mut Vec<(i64, UsageEvent)>) {
+    let mut ids = HashSet::with_capacity(events.len());
+    let first: Vec<bool> = events
+        .iter()
+        .map(|(_, e)| ids.insert(e.id.as_str()))
+        .collect();
+    drop(ids);
+    let mut first = first.into_iter();
+    events.retain(|_| first.next().unwrap_or(true));
 }
 
 /// An event whose token counts no real request has (above [`MAX_TOKENS`]) is dead-lettered, not
@@ -636,45 +655,64 @@ async fn read_entries(
 ) -> redis::RedisResult<Vec<Entry>> {
     let reply: Value = cmd.query_async(conn).await?;
     // Reply: [[stream, [entry, ...]]] or nil on timeout.
-    let Some(streams) = as_array(&reply) else {
+    let Value::Array(streams) = reply else {
         return Ok(Vec::new());
     };
     Ok(streams
-        .iter()
-        .filter_map(as_array)
-        .filter_map(|pair| pair.get(1).and_then(as_array))
-        .flat_map(|entries| entries.iter().filter_map(parse_entry))
+        .into_iter()
+        .filter_map(|pair| match pair {
+            Value::Array(pair) => pair.into_iter().nth(1),
+            _ => None,
+        })
+        .flat_map(take_entries)
         .collect())
 }
 
-fn as_array(value: &Value) -> Option<&Vec<Value>> {
-    match value {
-        Value::Array(items) => Some(items),
-        _ => None,
-    }
-}
-
-fn as_bytes(value: &Value) -> Option<&[u8]> {
-    match value {
-        Value::BulkString(bytes) => Some(bytes),
-        Value::SimpleString(s) => Some(s.as_bytes()),
-        _ => None,
+/// The entries of a list of them, taken apart rather than copied out of (a batch's payloads
+/// are megabytes).
+pub(crate) fn take_entries(entries: Value) -> Vec<Entry> {
+    match entries {
+        Value::Array(entries) => entries.into_iter().filter_map(take_entry).collect(),
+        _ => Vec::new(),
     }
 }
 
 /// `[id, [field, value, ...]]`; the field list is nil for an entry deleted while pending.
-fn parse_entry(value: &Value) -> Option<Entry> {
-    let parts = as_array(value)?;
-    let id = String::from_utf8(as_bytes(parts.first()?)?.to_vec()).ok()?;
-    let payload = parts.get(1).and_then(as_array).and_then(|fields| {
-        fields
-            .chunks(2)
-            .find(|pair| pair.first().and_then(as_bytes) == Some(EVENT_FIELD.as_bytes()))
-            .and_then(|pair| pair.get(1))
-            .and_then(as_bytes)
-            .map(<[u8]>::to_vec)
-    });
+fn take_entry(value: Value) -> Option<Entry> {
+    let Value::Array(parts) = value else {
+        return None;
+    };
+    let mut parts = parts.into_iter();
+    let id = into_string(parts.next()?)?;
+    let mut payload = None;
+    if let Some(Value::Array(fields)) = parts.next() {
+        let mut fields = fields.into_iter();
+        while let (Some(field), Some(value)) = (fields.next(), fields.next()) {
+            let named = match &field {
+                Value::BulkString(f) => f.as_slice(),
+                Value::SimpleString(f) => f.as_bytes(),
+                _ => &[],
+            };
+            if named == EVENT_FIELD.as_bytes() {
+                payload = into_bytes(value);
+                break;
+            }
+        }
+    }
     Some(Entry { id, payload })
+}
+
+fn into_bytes(value: Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
+/// A stream entry id (or any text) of a reply.
+pub(crate) fn into_string(value: Value) -> Option<String> {
+    into_bytes(value).and_then(|b| String::from_utf8(b).ok())
 }
 
 #[cfg(test)]
@@ -727,12 +765,12 @@ mod tests {
                 Value::BulkString(vec![1, 2, 3]),
             ]),
         ]);
-        let parsed = parse_entry(&entry).unwrap();
+        let parsed = take_entry(entry).unwrap();
         assert_eq!(
             (parsed.id.as_str(), parsed.payload),
             ("1-0", Some(vec![1, 2, 3]))
         );
         let deleted = Value::Array(vec![Value::BulkString(b"2-0".to_vec()), Value::Nil]);
-        assert_eq!(parse_entry(&deleted).unwrap().payload, None);
+        assert_eq!(take_entry(deleted).unwrap().payload, None);
     }
 }

@@ -30,11 +30,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamInfoGroupsReply, StreamPendingCountReply};
 use redis::{AsyncCommands, Script, Value};
-use shared::{EVENT_FIELD, UsageEvent};
+use shared::UsageEvent;
 
 use crate::Config;
 use crate::commit::{self, Batch, CommitError, Committer, Outcome, Seen};
-use crate::consumer::usage_of;
+use crate::consumer::{Entry, into_string, take_entries, usage_of};
 use crate::control::{self, Control, LEASE_MS};
 use crate::pricing::{Cost, Pricing, PricingError};
 use crate::rollup::{DAY_MS, HOUR_MS};
@@ -363,7 +363,7 @@ async fn rebuild(
     };
 
     // Everything committed before registration is at or before this entry.
-    let newest: Vec<Vec<Value>> = redis::cmd("XREVRANGE")
+    let newest: Value = redis::cmd("XREVRANGE")
         .arg(stream)
         .arg("+")
         .arg("-")
@@ -371,11 +371,7 @@ async fn rebuild(
         .arg(1)
         .query_async(conn)
         .await?;
-    let Some(end) = newest
-        .first()
-        .and_then(|e| id_string(e.first()?))
-        .and_then(|id| parse_id(&id))
-    else {
+    let Some(end) = take_entries(newest).first().and_then(|e| parse_id(&e.id)) else {
         return Ok(Counts::default());
     };
     let mut reader = Some(Reader {
@@ -493,7 +489,7 @@ impl Reader {
         if self.done {
             return Ok(None);
         }
-        let entries: Vec<Vec<Value>> = redis::cmd("XRANGE")
+        let entries: Value = redis::cmd("XRANGE")
             .arg(&self.stream)
             .arg(&self.cursor)
             .arg("+")
@@ -502,12 +498,11 @@ impl Reader {
             .query_async(conn)
             .await?;
         let end = self.end;
-        let entries: Vec<(String, Option<Vec<u8>>)> = entries
-            .iter()
-            .filter_map(|e| Some((id_string(e.first()?)?, payload(e.get(1)))))
-            .filter(|(id, _)| parse_id(id).is_some_and(|id| id <= end))
-            .collect();
-        let (Some((first, _)), Some((last, _))) = (entries.first(), entries.last()) else {
+        let mut entries = take_entries(entries);
+        entries.retain(|e| parse_id(&e.id).is_some_and(|id| id <= end));
+        let (Some(Entry { id: first, .. }), Some(Entry { id: last, .. })) =
+            (entries.first(), entries.last())
+        else {
             self.done = true;
             return Ok(None);
         };
@@ -554,7 +549,7 @@ impl Reader {
 
 /// A chunk as read: entries, the group's delivery position and which of them are pending.
 struct Raw {
-    entries: Vec<(String, Option<Vec<u8>>)>,
+    entries: Vec<Entry>,
     delivered: Option<(u64, u64)>,
     pending: HashSet<String>,
     range: (i64, i64),
@@ -570,8 +565,7 @@ impl Raw {
             range,
         } = self;
         let mut events: Vec<(i64, UsageEvent)> = Vec::with_capacity(entries.len());
-        let mut ids = HashSet::new();
-        for (id, bytes) in &entries {
+        for Entry { id, payload } in &entries {
             let acknowledged = delivered.is_some_and(|d| parse_id(id).is_some_and(|i| i <= d))
                 && !pending.contains(id.as_str());
             if !acknowledged {
@@ -579,7 +573,7 @@ impl Raw {
                 continue;
             }
             // Entries the live consumers dead-lettered count nowhere.
-            let Some(Ok(Ok(event))) = bytes
+            let Some(Ok(Ok(event))) = payload
                 .as_deref()
                 .map(|b| shared::decode(b).map(crate::consumer::plausible))
             else {
@@ -588,12 +582,11 @@ impl Raw {
             if !(range.0..range.1).contains(&event.ts) {
                 continue;
             }
-            if !ids.insert(event.id.clone()) {
-                counts.duplicates += 1;
-                continue;
-            }
             events.push((arrival_ms(id), event));
         }
+        let before = events.len();
+        crate::consumer::keep_first_of_each_id(&mut events);
+        counts.duplicates += (before - events.len()) as u64;
         Chunk {
             events,
             in_shadow: HashSet::new(),
@@ -647,7 +640,7 @@ impl Shadow {
         if seen.is_empty() {
             return None;
         }
-        let cells = delta.cell_writes(&self.prefix);
+        let cells = Arc::new(delta.cell_writes(&self.prefix));
         let increments = delta.shadow_increments(&self.prefix, now_ms);
         Some(self.committer.stage(&Batch {
             token: &control::token(self.pricing_version, self.rid),
@@ -791,11 +784,11 @@ async fn trimmed_until(
     let fields: Vec<(String, Value)> = match info {
         Value::Array(items) => items
             .chunks(2)
-            .filter_map(|pair| Some((id_string(pair.first()?)?, pair.get(1)?.clone())))
+            .filter_map(|pair| Some((into_string(pair.first()?.clone())?, pair.get(1)?.clone())))
             .collect(),
         Value::Map(pairs) => pairs
             .into_iter()
-            .filter_map(|(k, v)| Some((id_string(&k)?, v)))
+            .filter_map(|(k, v)| Some((into_string(k)?, v)))
             .collect(),
         _ => Vec::new(),
     };
@@ -811,7 +804,7 @@ async fn trimmed_until(
         return Ok(None);
     }
     let first = match field("first-entry") {
-        Some(Value::Array(entry)) => entry.first().and_then(id_string),
+        Some(Value::Array(entry)) => entry.first().cloned().and_then(into_string),
         _ => None,
     };
     Ok(Some(
@@ -861,27 +854,6 @@ fn parse_id(id: &str) -> Option<(u64, u64)> {
 
 fn arrival_ms(id: &str) -> i64 {
     parse_id(id).map_or(0, |(ms, _)| ms as i64)
-}
-
-fn id_string(value: &Value) -> Option<String> {
-    match value {
-        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-fn payload(fields: Option<&Value>) -> Option<Vec<u8>> {
-    let Some(Value::Array(fields)) = fields else {
-        return None;
-    };
-    fields
-        .chunks(2)
-        .find(|pair| matches!(pair.first(), Some(Value::BulkString(f)) if f == EVENT_FIELD.as_bytes()))
-        .and_then(|pair| match pair.get(1) {
-            Some(Value::BulkString(bytes)) => Some(bytes.clone()),
-            _ => None,
-        })
 }
 
 #[cfg(test)]
