@@ -317,24 +317,19 @@ impl Consumer {
         let mut reading: Option<Reading> = None;
         let mut staged = self.stage(&current);
         loop {
+            // The commit goes first: Redis queues it behind the read started last time, so it
+            // never waits for that reply to be parsed here.
+            let sending = commit::spawn_send(staged, self.conn.clone()).await;
             let next_entries = match reading.take() {
                 Some(reading) => reading.entries().await,
                 None => self.read_now(batch_size).await,
             };
-            let next_entries = match next_entries {
-                Ok(entries) => entries,
-                Err(e) => {
-                    self.committer.forget(staged);
-                    return Err(e.into());
-                }
-            };
-            let sending = commit::spawn_send(staged, self.conn.clone()).await;
             // A full read means the backlog goes on: start reading the batch after next.
-            if next_entries.len() >= batch_size {
+            if matches!(&next_entries, Ok(entries) if entries.len() >= batch_size) {
                 reading = Some(self.read_ahead(batch_size).await);
             }
             let next = async {
-                let next = self.prepare(next_entries).await?;
+                let next = self.prepare(next_entries?).await?;
                 let next_staged = next.as_ref().map(|n| self.stage(n));
                 Ok::<_, CommitError>(next.zip(next_staged))
             }
