@@ -70,8 +70,8 @@ for _, status in ipairs({'dup', 'sdup'}) do
     local sets = {before, own, after}
     local cnt = tonumber(take())
     for _, k in ipairs(sets) do
-      -- a neighbouring slot's set rarely exists, and each id sent to SMISMEMBER costs Lua a
-      -- string handed to Redis and a result in a table
+      -- the next slot's set rarely exists (nor, in a deployment's first window, the last
+      -- one's), and each id sent to SMISMEMBER costs Lua a string for Redis and a result
       if redis.call('EXISTS', KEYS[k]) == 1 then
         for s = pos, pos + cnt - 1, 512 do
           local e = math.min(s + 511, pos + cnt - 1)
@@ -550,8 +550,15 @@ impl Committer {
     /// value.
     pub fn forget(&mut self, staged: Staged) {
         for touch in staged.touched.into_iter().rev() {
-            let (field, change) = &staged.writes[touch.write].cells[touch.cell];
-            let key = &staged.keys[touch.write];
+            let (Some((field, change)), Some(key)) = (
+                staged
+                    .writes
+                    .get(touch.write)
+                    .and_then(|w| w.cells.get(touch.cell)),
+                staged.keys.get(touch.write),
+            ) else {
+                continue;
+            };
             let Some(known) = self.cache.get_mut(key, field) else {
                 continue;
             };
