@@ -73,8 +73,8 @@ pub struct Args {
     pub admin_token: Option<String>,
     /// Most stream entries per batch; default 32000. Live traffic makes smaller batches (see
     /// `--linger-ms`); a backlog is read in full batches, where larger ones share more cells
-    /// per commit (less work for Redis per event) but hold Redis longer: in `aggbench` about
-    /// 75 ms at 32000 (190,000 events/s), 37 ms at 8000 (150,000 events/s).
+    /// per commit (a quarter less work for Redis per event at 32000 than at 8000) but hold Redis
+    /// longer: in `aggbench` 80–100 ms at 32000, 35 ms at 8000 (BENCHMARKS.md).
     #[arg(global = true, long, env = "METER_BATCH_SIZE")]
     pub batch_size: Option<usize>,
     /// Entries pending this long on another consumer are taken over, milliseconds.

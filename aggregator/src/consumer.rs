@@ -314,11 +314,12 @@ impl Consumer {
         let Some(mut current) = self.prepare(entries).await? else {
             return Ok(());
         };
-        let mut reading: Option<Reading> = None;
+        // The batch after: read now, so that the first commit queues behind it too.
+        let mut reading = Some(self.read_ahead(batch_size).await);
         let mut staged = self.stage(&current);
         loop {
-            // The commit goes first: Redis queues it behind the read started last time, so it
-            // never waits for that reply to be parsed here.
+            // The commit goes first: Redis queues it behind the read already started, so it does
+            // not wait for that reply to be parsed here.
             let sending = commit::spawn_send(staged, self.conn.clone()).await;
             let next_entries = match reading.take() {
                 Some(reading) => reading.entries().await,

@@ -57,8 +57,8 @@ pub struct ReplayArgs {
     #[arg(long = "pricing")]
     pub pricing: Option<PathBuf>,
     /// Stream entries per commit to the shadow. Larger batches share more cells (faster), but
-    /// Redis serves nothing else while one commits: in `aggbench` about 50 ms at 20,000
-    /// (240,000 events/s), 31 ms at 10,000 (210,000 events/s).
+    /// Redis serves nothing else while one commits: in `aggbench` 42–50 ms at 20,000, 31 ms at
+    /// 10,000 (BENCHMARKS.md).
     #[arg(long, default_value_t = 20_000)]
     pub batch_size: usize,
 }
@@ -400,13 +400,22 @@ async fn rebuild(
             None => None,
         };
         let raw = match (reading.take(), reader.as_mut()) {
-            (Some(task), _) => {
-                let (back, raw) = task.chunk().await?;
+            (Some(task), _) => task.chunk().await.and_then(|(back, raw)| {
                 reader = Some(back);
-                raw?
+                raw
+            }),
+            (None, Some(idle)) => idle.next(conn).await,
+            (None, None) => Ok(None),
+        };
+        let raw = match raw {
+            Ok(raw) => raw,
+            Err(e) => {
+                // The commit sent must not land after the shadow is cleaned up.
+                if let Some((_, sending)) = sending {
+                    let _ = sending.reply().await;
+                }
+                return Err(e);
             }
-            (None, Some(idle)) => idle.next(conn).await?,
-            (None, None) => None,
         };
         counts.read += raw.as_ref().map_or(0, |r| r.entries.len() as u64);
         let done = reader.as_ref().is_none_or(|r| r.done);
@@ -521,7 +530,8 @@ impl Reader {
                 .await
             {
                 Ok(replies) => replies,
-                Err(e) if e.code() == Some("NOGROUP") => {
+                // No consumer group yet: nothing was delivered, so everything is left.
+                Err(e) if refused_with(&e, "NOGROUP") => {
                     let entries = redis::cmd("XRANGE")
                         .arg(&self.stream)
                         .arg(&self.cursor)
@@ -561,7 +571,17 @@ impl Reader {
     }
 }
 
-/// A chunk as read: entries, the group's delivery position and which of them are pending.
+/// Whether Redis refused `e` with `code`, or one command of the pipeline `e` came from: a
+/// pipeline's error is its failed commands' errors, and `code()` reads none of them.
+fn refused_with(e: &redis::RedisError, code: &str) -> bool {
+    e.code() == Some(code)
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, error)| error.code() == code))
+}
+
+/// A chunk as read: entries, the group's delivery position and which of them are pending (of
+/// the chunk and maybe some after it).
 struct Raw {
     entries: Vec<Entry>,
     delivered: Option<(u64, u64)>,

@@ -661,3 +661,29 @@ async fn a_replay_refuses_days_the_stream_no_longer_holds_whole() {
         "after the replay",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_before_any_consumer_leaves_every_entry_to_them() {
+    let stream = unique_stream();
+    let now = chrono::Utc::now().timestamp_millis();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let events = history(23, 300, now, 3);
+    write(&mut conn, &stream, &events).await;
+
+    // No consumer group exists yet: nothing was delivered, so nothing is acknowledged.
+    let summary = replay(&stream, &["--from", "0"]);
+    assert!(
+        summary.contains(&format!("{} left to the live consumers", events.len())),
+        "{summary}"
+    );
+
+    // The first aggregator then counts every event once.
+    let (aggregator, _stop) = spawn_aggregator(redis_url(), &stream).await;
+    let http = reqwest::Client::new();
+    let n = distinct(&events).len() as i64;
+    eventually(Duration::from_secs(30), || async {
+        (usage_requests(&http, aggregator, now).await == n).then_some(())
+    })
+    .await;
+}
