@@ -57,8 +57,9 @@ pub struct ReplayArgs {
     #[arg(long = "pricing")]
     pub pricing: Option<PathBuf>,
     /// Stream entries per commit to the shadow. Larger batches share more cells (faster), but
-    /// Redis serves nothing else while one commits: in `aggbench` 42–50 ms at 20,000, 31 ms at
-    /// 10,000 (BENCHMARKS.md).
+    /// Redis serves nothing else while one commits: in `aggbench` a commit took 41–50 ms at
+    /// 20,000 and 29–31 ms at 10,000, and another client's `PING` waited up to 69–77 ms (p99)
+    /// against 45–48 ms (BENCHMARKS.md).
     #[arg(long, default_value_t = 20_000)]
     pub batch_size: usize,
 }

@@ -3,6 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use redis::aio::MultiplexedConnection;
@@ -201,6 +204,74 @@ impl AggregatorMetrics {
     }
 }
 
+/// Round trips of one `PING` every 5 ms on a connection of its own while something else runs:
+/// how long any other client of this Redis (the gateway's limiter, say) waits meanwhile, for
+/// Redis runs one command at a time and a commit script is one command.
+pub struct Waits {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Duration>>,
+}
+
+/// What [`Waits`] saw.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitSummary {
+    pub pings: usize,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+impl Waits {
+    pub async fn start(url: &str) -> anyhow::Result<Self> {
+        let mut conn = redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let task = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while !stopped.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                if redis::cmd("PING")
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                samples.push(sent.elapsed());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            samples
+        });
+        Ok(Self { stop, task })
+    }
+
+    pub async fn finish(self) -> anyhow::Result<WaitSummary> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut samples = self.task.await.context("the PING task")?;
+        samples.sort_unstable();
+        Ok(summarise(&samples))
+    }
+}
+
+/// Nearest-rank percentiles of sorted `samples`.
+fn summarise(samples: &[Duration]) -> WaitSummary {
+    let at = |q: f64| {
+        let rank = (q * samples.len() as f64).ceil() as usize;
+        samples
+            .get(rank.saturating_sub(1))
+            .copied()
+            .unwrap_or_default()
+    };
+    WaitSummary {
+        pings: samples.len(),
+        p50: at(0.5),
+        p99: at(0.99),
+        max: samples.last().copied().unwrap_or_default(),
+    }
+}
+
 /// Minimum, maximum and last of a series of samples.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Range {
@@ -226,6 +297,18 @@ impl Range {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_percentiles_are_nearest_rank() {
+        let ms = |n: u64| Duration::from_millis(n);
+        let samples: Vec<Duration> = (1..=200).map(ms).collect();
+        let s = summarise(&samples);
+        assert_eq!(
+            (s.pings, s.p50, s.p99, s.max),
+            (200, ms(100), ms(198), ms(200))
+        );
+        assert_eq!(summarise(&[]).max, Duration::ZERO);
+    }
 
     #[test]
     fn metrics_are_read_by_exact_name() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::catch_up::CatchUp;
 use crate::conservation::Check;
 use crate::events::{Expected, ModelSpec};
-use crate::probes::{KeyShape, Range};
+use crate::probes::{KeyShape, Range, WaitSummary};
 use crate::stream::{Bare, CHUNK, Preload};
 
 pub struct Workload {
@@ -54,6 +54,8 @@ pub struct Report {
     pub checks: Vec<Check>,
     /// `--replay`: the replay's run and the checks repeated after its switch.
     pub replay: Option<ReplayRun>,
+    /// Another client's `PING` round trips during each phase.
+    pub waits: Vec<(&'static str, WaitSummary)>,
 }
 
 pub struct ReplayRun {
@@ -286,6 +288,26 @@ impl Report {
                     *usec as f64 / 1e3,
                     *usec as f64 / (*calls).max(1) as f64,
                     *usec as f64 / n.max(1) as f64,
+                )?;
+            }
+        }
+
+        if !self.waits.is_empty() {
+            writeln!(
+                out,
+                "\n## Redis responsiveness\n\nAnother client's `PING` every 5 ms on a connection \
+                 of its own: what any other client of this Redis (the gateway's limiter, say) waits \
+                 while a commit script runs.\n\n| during | pings | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|"
+            )?;
+            let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3);
+            for (phase, w) in &self.waits {
+                writeln!(
+                    out,
+                    "| {phase} | {} | {} | {} | {} |",
+                    w.pings,
+                    ms(w.p50),
+                    ms(w.p99),
+                    ms(w.max)
                 )?;
             }
         }

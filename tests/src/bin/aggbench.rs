@@ -154,7 +154,9 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
 
     eprintln!("aggbench: bare consumer (group `{BARE_GROUP}`)");
     let redis_ticks = probes::cpu_ticks(redis.pid())?;
+    let pings = probes::Waits::start(&redis.url).await?;
     let bare = stream::bare_consumer(&mut conn, STREAM, BARE_GROUP, n).await?;
+    let mut waits = vec![("the bare consumer", pings.finish().await?)];
     let redis_cpu_bare = probes::cpu_ticks(redis.pid())?.saturating_sub(redis_ticks) as f64 / hz;
     let memory_after_bare = probes::redis_used_memory(&mut conn).await?;
 
@@ -174,6 +176,7 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
         .query_async::<()>(&mut conn)
         .await?;
     let redis_ticks = probes::cpu_ticks(redis.pid())?;
+    let pings = probes::Waits::start(&redis.url).await?;
     let started = Instant::now();
     let mut aggregator = servers::spawn_aggregator(binary, &redis.url, STREAM, listen)?;
     let catch_up = catch_up::follow(
@@ -189,6 +192,7 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
         timeout,
     )
     .await?;
+    waits.push(("the aggregator's catch-up", pings.finish().await?));
     let redis_cpu_aggregator =
         probes::cpu_ticks(redis.pid())?.saturating_sub(redis_ticks) as f64 / hz;
     let aggregator_cpu = probes::cpu_ticks(aggregator.pid())? as f64 / hz;
@@ -203,6 +207,7 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
             .arg("RESETSTAT")
             .query_async::<()>(&mut conn)
             .await?;
+        let pings = probes::Waits::start(&redis.url).await?;
         let started = Instant::now();
         let mut command = tokio::process::Command::new(binary);
         command.arg("replay");
@@ -218,6 +223,7 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
             .await
             .context("running aggregator replay")?;
         let wall = started.elapsed();
+        waits.push(("the replay", pings.finish().await?));
         ensure!(
             output.status.success(),
             "aggregator replay failed: {}",
@@ -272,6 +278,7 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
         },
         checks,
         replay,
+        waits,
     })
 }
 
