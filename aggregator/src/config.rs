@@ -71,12 +71,12 @@ pub struct Args {
     pub pricing: Option<PathBuf>,
     #[arg(global = true, long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Most stream entries per batch; default 16000. Live traffic makes smaller batches (see
+    /// Most stream entries per batch; default 24000. Live traffic makes smaller batches (see
     /// `--linger-ms`); a backlog is read in full batches, where larger ones share more cells
     /// per commit (less work for Redis per event) but hold Redis longer, and every other client
     /// waits: in `aggbench` a `PING`'s p99 during a catch-up was 50 ms at 8000, 77–90 ms at
-    /// 16000 and 126–156 ms at 32000, for 0.46×, 0.50–0.57× and 0.52–0.60× the bare consumer's
-    /// rate (BENCHMARKS.md).
+    /// 16000, 108–129 ms at 24000 and 126–156 ms at 32000, for 0.46×, 0.50–0.57×, 0.51–0.65×
+    /// and 0.52–0.60× the bare consumer's rate (BENCHMARKS.md).
     #[arg(global = true, long, env = "METER_BATCH_SIZE")]
     pub batch_size: Option<usize>,
     /// Entries pending this long on another consumer are taken over, milliseconds.
@@ -158,7 +158,7 @@ impl Config {
                 reason: format!("{} does not exist", path.display()),
             });
         }
-        let batch_size = args.batch_size.or(file.batch_size).unwrap_or(16_000);
+        let batch_size = args.batch_size.or(file.batch_size).unwrap_or(24_000);
         if batch_size == 0 {
             return Err(ConfigError::Invalid {
                 name: "batch size",
