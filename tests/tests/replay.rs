@@ -227,6 +227,28 @@ async fn usage_requests(http: &reqwest::Client, aggregator: std::net::SocketAddr
     body["rows"][0]["requests"].as_i64().unwrap_or(0)
 }
 
+/// A new stream holding `events`, and a connection to its Redis.
+async fn stream_of(events: &[UsageEvent]) -> (String, redis::aio::MultiplexedConnection) {
+    let stream = unique_stream();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    write(&mut conn, &stream, events).await;
+    (stream, conn)
+}
+
+/// Waits until `/v1/usage` counts `n` requests.
+async fn until_requests(
+    http: &reqwest::Client,
+    aggregator: std::net::SocketAddr,
+    now: i64,
+    n: i64,
+) {
+    eventually(Duration::from_secs(30), || async {
+        (usage_requests(http, aggregator, now).await == n).then_some(())
+    })
+    .await;
+}
+
 fn replay(stream: &str, extra: &[&str]) -> String {
     let output = Command::new(binary("aggregator", "aggregator"))
         .arg("replay")
@@ -253,19 +275,13 @@ fn price_file() -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_under_live_load_reprices_everything_exactly_once() {
-    let stream = unique_stream();
     let now = chrono::Utc::now().timestamp_millis();
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let before = history(7, 3000, now, 12);
-    write(&mut conn, &stream, &before).await;
+    let (stream, mut conn) = stream_of(&before).await;
     let (aggregator, _stop) = spawn_aggregator(redis_url(), &stream).await;
     let http = reqwest::Client::new();
     let n_before = distinct(&before).len() as i64;
-    eventually(Duration::from_secs(30), || async {
-        (usage_requests(&http, aggregator, now).await == n_before).then_some(())
-    })
-    .await;
+    until_requests(&http, aggregator, now, n_before).await;
 
     // Live traffic keeps arriving from before the replay starts until after it switched.
     let replay_binary = tokio::task::spawn_blocking(|| binary("aggregator", "aggregator"));
@@ -310,10 +326,7 @@ async fn replay_under_live_load_reprices_everything_exactly_once() {
 
     let all: Vec<UsageEvent> = distinct(&[before, live].concat());
     let n = all.len() as i64;
-    eventually(Duration::from_secs(30), || async {
-        (usage_requests(&http, aggregator, now).await == n).then_some(())
-    })
-    .await;
+    until_requests(&http, aggregator, now, n).await;
 
     // Every event priced once at the new prices: hour cells, day cells, month cells, and
     // every key's lifetime spend.
@@ -361,10 +374,7 @@ async fn replay_under_live_load_reprices_everything_exactly_once() {
     let mut rng = Lcg(5);
     let after = vec![event(&mut rng, "after-1".into(), now)];
     write(&mut conn, &stream, &after).await;
-    eventually(Duration::from_secs(30), || async {
-        (usage_requests(&http, aggregator, now).await == n + 1).then_some(())
-    })
-    .await;
+    until_requests(&http, aggregator, now, n + 1).await;
     assert_eq!(
         stored_cost(&mut conn, &stream, "st:d:*").await,
         want + doubled_cost(&after[0])
@@ -373,19 +383,13 @@ async fn replay_under_live_load_reprices_everything_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_with_unchanged_prices_reproduces_every_figure_and_is_idempotent() {
-    let stream = unique_stream();
     let now = chrono::Utc::now().timestamp_millis();
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let events = history(11, 2000, now, 5);
-    write(&mut conn, &stream, &events).await;
+    let (stream, mut conn) = stream_of(&events).await;
     let (aggregator, stop) = spawn_aggregator(redis_url(), &stream).await;
     let http = reqwest::Client::new();
     let n = distinct(&events).len() as i64;
-    eventually(Duration::from_secs(30), || async {
-        (usage_requests(&http, aggregator, now).await == n).then_some(())
-    })
-    .await;
+    until_requests(&http, aggregator, now, n).await;
     let _ = stop.send(());
     let original = figures(&mut conn, &stream).await;
     assert!(original.0.len() > 50, "{}", original.0.len());
@@ -409,21 +413,15 @@ async fn replay_with_unchanged_prices_reproduces_every_figure_and_is_idempotent(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_range_replay_reprices_only_its_days() {
-    let stream = unique_stream();
     let now = chrono::Utc::now().timestamp_millis();
     let today = now.div_euclid(DAY) * DAY;
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let events = history(13, 2000, now, 6);
-    write(&mut conn, &stream, &events).await;
+    let (stream, mut conn) = stream_of(&events).await;
     let (aggregator, _stop) = spawn_aggregator(redis_url(), &stream).await;
     let http = reqwest::Client::new();
     let all = distinct(&events);
     let n = all.len() as i64;
-    eventually(Duration::from_secs(30), || async {
-        (usage_requests(&http, aggregator, now).await == n).then_some(())
-    })
-    .await;
+    until_requests(&http, aggregator, now, n).await;
 
     // Rebuild the two days before yesterday; the --to bound is aligned up to a day end.
     let (from, to) = (today - 3 * DAY, today - DAY);
@@ -487,12 +485,9 @@ async fn a_range_replay_reprices_only_its_days() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_that_dies_changes_nothing_and_a_second_one_waits_for_it() {
-    let stream = unique_stream();
     let now = chrono::Utc::now().timestamp_millis();
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let events = history(17, 20_000, now, 3);
-    write(&mut conn, &stream, &events).await;
+    let (stream, mut conn) = stream_of(&events).await;
     let (aggregator, _stop) = spawn_aggregator(redis_url(), &stream).await;
     let http = reqwest::Client::new();
     let n = distinct(&events).len() as i64;
@@ -560,10 +555,7 @@ async fn a_replay_that_dies_changes_nothing_and_a_second_one_waits_for_it() {
     let mut rng = Lcg(3);
     let late = vec![event(&mut rng, "after-the-crash".into(), now)];
     write(&mut conn, &stream, &late).await;
-    eventually(Duration::from_secs(30), || async {
-        (usage_requests(&http, aggregator, now).await == n + 1).then_some(())
-    })
-    .await;
+    until_requests(&http, aggregator, now, n + 1).await;
     let running: Option<String> = conn.hget(ks.key("ctl"), "rid").await.unwrap();
     assert_eq!(running, None, "the dead replay is abandoned");
 
@@ -607,19 +599,13 @@ async fn a_replay_that_dies_changes_nothing_and_a_second_one_waits_for_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_refuses_days_the_stream_no_longer_holds_whole() {
-    let stream = unique_stream();
     let now = chrono::Utc::now().timestamp_millis();
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let events = history(19, 500, now, 4);
-    write(&mut conn, &stream, &events).await;
+    let (stream, mut conn) = stream_of(&events).await;
     let (aggregator, _stop) = spawn_aggregator(redis_url(), &stream).await;
     let http = reqwest::Client::new();
     let n = distinct(&events).len() as i64;
-    eventually(Duration::from_secs(30), || async {
-        (usage_requests(&http, aggregator, now).await == n).then_some(())
-    })
-    .await;
+    until_requests(&http, aggregator, now, n).await;
     let original = figures(&mut conn, &stream).await;
     // Retention trimmed the oldest entries.
     let ids: Vec<Vec<redis::Value>> = redis::cmd("XRANGE")
@@ -664,12 +650,9 @@ async fn a_replay_refuses_days_the_stream_no_longer_holds_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_before_any_consumer_leaves_every_entry_to_them() {
-    let stream = unique_stream();
     let now = chrono::Utc::now().timestamp_millis();
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let events = history(23, 300, now, 3);
-    write(&mut conn, &stream, &events).await;
+    let (stream, _) = stream_of(&events).await;
 
     // No consumer group exists yet: nothing was delivered, so nothing is acknowledged.
     let summary = replay(&stream, &["--from", "0"]);
@@ -682,8 +665,5 @@ async fn a_replay_before_any_consumer_leaves_every_entry_to_them() {
     let (aggregator, _stop) = spawn_aggregator(redis_url(), &stream).await;
     let http = reqwest::Client::new();
     let n = distinct(&events).len() as i64;
-    eventually(Duration::from_secs(30), || async {
-        (usage_requests(&http, aggregator, now).await == n).then_some(())
-    })
-    .await;
+    until_requests(&http, aggregator, now, n).await;
 }
