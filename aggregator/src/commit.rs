@@ -51,7 +51,7 @@ local prefix = take()
 local pv = redis.call('HGET', KEYS[2], 'pv') or '0'
 local rid = redis.call('HGET', KEYS[2], 'rid') or '0'
 if rid ~= '0' and redis.call('EXISTS', prefix .. 'rp' .. rid .. ':lease') == 0 then
-  redis.call('HDEL', KEYS[2], 'rid', 'rfrom', 'rto', 'rfz')
+  redis.call('HDEL', KEYS[2], 'rid', 'rfrom', 'rto', 'rend', 'rfz')
   rid = '0'
 end
 if pv .. ':' .. rid ~= token then return {'stale'} end
@@ -59,7 +59,9 @@ if pv .. ':' .. rid ~= token then return {'stale'} end
 if rid ~= '0' and redis.call('HGET', KEYS[2], 'rfz') == rid then return {'frozen'} end
 
 -- 1. duplicates, live then shadow: nothing is written if any are found. Per arrival slot s:
---    the key indexes of the seen-sets of s-1, s and s+1, a count, then the ids, sent once and
+--    the key indexes of the seen-sets of s-1, s and s+1, how s's set is kept (0: expires
+--    `seen_ttl` after its last write; 1: a replay's copy, kept until the replay ends; 2: a
+--    replay's copy, expiring like 0 unless it is kept), a count, then the ids, sent once and
 --    checked against all three; recorded in s's set in step 2.
 local records = {}
 for _, status in ipairs({'dup', 'sdup'}) do
@@ -68,6 +70,7 @@ for _, status in ipairs({'dup', 'sdup'}) do
   for _ = 1, n do
     local before = tonumber(take()); local own = tonumber(take()); local after = tonumber(take())
     local sets = {before, own, after}
+    local keep = tonumber(take())
     local cnt = tonumber(take())
     for _, k in ipairs(sets) do
       -- the next slot's set rarely exists (nor, in a deployment's first window, the last
@@ -80,7 +83,7 @@ for _, status in ipairs({'dup', 'sdup'}) do
         end
       end
     end
-    records[#records + 1] = {sets[2], pos, cnt}
+    records[#records + 1] = {sets[2], pos, cnt, keep, sets[1]}
     pos = pos + cnt
   end
   if #out > 1 then return out end
@@ -113,13 +116,25 @@ for _ = 1, n do
 end
 if #conflicts > 1 then return conflicts end
 
--- 2. record ids as seen, in their own slot's set
+-- 2. record ids as seen, in their own slot's set. A replay's copy must find what live commits
+--    recorded there for entries it has yet to read, however long its rebuild takes: those
+--    sets are kept (no expiry) until the replay deletes its copy, and the copy's other sets
+--    never put an expiry back on them. Its sets that do expire are renewed, with the one of
+--    the slot before, while the replay moves through the next slot, whatever its speed.
 for _, r in ipairs(records) do
-  local k, at, cnt = r[1], r[2], r[3]
+  local k, at, cnt, keep, before = r[1], r[2], r[3], r[4], r[5]
+  local kept = keep == 2 and redis.call('TTL', KEYS[k]) == -1
   for s = at, at + cnt - 1, 512 do
     redis.call('SADD', KEYS[k], unpack(ARGV, s, math.min(s + 511, at + cnt - 1)))
   end
-  redis.call('EXPIRE', KEYS[k], seen_ttl)
+  if keep == 1 then
+    redis.call('PERSIST', KEYS[k])
+  elseif not kept then
+    redis.call('EXPIRE', KEYS[k], seen_ttl)
+  end
+  if keep == 2 and redis.call('TTL', KEYS[before]) >= 0 then
+    redis.call('EXPIRE', KEYS[before], seen_ttl)
+  end
 end
 
 -- 3. cells: write the new values checked in 1b
@@ -164,13 +179,23 @@ pub struct Seen<'a> {
     pub slot: i64,
 }
 
+/// The events a commit applies to a running replay's copy.
+#[derive(Clone, Copy)]
+pub struct ShadowSeen<'a> {
+    /// The replay's shadow prefix (`rp<rid>:`).
+    pub prefix: &'a str,
+    pub seen: &'a [Seen<'a>],
+    /// Seen-sets of slots up to this one are kept until the replay ends (`i64::MIN`: none):
+    /// the slots of the entries the replay has yet to read, and the one after.
+    pub kept_through: i64,
+}
+
 /// Everything one commit applies. Key names are below the keyspace prefix; shadow ones carry
 /// their replay's prefix already.
 pub struct Batch<'a> {
     pub token: &'a str,
     pub live: &'a [Seen<'a>],
-    /// The replay's shadow prefix (`rp<rid>:`) and the events applied to its copy.
-    pub shadow: Option<(&'a str, &'a [Seen<'a>])>,
+    pub shadow: Option<ShadowSeen<'a>>,
     /// What to add to each stats cell (live and shadow); shared with the staged commit, which
     /// undoes its changes to the cache from these if it does not apply.
     pub cells: &'a Arc<Vec<CellWrite>>,
@@ -585,14 +610,19 @@ impl Committer {
     /// pass collects the keys (and each reference, in argument order) and a second writes the
     /// arguments straight into the command: a commit is megabytes of cell values, copied once.
     fn build(&self, batch: &Batch<'_>, cell_keys: &[String], merged: &[Vec<Merged>]) -> redis::Cmd {
-        let sections: Vec<(&str, BTreeMap<i64, Vec<&str>>)> = std::iter::once(("", batch.live))
-            .chain(batch.shadow)
-            .map(|(prefix, seen)| {
+        // (prefix, keep mode of a slot's set, ids by slot); modes as in the script's step 1.
+        let live = ("", None, batch.live);
+        let shadow = batch
+            .shadow
+            .map(|s| (s.prefix, Some(s.kept_through), s.seen));
+        let sections: Vec<Section<'_>> = std::iter::once(live)
+            .chain(shadow)
+            .map(|(prefix, kept_through, seen)| {
                 let mut by_slot: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
                 for s in seen {
                     by_slot.entry(s.slot).or_default().push(s.id);
                 }
-                (prefix, by_slot)
+                (prefix, kept_through, by_slot)
             })
             .collect();
         let increment_keys: Vec<String> = batch
@@ -604,7 +634,7 @@ impl Committer {
         let mut keys: Vec<&str> = vec![self.keyspace.stream(), &self.ctl_key];
         let seen_keys: Vec<String> = sections
             .iter()
-            .flat_map(|(prefix, by_slot)| {
+            .flat_map(|(prefix, _, by_slot)| {
                 by_slot
                     .keys()
                     .flat_map(move |slot| (slot - 1..=slot + 1).map(move |s| (*prefix, s)))
@@ -644,12 +674,18 @@ impl Committer {
             .arg(self.window_secs * 3)
             .arg(batch.token)
             .arg(self.keyspace.key(""));
-        for (section, (_, by_slot)) in sections.iter().enumerate() {
+        for (section, (_, kept_through, by_slot)) in sections.iter().enumerate() {
             cmd.arg(by_slot.len());
-            for ids in by_slot.values() {
+            for (slot, ids) in by_slot {
+                let keep = match kept_through {
+                    None => 0,
+                    Some(through) if slot <= through => 1,
+                    Some(_) => 2,
+                };
                 cmd.arg(next_ref())
                     .arg(next_ref())
                     .arg(next_ref())
+                    .arg(keep)
                     .arg(ids.len())
                     .arg(ids);
             }
@@ -685,6 +721,10 @@ impl Committer {
         self.keyspace.key(&format!("{prefix}seen:{slot}"))
     }
 }
+
+/// One section of a commit's seen ids: the prefix of its seen-sets (live or a replay's copy),
+/// the last slot whose set the copy keeps (`None`: live), and the ids by arrival slot.
+type Section<'a> = (&'a str, Option<i64>, BTreeMap<i64, Vec<&'a str>>);
 
 /// Sends a staged commit (apart from the committer, so it can run while the caller prepares
 /// the next batch), loading the script first if Redis does not have it (a restart, `SCRIPT FLUSH`).

@@ -20,7 +20,7 @@ use redis::aio::ConnectionManager;
 use shared::{EVENT_FIELD, Keyspace, MAX_TOKENS, UsageEvent};
 use tokio::sync::watch;
 
-use crate::commit::{self, Batch, CommitError, Committer, Outcome, Seen};
+use crate::commit::{self, Batch, CommitError, Committer, Outcome, Seen, ShadowSeen};
 use crate::control::{self, Control, Snapshot};
 use crate::metrics::Metrics;
 use crate::pricing::Usage;
@@ -52,7 +52,7 @@ struct Prepared {
     dead: usize,
     duplicates: usize,
     /// Ids the running replay's copy already has: applied live only.
-    in_shadow: HashSet<String>,
+    in_shadow: InShadow,
     /// Computed from `events` and `in_shadow`.
     priced: Priced,
 }
@@ -67,7 +67,9 @@ struct Priced {
 /// The event ids of a batch, per dedupe slot, as a commit checks and records them.
 struct SeenLists<'a> {
     live: Vec<Seen<'a>>,
-    shadow: Option<(String, Vec<Seen<'a>>)>,
+    /// The replay's prefix, the events for its copy, and the last slot whose seen-set the copy
+    /// keeps until the replay ends.
+    shadow: Option<(String, Vec<Seen<'a>>, i64)>,
 }
 
 impl<'a> SeenLists<'a> {
@@ -86,7 +88,11 @@ impl<'a> SeenLists<'a> {
                     .filter(|(_, e)| replay.covers(e.ts) && !batch.in_shadow.contains(&e.id))
                     .map(seen)
                     .collect();
-                (control::shadow_prefix(replay.rid), ids)
+                // Entries up to the replay's end are read by it later, maybe much later: what
+                // is recorded for them (and for the slot after, which their check consults)
+                // must be there then.
+                let kept_through = committer.slot_of(replay.end_ms).saturating_add(1);
+                (control::shadow_prefix(replay.rid), ids, kept_through)
             }),
         }
     }
@@ -98,11 +104,37 @@ impl<'a> SeenLists<'a> {
             shadow: self
                 .shadow
                 .as_ref()
-                .map(|(p, ids)| (p.as_str(), ids.as_slice())),
+                .map(|(prefix, seen, kept_through)| ShadowSeen {
+                    prefix,
+                    seen,
+                    kept_through: *kept_through,
+                }),
             cells: &prepared.priced.cells,
             increments: &prepared.priced.increments,
             acks: &prepared.acks,
         }
+    }
+}
+
+/// Ids a running replay's copy already holds, as a refused commit reported them: the batch
+/// applies them to the live figures only.
+#[derive(Default)]
+struct InShadow(HashSet<String>);
+
+impl InShadow {
+    fn learn(&mut self, ids: Vec<String>) {
+        self.0.extend(ids);
+    }
+
+    /// The state the batch was priced under is no longer in force: the replay these ids were
+    /// learned from may have switched, died or been replaced, and a new copy holds none of them.
+    /// Forgotten, they cost at most one more refused attempt if the replay is the same.
+    fn state_changed(&mut self) {
+        self.0.clear();
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.0.contains(id)
     }
 }
 
@@ -401,6 +433,7 @@ impl Consumer {
         let mut acks: Vec<String> = Vec::with_capacity(entries.len());
         let mut events: Vec<(i64, UsageEvent)> = Vec::with_capacity(entries.len());
         let mut dead: Vec<(Entry, String)> = Vec::new();
+        let mut ahead = 0;
         for entry in entries {
             let decoded = match &entry.payload {
                 Some(bytes) => shared::decode(bytes)
@@ -410,7 +443,11 @@ impl Consumer {
             };
             match decoded {
                 Ok(event) => {
-                    events.push((arrival_ms(&entry.id), event));
+                    let arrival = arrival_ms(&entry.id);
+                    if event.ts > arrival.saturating_add(crate::replay::CLOCK_SKEW_MS) {
+                        ahead += 1;
+                    }
+                    events.push((arrival, event));
                     acks.push(entry.id);
                 }
                 Err(reason) => {
@@ -422,12 +459,20 @@ impl Consumer {
         if !dead.is_empty() {
             self.dead_letter(&dead).await?;
         }
+        if ahead > 0 {
+            self.metrics.clock_ahead.fetch_add(ahead, Ordering::Relaxed);
+            tracing::warn!(
+                events = ahead,
+                "events stamped more than 10 minutes after they reached the stream: a gateway's \
+                 clock runs ahead of Redis's, and a replay of their day may miss them"
+            );
+        }
 
         // Within a batch, the first copy of an id wins; the commit deduplicates across batches.
         let before = events.len();
         keep_first_of_each_id(&mut events);
         let duplicates = before - events.len();
-        let in_shadow = HashSet::new();
+        let in_shadow = InShadow::default();
         let priced = self.price(&events, &in_shadow).await?;
         Ok(Some(Prepared {
             started,
@@ -445,7 +490,7 @@ impl Consumer {
     async fn price(
         &mut self,
         events: &[(i64, UsageEvent)],
-        in_shadow: &HashSet<String>,
+        in_shadow: &InShadow,
     ) -> Result<Priced, CommitError> {
         let state = match &self.state {
             Some(state) => state.clone(),
@@ -522,8 +567,9 @@ impl Consumer {
                     batch.duplicates += dups.len();
                     batch.events.retain(|(_, e)| !dups.contains(&e.id));
                 }
-                Outcome::ShadowDuplicates(ids) => batch.in_shadow.extend(ids),
+                Outcome::ShadowDuplicates(ids) => batch.in_shadow.learn(ids),
                 Outcome::Stale => {
+                    batch.in_shadow.state_changed();
                     tracing::info!("pricing or replay state changed; pricing the batch again");
                     self.state = None;
                 }
@@ -714,6 +760,18 @@ pub(crate) fn into_string(value: Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch refused because one replay's copy had some of its events, then refused as stale
+    /// because that replay switched and another registered: the new copy has none of them.
+    #[test]
+    fn what_a_replays_copy_holds_is_forgotten_when_the_state_changes() {
+        let mut in_shadow = InShadow::default();
+        in_shadow.learn(vec!["a".into(), "b".into()]);
+        assert!(in_shadow.contains("a"));
+        in_shadow.state_changed();
+        assert!(!in_shadow.contains("a"));
+        assert!(!in_shadow.contains("b"));
+    }
 
     #[test]
     fn implausible_token_counts_are_refused() {

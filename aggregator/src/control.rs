@@ -3,7 +3,7 @@
 //!
 //! | key | holds |
 //! |---|---|
-//! | `{t}:ctl` | hash: `pv` pricing version, `rid` running replay (absent or 0: none), `rfrom`/`rto` its day-aligned `ts` range, `rseq` last replay id |
+//! | `{t}:ctl` | hash: `pv` pricing version, `rid` running replay (absent or 0: none), `rfrom`/`rto` its day-aligned `ts` range, `rend` the last stream entry at its registration, `rseq` last replay id, `dw` the deployment's dedupe window (seconds) |
 //! | `{t}:pricing` | the LiteLLM JSON in force (absent: each aggregator's own, the bundled snapshot unless `--pricing`) |
 //! | `{t}:rp<rid>:pricing` | the JSON a running replay prices with (absent: the one in force) |
 //! | `{t}:rp<rid>:lease` | exists while the replay process is alive (TTL, renewed) |
@@ -22,6 +22,9 @@ use shared::Keyspace;
 use crate::pricing::Pricing;
 
 pub const CTL: &str = "ctl";
+/// The `ctl` field holding the deployment's dedupe window: every consumer and every replay must
+/// number arrival slots alike, or two copies of an id would look in different seen-sets.
+const DEDUPE_WINDOW: &str = "dw";
 pub const PRICING: &str = "pricing";
 /// A replay's lease lives this long unless renewed.
 pub const LEASE_MS: u64 = 30_000;
@@ -46,6 +49,10 @@ pub struct ReplayTarget {
     pub rid: i64,
     pub from_ms: i64,
     pub to_ms: i64,
+    /// Arrival (ms) of the last stream entry at registration: the replay reads up to it, so
+    /// what live commits record in the copy's seen-sets for arrivals up to there must outlive
+    /// the rebuild, however long it takes.
+    pub end_ms: i64,
     pub pricing: Arc<Pricing>,
 }
 
@@ -77,6 +84,15 @@ pub fn token(pricing_version: i64, rid: i64) -> String {
     format!("{pricing_version}:{rid}")
 }
 
+/// `pv`, `rid`, `rfrom`, `rto`, `rend` of `{t}:ctl`.
+type CtlFields = (
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+);
+
 /// Loads [`Snapshot`]s, parsing a price table only when its version changed.
 pub struct Control {
     keyspace: Keyspace,
@@ -98,12 +114,11 @@ impl Control {
 
     pub async fn load(&mut self, conn: &mut ConnectionManager) -> RedisResult<Snapshot> {
         let ctl = self.keyspace.key(CTL);
-        let (pv, rid, from, to): (Option<i64>, Option<i64>, Option<i64>, Option<i64>) =
-            redis::cmd("HMGET")
-                .arg(&ctl)
-                .arg(&["pv", "rid", "rfrom", "rto"])
-                .query_async(conn)
-                .await?;
+        let (pv, rid, from, to, end): CtlFields = redis::cmd("HMGET")
+            .arg(&ctl)
+            .arg(&["pv", "rid", "rfrom", "rto", "rend"])
+            .query_async(conn)
+            .await?;
         let pv = pv.unwrap_or(0);
         let pricing = match &self.current {
             Some((version, pricing)) if *version == pv => Arc::clone(pricing),
@@ -137,6 +152,13 @@ impl Control {
                     rid,
                     from_ms,
                     to_ms,
+                    // A replay registered by an older version recorded no end: keep its
+                    // copy's seen-sets for every arrival up to now.
+                    end_ms: end
+                        .as_deref()
+                        .and_then(|id| id.split_once('-'))
+                        .and_then(|(ms, _)| ms.parse().ok())
+                        .unwrap_or(i64::MAX),
                     pricing,
                 })
             }
@@ -148,6 +170,24 @@ impl Control {
             replay,
         })
     }
+}
+
+/// The deployment's dedupe window in seconds: the one recorded in `ctl`, which `configured`
+/// becomes if none is recorded yet.
+pub async fn dedupe_window(
+    conn: &mut ConnectionManager,
+    keyspace: &Keyspace,
+    configured: i64,
+) -> RedisResult<i64> {
+    let ctl = keyspace.key(CTL);
+    let (recorded,): (i64,) = redis::pipe()
+        .atomic()
+        .hset_nx(&ctl, DEDUPE_WINDOW, configured)
+        .ignore()
+        .hget(&ctl, DEDUPE_WINDOW)
+        .query_async(conn)
+        .await?;
+    Ok(recorded)
 }
 
 /// Makes `text` (a LiteLLM price file, already validated) the pricing every aggregator of the

@@ -60,6 +60,18 @@ pub enum StartError {
     },
     #[error("cannot load pricing: {0}")]
     Pricing(#[from] PricingError),
+    #[error(
+        "this aggregator's dedupe window is {configured} s, but the deployment's is {deployment} s \
+         (recorded in Redis by the first aggregator): two copies of an event would be checked \
+         against different seen-sets and counted twice. Start it with --dedupe-window-secs \
+         {deployment}, or change the deployment's window: stop every aggregator, then \
+         `redis-cli HSET '{ctl_key}' dw {configured}`"
+    )]
+    DedupeWindow {
+        deployment: i64,
+        configured: i64,
+        ctl_key: String,
+    },
     #[error("server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -77,6 +89,20 @@ pub async fn run(
     // The consumer blocks in XREADGROUP, so it gets a connection of its own.
     let consumer_conn = connect_redis(&config.redis_url).await?;
     let mut api_conn = connect_redis(&config.redis_url).await?;
+    let deployment =
+        control::dedupe_window(&mut api_conn, &config.keyspace, config.dedupe_window_secs)
+            .await
+            .map_err(|source| StartError::Redis {
+                url: config.redis_url.clone(),
+                source,
+            })?;
+    if deployment != config.dedupe_window_secs {
+        return Err(StartError::DedupeWindow {
+            deployment,
+            configured: config.dedupe_window_secs,
+            ctl_key: config.keyspace.key(control::CTL),
+        });
+    }
     // An explicit price file is the operator's word for the whole deployment; without one, an
     // aggregator applies what the deployment published (e.g. by a replay), else the bundled
     // snapshot.

@@ -14,6 +14,8 @@ pub struct Metrics {
     /// Commits redone because a cell changed between reading and writing it.
     pub commit_conflicts: AtomicU64,
     pub errors: AtomicU64,
+    /// Events stamped further ahead of their arrival than a replay tolerates.
+    pub clock_ahead: AtomicU64,
     pub stats_cache_hits: AtomicU64,
     pub stats_cache_misses: AtomicU64,
     apply_micros_total: AtomicU64,
@@ -69,6 +71,11 @@ impl Metrics {
             "meter_consumer_errors_total",
             "Failed consume or commit attempts (retried).",
             get(&self.errors),
+        );
+        counter(
+            "meter_events_clock_ahead_total",
+            "Events whose ts is more than 10 minutes after their arrival in the stream: a gateway clock runs ahead of Redis's, and a replay of their day may miss them.",
+            get(&self.clock_ahead),
         );
         counter(
             "meter_stats_cache_hits_total",

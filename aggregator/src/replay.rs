@@ -33,7 +33,7 @@ use redis::{AsyncCommands, Script, Value};
 use shared::UsageEvent;
 
 use crate::Config;
-use crate::commit::{self, Batch, CommitError, Committer, Outcome, Seen};
+use crate::commit::{self, Batch, CommitError, Committer, Outcome, Seen, ShadowSeen};
 use crate::consumer::{Entry, into_string, take_entries, usage_of};
 use crate::control::{self, Control, LEASE_MS};
 use crate::pricing::{Cost, Pricing, PricingError};
@@ -184,11 +184,16 @@ if rid and rid ~= '0' and redis.call('EXISTS', P .. 'rp' .. rid .. ':lease') == 
 end
 local new = redis.call('HINCRBY', KEYS[1], 'rseq', 1)
 local S = P .. 'rp' .. new .. ':'
-redis.call('HSET', KEYS[1], 'rid', new, 'rfrom', ARGV[2], 'rto', ARGV[3])
+-- the rebuild reads up to the last entry now: every later one is committed live after this
+-- script, so it reaches the copy through the live consumers
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local rend = '0-0'
+if last[1] then rend = last[1][1] end
+redis.call('HSET', KEYS[1], 'rid', new, 'rfrom', ARGV[2], 'rto', ARGV[3], 'rend', rend)
 if ARGV[4] ~= '' then redis.call('SET', S .. 'pricing', ARGV[4]) end
 redis.call('SET', S .. 'lease', '1', 'PX', ARGV[5])
 local pv = redis.call('HGET', KEYS[1], 'pv') or '0'
-return {'ok', tostring(new), pv}
+return {'ok', tostring(new), pv, rend}
 "#;
 
 /// Runs a replay to the end; progress lines go to `progress`.
@@ -220,6 +225,18 @@ pub async fn run(
         .set_response_timeout(Some(Duration::from_secs(300)));
     let mut conn = ConnectionManager::new_with_config(client.clone(), conn_config.clone()).await?;
 
+    // Live consumers and the replay must number dedupe slots alike: the deployment's window,
+    // whatever this process was configured with.
+    let window_secs =
+        control::dedupe_window(&mut conn, &keyspace, config.dedupe_window_secs).await?;
+    if window_secs != config.dedupe_window_secs {
+        let _ = writeln!(
+            progress,
+            "replay: using the deployment's dedupe window of {window_secs} s (configured here: {} s)",
+            config.dedupe_window_secs
+        );
+    }
+
     let trimmed_until = trimmed_until(&mut conn, keyspace.stream()).await?;
     let from_ms = match &args.from {
         Some(raw) => day_floor(parse_bound("from", raw)?),
@@ -240,7 +257,7 @@ pub async fn run(
         });
     }
     if let Some(t) = trimmed_until
-        && t >= from_ms
+        && t >= read_from(from_ms)
     {
         return Err(ReplayError::Trimmed(rfc3339(t)));
     }
@@ -248,6 +265,7 @@ pub async fn run(
     // Register.
     let reply: Vec<String> = Script::new(REGISTER)
         .key(keyspace.key(control::CTL))
+        .key(keyspace.stream())
         .arg(keyspace.key(""))
         .arg(from_ms)
         .arg(to_ms)
@@ -259,6 +277,10 @@ pub async fn run(
     if reply.first().map(String::as_str) != Some("ok") {
         return Err(ReplayError::Busy(rid));
     }
+    let end = reply
+        .get(3)
+        .and_then(|id| parse_id(id))
+        .filter(|id| *id > (0, 0));
     let prefix = control::shadow_prefix(rid);
     // Shadows of replays that died are garbage now.
     delete_matching(&mut conn, &keyspace.key("rp*"), &keyspace.key(&prefix)).await?;
@@ -279,16 +301,26 @@ pub async fn run(
         keyspace.key(&control::lease_key(rid)),
         lease,
     ));
-    let rebuilt = rebuild(
-        config,
-        &args,
-        &mut conn,
-        rid,
-        (from_ms, to_ms),
-        pricing.map(Arc::new),
-        progress,
-    )
-    .await;
+    let rebuilt = match end {
+        Some(end) => {
+            let target = Target {
+                rid,
+                range: (from_ms, to_ms),
+                end,
+                window_secs,
+            };
+            rebuild(
+                config,
+                &args,
+                &mut conn,
+                target,
+                pricing.map(Arc::new),
+                progress,
+            )
+            .await
+        }
+        None => Ok(Counts::default()),
+    };
     let mut switch_started = None;
     let result = match rebuilt {
         Ok(counts) => {
@@ -333,15 +365,43 @@ struct Counts {
     duplicates: u64,
 }
 
+/// What a registered replay rebuilds.
+struct Target {
+    rid: i64,
+    /// `ts` range, day-aligned.
+    range: (i64, i64),
+    /// The last stream entry at registration.
+    end: (u64, u64),
+    /// The deployment's dedupe window.
+    window_secs: i64,
+}
+
+/// How far before `from` (stream time) the rebuild starts reading: `ts` is the gateway's clock
+/// at the request's start and an entry's id Redis's clock at its arrival, so an event stamped
+/// just inside the range can have arrived just before it when a gateway's clock runs ahead.
+/// This is the skew between gateway and Redis clocks the replay tolerates; live consumers warn
+/// about events stamped further ahead than this (`consumer.rs`).
+pub const CLOCK_SKEW_MS: i64 = 10 * 60_000;
+
+/// The first stream time the rebuild of days from `from_ms` reads.
+fn read_from(from_ms: i64) -> i64 {
+    from_ms.saturating_sub(CLOCK_SKEW_MS).max(0)
+}
+
 async fn rebuild(
     config: &Config,
     args: &ReplayArgs,
     conn: &mut ConnectionManager,
-    rid: i64,
-    (from_ms, to_ms): (i64, i64),
+    target_replay: Target,
     pricing: Option<Arc<Pricing>>,
     progress: &mut impl Write,
 ) -> Result<Counts, ReplayError> {
+    let Target {
+        rid,
+        range: (from_ms, to_ms),
+        end,
+        window_secs,
+    } = target_replay;
     let keyspace = &config.keyspace;
     let stream = keyspace.stream();
     let mut control = Control::new(keyspace.clone(), Arc::new(Pricing::bundled()));
@@ -351,11 +411,7 @@ async fn rebuild(
         return Err(ReplayError::Abandoned);
     }
     let mut shadow = Shadow {
-        committer: Committer::new(
-            keyspace.clone(),
-            config.group.clone(),
-            config.dedupe_window_secs,
-        ),
+        committer: Committer::new(keyspace.clone(), config.group.clone(), window_secs),
         pricing: pricing.unwrap_or_else(|| Arc::clone(&target.pricing)),
         pricing_version: state.pricing_version,
         control,
@@ -364,22 +420,10 @@ async fn rebuild(
         conflicts: std::sync::atomic::AtomicU64::new(0),
     };
 
-    // Everything committed before registration is at or before this entry.
-    let newest: Value = redis::cmd("XREVRANGE")
-        .arg(stream)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(conn)
-        .await?;
-    let Some(end) = take_entries(newest).first().and_then(|e| parse_id(&e.id)) else {
-        return Ok(Counts::default());
-    };
     let mut reader = Some(Reader {
         stream: stream.to_owned(),
         group: config.group.clone(),
-        cursor: format!("{}-0", from_ms.max(0)),
+        cursor: format!("{}-0", read_from(from_ms)),
         end,
         batch_size: args.batch_size,
         range: (from_ms, to_ms),
@@ -457,7 +501,7 @@ async fn rebuild(
     report(progress, &counts, began, counts.read);
     // The trimmer must not have removed entries the rebuild still needed.
     if let Some(t) = trimmed_until(conn, stream).await?
-        && t >= from_ms
+        && t >= read_from(from_ms)
     {
         return Err(ReplayError::Trimmed(rfc3339(t)));
     }
@@ -680,7 +724,13 @@ impl Shadow {
         Some(self.committer.stage(&Batch {
             token: &control::token(self.pricing_version, self.rid),
             live: &[],
-            shadow: Some((&self.prefix, &seen)),
+            // The replay's own records expire as a live consumer's do, renewed as it moves on;
+            // only what live commits record for entries it has yet to read is kept.
+            shadow: Some(ShadowSeen {
+                prefix: &self.prefix,
+                seen: &seen,
+                kept_through: i64::MIN,
+            }),
             cells: &cells,
             increments: &increments,
             acks: &[],

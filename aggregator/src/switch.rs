@@ -105,7 +105,7 @@ if redis.call('EXISTS', S .. 'pricing') == 1 then
   redis.call('HSET', KEYS[1], 'pfp', fingerprint)
 end
 redis.call('HINCRBY', KEYS[1], 'pv', 1)
-redis.call('HDEL', KEYS[1], 'rid', 'rfrom', 'rto', 'rfz')
+redis.call('HDEL', KEYS[1], 'rid', 'rfrom', 'rto', 'rend', 'rfz')
 return 'ok'
 "#;
 

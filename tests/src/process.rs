@@ -72,6 +72,17 @@ impl Process {
         env: &[(&str, String)],
         log: &std::path::Path,
     ) -> Self {
+        Self::spawn_logged_args(package, bin, &[], env, log)
+    }
+
+    /// Like [`Process::spawn_logged`], with command-line arguments.
+    pub fn spawn_logged_args(
+        package: &str,
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        log: &std::path::Path,
+    ) -> Self {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -79,6 +90,7 @@ impl Process {
             .expect("log file opens");
         let mut command = Self::command(package, bin, env);
         command
+            .args(args)
             .stdout(file.try_clone().expect("log file handle"))
             .stderr(file);
         Self {
@@ -107,6 +119,33 @@ impl Process {
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Sends `signal` (a `kill` name: `STOP`, `CONT`, ...) without waiting for anything.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -{signal} {}", self.child.id());
+    }
+
+    /// The exit status once the process has exited, or `None` if it still runs after `limit`.
+    pub fn wait_for_exit(
+        &mut self,
+        limit: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM, then waits for the exit status.

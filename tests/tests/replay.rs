@@ -14,8 +14,10 @@ use redis::AsyncCommands;
 use rust_decimal::Decimal;
 use shared::UsageEvent;
 use tests::fixtures::{Lcg, hand_cost};
-use tests::harness::{eventually, redis_url, spawn_aggregator, unique_stream};
-use tests::process::binary;
+use tests::harness::{
+    eventually, free_port, redis_url, spawn_aggregator, spawn_aggregator_with, unique_stream,
+};
+use tests::process::{Process, binary};
 
 const HOUR: i64 = 3_600_000;
 const DAY: i64 = 24 * HOUR;
@@ -666,4 +668,253 @@ async fn a_replay_before_any_consumer_leaves_every_entry_to_them() {
     let http = reqwest::Client::new();
     let n = distinct(&events).len() as i64;
     until_requests(&http, aggregator, now, n).await;
+}
+
+/// Events written after `history`, all at `now`: the replay's overlap with live commits.
+fn fresh(seed: u64, n: usize, now: i64) -> Vec<UsageEvent> {
+    let mut rng = Lcg(seed);
+    (0..n)
+        .map(|i| event(&mut rng, format!("fresh-{seed}-{i}"), now))
+        .collect()
+}
+
+fn aggregator_env(stream: &str, window_secs: Option<i64>) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("REDIS_URL", redis_url().to_owned()),
+        ("METER_STREAM", stream.to_owned()),
+        ("AGGREGATOR_LISTEN", format!("127.0.0.1:{}", free_port())),
+    ];
+    if let Some(secs) = window_secs {
+        env.push(("METER_DEDUPE_WINDOW_SECS", secs.to_string()));
+    }
+    env
+}
+
+/// The running replay's id, once one has registered.
+async fn registered(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> Option<i64> {
+    let rid: Option<i64> = conn.hget(keyspace(stream).key("ctl"), "rid").await.ok()?;
+    rid.filter(|r| *r > 0)
+}
+
+/// Entries that a live consumer commits after a replay registered, which the replay then finds
+/// acknowledged: the live commit puts them into the replay's copy, and the replay must not
+/// apply them again — however long its rebuild takes (`wait_for_expiry`: longer than three
+/// dedupe windows, when seen-sets used to expire) and whatever dedupe window the replay
+/// process was configured with (`replay_window`).
+async fn overlap_counts_once(
+    seed: u64,
+    live_window: i64,
+    replay_window: i64,
+    wait_for_expiry: bool,
+) {
+    let now = chrono::Utc::now().timestamp_millis();
+    let before = history(seed, 3000, now, 2);
+    let (stream, mut conn) = stream_of(&before).await;
+    let http = reqwest::Client::new();
+    let n_before = distinct(&before).len() as i64;
+
+    // A live aggregator counts the history, then dies: what arrives next stays unread.
+    let port_env = aggregator_env(&stream, Some(live_window));
+    let listen: std::net::SocketAddr = port_env[2].1.parse().unwrap();
+    let first =
+        tokio::task::spawn_blocking(move || Process::spawn("aggregator", "aggregator", &port_env))
+            .await
+            .unwrap();
+    until_requests(&http, listen, now, n_before).await;
+    first.kill();
+    let overlap = fresh(seed, 200, now);
+    write(&mut conn, &stream, &overlap).await;
+
+    // The replay registers and is frozen before it reads those entries.
+    let log = std::env::temp_dir().join(format!("replay-{}.log", uuid::Uuid::new_v4().simple()));
+    let replay_env = vec![
+        ("REDIS_URL", redis_url().to_owned()),
+        ("METER_STREAM", stream.clone()),
+        ("METER_DEDUPE_WINDOW_SECS", replay_window.to_string()),
+    ];
+    let mut replay = {
+        let log = log.clone();
+        tokio::task::spawn_blocking(move || {
+            Process::spawn_logged_args(
+                "aggregator",
+                "aggregator",
+                &["replay", "--batch-size", "100"],
+                &replay_env,
+                &log,
+            )
+        })
+        .await
+        .unwrap()
+    };
+    let rid = eventually(Duration::from_secs(30), || {
+        let mut conn = conn.clone();
+        let stream = stream.clone();
+        async move { registered(&mut conn, &stream).await }
+    })
+    .await;
+    replay.signal("STOP");
+
+    // A live consumer commits the new entries: to the live figures and the replay's copy.
+    let (aggregator, _stop) = spawn_aggregator_with(redis_url(), &stream, |a| {
+        a.dedupe_window_secs = Some(live_window)
+    })
+    .await;
+    let n = n_before + overlap.len() as i64;
+    until_requests(&http, aggregator, now, n).await;
+    if wait_for_expiry {
+        // Until every seen-set of the copy that had an expiry has expired.
+        let pattern = keyspace(&stream).key(&format!("rp{rid}:seen:*"));
+        eventually(Duration::from_secs(30), || {
+            let mut conn = conn.clone();
+            let pattern = pattern.clone();
+            async move {
+                let keys: Vec<String> = conn.keys(&pattern).await.ok()?;
+                for key in keys {
+                    let ttl: i64 = conn.pttl(&key).await.ok()?;
+                    if ttl >= 0 {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await;
+    }
+
+    replay.signal("CONT");
+    let status =
+        tokio::task::spawn_blocking(move || replay.wait_for_exit(Duration::from_secs(120)))
+            .await
+            .unwrap();
+    let printed = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "replay: {status:?}\n{printed}"
+    );
+    assert!(printed.contains("done"), "{printed}");
+
+    let all = distinct(&[before, overlap].concat());
+    assert_eq!(usage_requests(&http, aggregator, now).await, n, "{printed}");
+    let want: Decimal = all.iter().map(hand_cost).sum();
+    for cells in ["st:h:*", "st:d:*", "st:M:*"] {
+        assert_eq!(
+            stored_cost(&mut conn, &stream, cells).await,
+            want,
+            "{cells}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_committed_live_after_registration_count_once_after_a_long_rebuild() {
+    overlap_counts_once(29, 1, 1, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_uses_the_deployments_dedupe_window_not_its_own() {
+    overlap_counts_once(31, 3600, 7, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregator_configured_with_another_dedupe_window_refuses_to_start() {
+    let stream = unique_stream();
+    let (_, _stop) =
+        spawn_aggregator_with(redis_url(), &stream, |a| a.dedupe_window_secs = Some(600)).await;
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    eventually(Duration::from_secs(30), || {
+        let mut conn = conn.clone();
+        let stream = stream.clone();
+        async move {
+            let window: Option<i64> = conn.hget(keyspace(&stream).key("ctl"), "dw").await.ok()?;
+            window
+        }
+    })
+    .await;
+    let _: () = conn.ping().await.unwrap();
+
+    let env = aggregator_env(&stream, Some(900));
+    let log = std::env::temp_dir().join(format!("agg-{}.log", uuid::Uuid::new_v4().simple()));
+    let mut other = {
+        let log = log.clone();
+        tokio::task::spawn_blocking(move || {
+            Process::spawn_logged("aggregator", "aggregator", &env, &log)
+        })
+        .await
+        .unwrap()
+    };
+    let status = tokio::task::spawn_blocking(move || other.wait_for_exit(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let printed = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "{status:?}: {printed}"
+    );
+    assert!(
+        printed.contains("600") && printed.contains("900"),
+        "names both windows: {printed}"
+    );
+}
+
+/// A gateway's clock a little ahead of Redis's: an event stamped just inside the rebuilt range
+/// arrived (stream time) just before it. The replay must read it, or the switch removes it from
+/// the live figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stamped_inside_the_range_that_arrived_before_it_is_kept() {
+    let now = chrono::Utc::now().timestamp_millis();
+    let yesterday = now.div_euclid(DAY) * DAY - DAY;
+    let mut rng = Lcg(37);
+    let stream = unique_stream();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // (arrival, ts): one on each side of the day start, and the skewed one.
+    let placed = [
+        (yesterday - 60_000, yesterday - 61_000),
+        (yesterday - 2_000, yesterday + 2_000),
+        (yesterday + HOUR, yesterday + HOUR - 500),
+    ];
+    let mut events = Vec::new();
+    for (i, (arrival, ts)) in placed.into_iter().enumerate() {
+        let e = event(&mut rng, format!("skew-{i}"), ts);
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg(format!("{arrival}-0"))
+            .arg(shared::EVENT_FIELD)
+            .arg(shared::encode(&e))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        events.push(e);
+    }
+    let (aggregator, stop) = spawn_aggregator(redis_url(), &stream).await;
+    let http = reqwest::Client::new();
+    until_requests(&http, aggregator, now, 3).await;
+    let _ = stop.send(());
+    let original = figures(&mut conn, &stream).await;
+    let day_cells = ks_day(&stream, yesterday);
+    assert!(
+        original.0.contains_key(&day_cells),
+        "{:?}",
+        original.0.keys()
+    );
+
+    replay(
+        &stream,
+        &[
+            "--from",
+            &yesterday.to_string(),
+            "--to",
+            &(yesterday + DAY).to_string(),
+        ],
+    );
+    assert_same_figures(
+        &figures(&mut conn, &stream).await,
+        &original,
+        "after the replay",
+    );
+}
+
+fn ks_day(stream: &str, day: i64) -> String {
+    keyspace(stream).key(&format!("st:d:{day}"))
 }
