@@ -281,6 +281,9 @@ impl Serialize for Row<'_> {
             RowBody::Latency(sketches) => {
                 let quantiles = &self.query.quantiles;
                 map.serialize_entry("count", &sketches.latency.count())?;
+                // Requests that failed before a first token have a latency but no TTFT, so
+                // the TTFT quantiles are over fewer (often faster) requests.
+                map.serialize_entry("ttft_count", &sketches.ttft.count())?;
                 map.serialize_entry("latency_ms", &Quantiles(quantiles, &sketches.latency))?;
                 map.serialize_entry("ttft_ms", &Quantiles(quantiles, &sketches.ttft))?;
             }
@@ -296,10 +299,44 @@ impl Serialize for Quantiles<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(Some(self.0.len()))?;
         for q in self.0 {
-            let ms = self.1.quantile(*q).map(|us| us / 1000.0);
+            let ms = self.1.quantile(*q).map(|us| significant(us / 1000.0));
             map.serialize_entry(&quantile_label(*q), &ms)?;
         }
         map.end()
+    }
+}
+
+/// `x` to four significant digits: the sketch resolves 0.5 %, so further digits are noise
+/// (`1.3597384250992983`), and rounding adds at most 0.05 % to its error.
+fn significant(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    // Multiply or divide by an exact power of ten, never by an inexact 0.1.
+    let shift = 3 - x.abs().log10().floor() as i32;
+    let power = 10f64.powi(shift.abs());
+    if shift >= 0 {
+        (x * power).round() / power
+    } else {
+        (x / power).round() * power
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::significant;
+
+    #[test]
+    fn quantiles_keep_four_significant_digits() {
+        assert_eq!(significant(1.3597384250992983), 1.36);
+        assert_eq!(significant(0.012345678), 0.01235);
+        assert_eq!(significant(12_345.6), 12_350.0);
+        assert_eq!(significant(987_654_321.0), 987_700_000.0);
+        assert_eq!(significant(0.0), 0.0);
+        assert_eq!(
+            serde_json::to_string(&significant(20.004999)).unwrap(),
+            "20.0"
+        );
     }
 }
 

@@ -505,7 +505,7 @@ impl Consumer {
         let mut unpriced = 0;
         for (_, event) in events {
             let cost = state.pricing.price(&usage_of(event));
-            unpriced += usize::from(cost.is_none());
+            unpriced += usize::from(cost.is_none() && event.account_id.is_some());
             delta.add(event, cost, now_ms);
         }
         let mut cells = delta.cell_writes("");

@@ -54,7 +54,7 @@ impl Metrics {
         );
         counter(
             "meter_events_unpriced_total",
-            "Applied events whose model has no price.",
+            "Relayed events whose model has no price (requests refused before an upstream was chosen are not counted).",
             get(&self.unpriced),
         );
         counter(

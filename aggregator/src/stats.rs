@@ -93,7 +93,9 @@ impl Totals {
             cache_creation_1h_input_tokens: tokens(event.cache_creation_1h_input_tokens),
             cache_read_input_tokens: tokens(event.cache_read_input_tokens),
             cost: cost.unwrap_or(Cost::ZERO),
-            unpriced_requests: i64::from(cost.is_none()),
+            // A request refused before an upstream was chosen bought nothing: no price is
+            // missing for it.
+            unpriced_requests: i64::from(cost.is_none() && event.account_id.is_some()),
         }
     }
 
@@ -318,7 +320,7 @@ mod tests {
             id: format!("{ts}-{model}"),
             ts,
             key_id: Some("key_1".into()),
-            account_id: None,
+            account_id: Some("acct_1".into()),
             provider: "anthropic".into(),
             endpoint: "messages".into(),
             model: model.into(),
@@ -411,6 +413,25 @@ mod tests {
             (unpriced.totals.unpriced_requests, unpriced.totals.cost),
             (1, Cost::ZERO)
         );
+    }
+
+    /// A request refused before any upstream was chosen (bad body, unknown key, a limit) has
+    /// no price because nothing was bought, not because the price table lacks its model.
+    #[test]
+    fn only_relayed_requests_count_as_unpriced() {
+        let mut delta = Delta::default();
+        let refused = UsageEvent {
+            account_id: None,
+            status: 401,
+            ..event(HOUR_MS, "", 401, 0)
+        };
+        delta.add(&refused, None, NOW);
+        delta.add(&event(HOUR_MS, "no-such-model", 200, 3), None, NOW);
+        let cells = hours(&delta);
+        let refused = &cells[&(HOUR_MS, Dims::of(&refused))];
+        assert_eq!(refused.totals.unpriced_requests, 0);
+        let relayed = &cells[&(HOUR_MS, Dims::of(&event(0, "no-such-model", 200, 0)))];
+        assert_eq!(relayed.totals.unpriced_requests, 1);
     }
 
     #[test]

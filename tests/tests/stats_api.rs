@@ -24,6 +24,7 @@ fn event(i: usize, ts: i64, rng: &mut Lcg) -> UsageEvent {
     let models = ["claude-sonnet-4-5", "gpt-4o", "no-such-model"];
     let model = models[rng.next(3) as usize];
     let latency_us = 20_000 + rng.next(2_000_000);
+    let status = [200, 200, 200, 429, 500][rng.next(5) as usize];
     UsageEvent {
         v: 1,
         id: format!("api-{i}"),
@@ -43,10 +44,11 @@ fn event(i: usize, ts: i64, rng: &mut Lcg) -> UsageEvent {
         }
         .into(),
         model: model.into(),
-        status: [200, 200, 200, 429, 500][rng.next(5) as usize],
+        status,
         stream: false,
         latency_us,
-        ttft_us: Some(latency_us / 2),
+        // An upstream error sends no first token.
+        ttft_us: (status != 500).then_some(latency_us / 3),
         input_tokens: rng.next(5_000),
         output_tokens: rng.next(1_000),
         cache_creation_input_tokens: 0,
@@ -380,14 +382,28 @@ async fn every_bucket_and_time_zone_matches_an_independent_computation() {
             .collect();
         values.sort_unstable();
         assert_eq!(row["count"].as_u64().unwrap() as usize, values.len());
-        for (label, q) in [("p50", 0.5), ("p99", 0.99)] {
-            let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
-            let want = values[rank - 1] as f64 / 1000.0;
-            let got = row["latency_ms"][label].as_f64().unwrap();
-            assert!(
-                (got - want).abs() <= 0.01 * want,
-                "{label}: {got} vs {want}"
-            );
+        let mut ttfts: Vec<u64> = all
+            .iter()
+            .filter(|e| (from..to).contains(&e.ts) && local_day(e.ts, 8 * HOUR) == start)
+            .filter_map(|e| e.ttft_us)
+            .collect();
+        ttfts.sort_unstable();
+        assert!(ttfts.len() < values.len(), "errors have no TTFT");
+        assert_eq!(row["ttft_count"].as_u64().unwrap() as usize, ttfts.len());
+        for (field, values) in [("latency_ms", &values), ("ttft_ms", &ttfts)] {
+            for (label, q) in [("p50", 0.5), ("p99", 0.99)] {
+                let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+                let want = values[rank - 1] as f64 / 1000.0;
+                let got = row[field][label].as_f64().unwrap();
+                assert!(
+                    (got - want).abs() <= 0.01 * want,
+                    "{field} {label}: {got} vs {want}"
+                );
+                // No more digits than the sketch resolves (0.5 %): four significant ones.
+                let digits = format!("{:e}", got);
+                let mantissa = digits.split('e').next().unwrap().replace(['.', '-'], "");
+                assert!(mantissa.len() <= 4, "{field} {label}: {got}");
+            }
         }
     }
 }
