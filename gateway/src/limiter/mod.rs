@@ -8,7 +8,14 @@
 //! - Concurrency is a sorted set of leases scored by their expiry. A lease is removed when its
 //!   response ends (stream included) or the client leaves, and is renewed while it is held, so
 //!   the leases of a gateway that dies expire within the lease TTL (default 60 s; CONTRACT.md
-//!   §7.4 asks for 2 minutes).
+//!   §7.4 asks for 2 minutes). Every attempt is timed when its script is sent, not when the
+//!   request arrived: a request whose body took longer than the TTL to upload would otherwise
+//!   get a lease that is already expired, and a `requests` window entry dated in the past.
+//! - The keeper task renews and releases until the last lease is gone: after a graceful
+//!   shutdown begins, requests still drain and their leases must hold, then be released.
+//! - An attempt whose script may be taking a lease is covered before the script is sent: if the
+//!   caller goes away, or Redis answers with an error or after the response timeout, the lease
+//!   the script may have taken is released (`PendingLease`).
 //!
 //! - A request of a key with `concurrency_wait_ms` that finds no free slot joins the key's wait
 //!   queue, a sorted set in the same hash tag scored by its deadline, and the script admits a
@@ -40,7 +47,7 @@ use std::time::Duration;
 use redis::Script;
 use redis::aio::ConnectionManager;
 use shared::Keyspace;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::error::GatewayError;
@@ -86,6 +93,57 @@ impl Drop for LeaseGuard {
     }
 }
 
+/// A lease that the script of an attempt in flight may be taking. Armed before the script is
+/// sent; unless the reply shows the script took none (disarmed) or the lease becomes a
+/// [`LeaseGuard`], dropping it releases the lease: the caller was cancelled mid-attempt (the
+/// client hung up), or Redis answered with an error or after the response timeout, and the
+/// script may still run. ZREM of an absent lease is harmless, and the release goes out on the
+/// same connection as the script, so Redis runs it after the script.
+struct PendingLease<'a> {
+    keeper: &'a Arc<Keeper>,
+    id: &'a str,
+    key: String,
+    armed: bool,
+}
+
+impl<'a> PendingLease<'a> {
+    fn arm(keeper: &'a Arc<Keeper>, id: &'a str, key: String) -> Self {
+        Self {
+            keeper,
+            id,
+            key,
+            armed: true,
+        }
+    }
+
+    /// The script took the lease: from now on the request holds it.
+    fn hold(mut self) -> LeaseGuard {
+        self.armed = false;
+        self.keeper.hold(self.id, &self.key);
+        LeaseGuard {
+            id: self.id.to_owned(),
+            key: std::mem::take(&mut self.key),
+            keeper: Arc::clone(self.keeper),
+        }
+    }
+
+    /// The script answered without taking a lease.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for PendingLease<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.keeper.releases.send(Release::Lease(
+                self.id.to_owned(),
+                std::mem::take(&mut self.key),
+            ));
+        }
+    }
+}
+
 /// What the keeper task removes from Redis.
 #[derive(Debug)]
 enum Release {
@@ -95,23 +153,32 @@ enum Release {
     QueueEntry(String, String),
 }
 
-/// The leases this replica holds, renewed in the background and released on drop.
+/// The leases this replica holds, renewed in the background and released on drop. Held by
+/// the limiter and by every lease, but not by the keeper task: its release channel closes when
+/// the last of them is gone, which is how the task knows it is done.
 #[derive(Debug)]
 struct Keeper {
-    held: Mutex<HashMap<String, String>>,
+    ledger: Arc<Ledger>,
     releases: mpsc::UnboundedSender<Release>,
+}
+
+/// What the keeper task shares with the limiter and its leases.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Lease id → lease set, for renewal.
+    held: Mutex<HashMap<String, String>>,
     room: Arc<wait::Room>,
 }
 
 impl Keeper {
     fn hold(&self, id: &str, key: &str) {
-        if let Ok(mut held) = self.held.lock() {
+        if let Ok(mut held) = self.ledger.held.lock() {
             held.insert(id.to_owned(), key.to_owned());
         }
     }
 
     fn release(&self, id: &str, key: &str) {
-        if let Ok(mut held) = self.held.lock() {
+        if let Ok(mut held) = self.ledger.held.lock() {
             held.remove(id);
         }
         let _ = self
@@ -132,11 +199,14 @@ pub struct Limiter {
     metrics: Arc<Metrics>,
 }
 
+/// Renews the held leases and releases finished ones. It has no shutdown signal of its own:
+/// it runs until the limiter and the last lease are dropped, i.e. until the server has drained
+/// every request after a graceful shutdown began, and releases everything queued before it
+/// returns.
 pub struct KeeperTask {
     conn: ConnectionManager,
-    keeper: Arc<Keeper>,
+    ledger: Arc<Ledger>,
     releases: mpsc::UnboundedReceiver<Release>,
-    shutdown: watch::Receiver<bool>,
     lease_ttl: Duration,
     metrics: Arc<Metrics>,
 }
@@ -207,19 +277,17 @@ impl Limiter {
         lease_ttl: Duration,
         spend_cache: Duration,
         metrics: Arc<Metrics>,
-        shutdown: watch::Receiver<bool>,
     ) -> (Self, KeeperTask) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let ledger = Arc::new(Ledger::default());
         let keeper = Arc::new(Keeper {
-            held: Mutex::new(HashMap::new()),
+            ledger: Arc::clone(&ledger),
             releases: tx,
-            room: Arc::new(wait::Room::default()),
         });
         let task = KeeperTask {
             conn: conn.clone(),
-            keeper: Arc::clone(&keeper),
+            ledger,
             releases: rx,
-            shutdown,
             lease_ttl,
             metrics: Arc::clone(&metrics),
         };
@@ -236,41 +304,46 @@ impl Limiter {
         (limiter, task)
     }
 
-    /// Checks and counts one request of `key`. `request_id` is unique per request. With
+    /// Checks and counts one request of `key`, as of now: call it once the request is ready
+    /// to go (body read and validated). `request_id` is unique per request. With
     /// `concurrency_wait_ms`, a request that finds every concurrency slot taken waits (FIFO)
     /// up to that long for one before it is refused.
     pub async fn admit(
         &self,
         key: &KeyRecord,
         request_id: &str,
-        now_ms: i64,
     ) -> Result<Admission, GatewayError> {
         if !is_limited(key) {
             return Ok(Admission::default());
         }
         if key.max_concurrency.is_none() || key.concurrency_wait_ms == 0 {
-            return match self.attempt(key, request_id, now_ms, 0).await? {
+            return match self.attempt(key, request_id, 0).await? {
                 (Verdict::Full { .. }, _) => Err(check::concurrency_refusal(key, None)),
                 (_, admission) => Ok(admission),
             };
         }
-        self.admit_waiting(key, request_id, now_ms).await
+        self.admit_waiting(key, request_id).await
     }
 
     async fn admit_waiting(
         &self,
         key: &KeyRecord,
         request_id: &str,
-        now_ms: i64,
     ) -> Result<Admission, GatewayError> {
         let wait_ms = key.concurrency_wait_ms;
-        let wait_until_ms = now_ms.saturating_add(i64::try_from(wait_ms).unwrap_or(i64::MAX / 4));
+        let wait_until_ms = chrono::Utc::now()
+            .timestamp_millis()
+            .saturating_add(i64::try_from(wait_ms).unwrap_or(i64::MAX / 4));
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
         let lease_key = check::lease_key(&self.keyspace, &key.id);
         // In the room before the first attempt, so a release between that attempt and joining
         // cannot go unnoticed.
         let mut waiting = Waiting {
-            place: self.keeper.room.join(&lease_key, wait_until_ms, request_id),
+            place: self
+                .keeper
+                .ledger
+                .room
+                .join(&lease_key, wait_until_ms, request_id),
             limiter: self,
             request_id,
             queue_key: check::queue_key(&self.keyspace, &key.id),
@@ -278,11 +351,10 @@ impl Limiter {
             attempting: false,
             outcome: None,
         };
-        let mut now_ms = now_ms;
         loop {
             waiting.place.attempting();
             waiting.attempting = true;
-            let decided = self.attempt(key, request_id, now_ms, wait_until_ms).await;
+            let decided = self.attempt(key, request_id, wait_until_ms).await;
             waiting.attempting = false;
             let (verdict, admission) = match decided {
                 Ok(decided) => decided,
@@ -313,22 +385,22 @@ impl Limiter {
                 () = waiting.place.woken() => {}
                 () = tokio::time::sleep_until(deadline.min(now + recheck)) => {}
             }
-            now_ms = chrono::Utc::now().timestamp_millis();
         }
     }
 
-    /// One script call at most. A full concurrency limit comes back as a verdict, not an
-    /// error, so the caller may wait.
+    /// One script call at most, timed now. A full concurrency limit comes back as a verdict,
+    /// not an error, so the caller may wait.
     async fn attempt(
         &self,
         key: &KeyRecord,
         request_id: &str,
-        now_ms: i64,
         wait_until_ms: i64,
     ) -> Result<(Verdict, Admission), GatewayError> {
-        // The monotonic clock, read now rather than taken from `now_ms` (set when the request
-        // arrived, before its body was read): the sums' age bounds the enforcement lag.
+        // Both clocks are read as the attempt starts, never at the request's arrival: a lease
+        // or window entry dated before a slow upload would expire early, and the spend sums'
+        // age bounds the enforcement lag.
         let read_at = std::time::Instant::now();
+        let now_ms = chrono::Utc::now().timestamp_millis();
         let spend_limited = check::has_spend_limits(key);
         let read_spend = spend_limited && !self.spend_cache.admits(key, read_at);
         if spend_limited {
@@ -355,11 +427,18 @@ impl Limiter {
             read_spend,
         };
         let check = Check::new(&self.script, &self.keyspace, &attempt);
+        let pending = key.max_concurrency.map(|_| {
+            let lease_key = check::lease_key(&self.keyspace, &key.id);
+            PendingLease::arm(&self.keeper, request_id, lease_key)
+        });
         self.metrics.redis_round_trips.inc();
         let mut conn = self.conn.clone();
         let reply: Vec<i64> = match check.invocation.invoke_async(&mut conn).await {
             Ok(reply) => reply,
             Err(e) => {
+                // A timeout does not stop the script from running later: release (`pending`
+                // drops here) whatever it takes.
+                drop(pending);
                 return self.redis_down(e).map(|admission| {
                     let verdict = Verdict::Admitted {
                         budget: None,
@@ -374,19 +453,24 @@ impl Limiter {
         } else if Check::refused_for_spend(&reply) {
             self.spend_cache.forget_older(&key.id, read_at);
         }
+        // `{1, ..}` admitted (with a lease, if the key has a concurrency limit); `{0, ..}` every
+        // refusal, each returned before the script takes a lease. Anything else (a reply we do
+        // not understand) leaves `pending` armed, and the lease is released.
+        let lease = match reply.first() {
+            Some(1) => pending.map(PendingLease::hold),
+            Some(0) => {
+                if let Some(pending) = pending {
+                    pending.disarm();
+                }
+                None
+            }
+            _ => None,
+        };
         let verdict = check.decide(&reply)?;
         let admission = match &verdict {
             Verdict::Admitted { budget, .. } => Admission {
                 budget: *budget,
-                lease: key.max_concurrency.map(|_| {
-                    let lease_key = check::lease_key(&self.keyspace, &key.id);
-                    self.keeper.hold(request_id, &lease_key);
-                    LeaseGuard {
-                        id: request_id.to_owned(),
-                        key: lease_key,
-                        keeper: Arc::clone(&self.keeper),
-                    }
-                }),
+                lease,
             },
             Verdict::Full { .. } => Admission::default(),
         };
@@ -417,21 +501,25 @@ impl Limiter {
 }
 
 impl KeeperTask {
-    /// Releases finished leases at once and renews held ones until shutdown.
+    /// Releases finished leases at once and renews held ones, until the limiter and every lease
+    /// are gone. Stopping at the start of a graceful shutdown instead would let the leases of
+    /// the requests still draining lapse (and admit over `max_concurrency` on the other
+    /// replicas during every rolling restart), and leave finished ones taken for the TTL.
     pub async fn run(mut self) {
         // Renewed four times per TTL, so a slow round trip or two cannot let a live lease lapse.
         let mut renew = tokio::time::interval(self.lease_ttl / 4);
         let mut batch = Vec::new();
         loop {
-            let release = tokio::select! {
-                _ = self.shutdown.wait_for(|stop| *stop) => break,
-                n = self.releases.recv_many(&mut batch, RELEASE_BATCH) => n > 0,
-                _ = renew.tick() => false,
-            };
-            if release {
-                self.release(&mut batch).await;
-            } else {
-                self.renew().await;
+            tokio::select! {
+                // `recv_many` returns 0 only once the channel is closed and empty: every
+                // release sent before has been flushed.
+                n = self.releases.recv_many(&mut batch, RELEASE_BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.release(&mut batch).await;
+                }
+                _ = renew.tick() => self.renew().await,
             }
         }
     }
@@ -461,12 +549,12 @@ impl KeeperTask {
         }
         // Only now are the slots free in Redis for a waiter's attempt to find.
         for key in &freed {
-            self.keeper.room.wake_first(key);
+            self.ledger.room.wake_first(key);
         }
     }
 
     async fn renew(&mut self) {
-        let held: Vec<(String, String)> = match self.keeper.held.lock() {
+        let held: Vec<(String, String)> = match self.ledger.held.lock() {
             Ok(held) => held
                 .iter()
                 .map(|(id, key)| (id.clone(), key.clone()))
