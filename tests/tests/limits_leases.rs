@@ -295,6 +295,7 @@ async fn a_stalled_upload_gets_a_408_in_the_routes_shape_and_one_event() {
         let (mut stream, _rest) = start_upload(p.gateway, path, auth, &body, held_back).await;
         let (status, body) = read_answer(&mut stream).await;
         let took = started.elapsed();
+        println!("{path}: {status} after {took:?}");
         assert_eq!(status, 408, "{path}: {body}");
         assert!(
             took >= Duration::from_millis(500),
