@@ -17,6 +17,9 @@ pub struct Config {
     /// `None` disables the admin API.
     pub admin_token: Option<String>,
     pub max_body_bytes: usize,
+    /// Longest a client may take to upload a request body. Bounds how long a handler waits on
+    /// a slow or stalled client before the request is refused.
+    pub body_read_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     /// From sending a request to the upstream's response headers.
     pub upstream_first_byte_timeout: Duration,
@@ -79,6 +82,10 @@ pub struct Args {
     /// Largest accepted request body, bytes.
     #[arg(long, env = "GATEWAY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Longest a client may take to upload a request body, milliseconds (default 30000); a
+    /// slower upload is answered 408.
+    #[arg(long, env = "GATEWAY_BODY_READ_TIMEOUT_MS")]
+    pub body_read_timeout_ms: Option<u64>,
     #[arg(long, env = "GATEWAY_UPSTREAM_CONNECT_TIMEOUT_MS")]
     pub upstream_connect_timeout_ms: Option<u64>,
     #[arg(long, env = "GATEWAY_UPSTREAM_FIRST_BYTE_TIMEOUT_MS")]
@@ -116,6 +123,7 @@ struct FileConfig {
     stream: Option<String>,
     admin_token: Option<String>,
     max_body_bytes: Option<usize>,
+    body_read_timeout_ms: Option<u64>,
     upstream_connect_timeout_ms: Option<u64>,
     upstream_first_byte_timeout_ms: Option<u64>,
     upstream_idle_timeout_ms: Option<u64>,
@@ -175,6 +183,16 @@ impl Config {
                 ),
             });
         }
+        let body_read_timeout_ms = args
+            .body_read_timeout_ms
+            .or(file.body_read_timeout_ms)
+            .unwrap_or(30_000);
+        if body_read_timeout_ms == 0 {
+            return Err(ConfigError::Invalid {
+                name: "body-read-timeout-ms",
+                reason: "0 ms: no request body could be read".into(),
+            });
+        }
         Ok(Self {
             listen,
             redis_url,
@@ -184,6 +202,7 @@ impl Config {
                 .max_body_bytes
                 .or(file.max_body_bytes)
                 .unwrap_or(32 * 1024 * 1024),
+            body_read_timeout: Duration::from_millis(body_read_timeout_ms),
             upstream_connect_timeout: Duration::from_millis(
                 args.upstream_connect_timeout_ms
                     .or(file.upstream_connect_timeout_ms)
@@ -338,6 +357,36 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("spend-cache-ms"), "{err}");
+    }
+
+    #[test]
+    fn the_body_read_timeout_defaults_to_30_s_and_is_never_zero() {
+        let config = Config::build(Args::default()).unwrap();
+        assert_eq!(config.body_read_timeout, Duration::from_secs(30));
+        let dir = std::env::temp_dir().join(format!("gw-config-body-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, "body_read_timeout_ms = 5000\n").unwrap();
+        let from_file = Config::build(Args {
+            config: Some(path.clone()),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(from_file.body_read_timeout, Duration::from_secs(5));
+        let from_flag = Config::build(Args {
+            config: Some(path),
+            body_read_timeout_ms: Some(750),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(from_flag.body_read_timeout, Duration::from_millis(750));
+        let err = Config::build(Args {
+            body_read_timeout_ms: Some(0),
+            ..Args::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("body-read-timeout-ms"), "{err}");
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub enum GatewayError {
     InvalidRequest(String),
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error("the request body did not arrive within {timeout_ms} ms")]
+    BodyTimeout { timeout_ms: u64 },
     #[error("no upstream account serves {provider} model {model:?}")]
     NoAccount { provider: Provider, model: String },
     #[error("upstream unreachable: {0}")]
@@ -63,6 +65,7 @@ impl GatewayError {
             Self::ModelNotAllowed(_) => "forbidden",
             Self::InvalidRequest(_) => "invalid_request",
             Self::BodyTooLarge { .. } => "request_too_large",
+            Self::BodyTimeout { .. } => "request_timeout",
             Self::NoAccount { .. } => "no_account",
             Self::RateLimited { .. } => "rate_limited",
             Self::QuotaExceeded { .. } => "quota_exceeded",
@@ -82,6 +85,9 @@ impl GatewayError {
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::RateLimited { .. } | Self::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            // RFC 9110's status for a request the server stopped waiting for; both providers'
+            // SDKs retry it, as they should a stalled upload.
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::NoAccount { .. } | Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -104,7 +110,8 @@ impl GatewayError {
         match self.status() {
             StatusCode::UNAUTHORIZED => "authentication_error",
             StatusCode::FORBIDDEN => "permission_error",
-            StatusCode::BAD_REQUEST => "invalid_request_error",
+            // Anthropic uses this type for the 4xx statuses it has no type of its own for.
+            StatusCode::BAD_REQUEST | StatusCode::REQUEST_TIMEOUT => "invalid_request_error",
             StatusCode::NOT_FOUND => "not_found_error",
             StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
@@ -124,6 +131,7 @@ impl GatewayError {
             Self::RateLimited { .. } => ("requests", Some("rate_limit_exceeded")),
             Self::QuotaExceeded { .. } => ("insufficient_quota", Some("insufficient_quota")),
             Self::BodyTooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
+            Self::BodyTimeout { .. } => ("invalid_request_error", Some("request_timeout")),
             Self::NotFound(_) | Self::AdminDisabled => ("invalid_request_error", Some("not_found")),
             Self::UpstreamTimeout => ("server_error", Some("upstream_timeout")),
             Self::NoAccount { .. } | Self::UpstreamUnreachable(_) | Self::Store(_) => {

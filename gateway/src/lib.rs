@@ -113,8 +113,10 @@ pub async fn run(
         config.lease_ttl,
         config.spend_cache,
         Arc::clone(&metrics),
-        stop_rx.clone(),
     );
+    // Not stopped by the shutdown signal: it keeps renewing and releasing the leases of the
+    // requests that drain after it, and returns once the router (the limiter's last handle)
+    // is dropped.
     let keeper = tokio::spawn(keeper.run());
 
     let http = reqwest::Client::builder()
@@ -156,8 +158,9 @@ pub async fn run(
     });
     let served = serve.await;
 
-    // Every request and stream is done, so the router (and with it every `Publisher`) is gone:
-    // the publisher drains what is queued and returns.
+    // Every request and stream is done, so the router (and with it every `Publisher`, the
+    // limiter and every lease) is gone: the publisher drains what is queued, the lease keeper
+    // sends the last releases, and both return.
     for (task, name) in [(refresher, "account refresher"), (keeper, "lease keeper")] {
         if let Err(e) = task.await {
             tracing::error!(error = %e, task = name, "background task panicked");

@@ -136,14 +136,16 @@ async fn admit(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Admitted, GatewayError> {
-    let now_ms = chrono::Utc::now().timestamp_millis();
     let key = state
         .keys
-        .authenticate(presented_secret(headers), now_ms)
+        .authenticate(
+            presented_secret(headers),
+            chrono::Utc::now().timestamp_millis(),
+        )
         .await?;
     call.key_id = Some(key.id.clone());
 
-    let body = read_body(headers, body, state.config.max_body_bytes).await?;
+    let body = read_body(headers, body, &state.config).await?;
     let meta: RequestMeta = serde_json::from_slice(&body)
         .map_err(|e| GatewayError::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
     let model = meta
@@ -178,7 +180,9 @@ async fn admit(
     };
 
     // Limits last: a request refused for a bad body or model must not use up the key's quota.
-    let admission = state.limiter.admit(&key, &call.id(), now_ms).await?;
+    // The limiter reads the clock as it checks: the body may have taken long to arrive.
+    let admission = state.limiter.admit(&key, &call.id()).await?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
 
     let want = Want {
         provider: call.endpoint.provider(),
@@ -238,8 +242,16 @@ fn endpoint_injects_usage(endpoint: Endpoint) -> bool {
     endpoint == Endpoint::ChatCompletions
 }
 
-/// Reads the whole body, refusing early on a declared length over the limit.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+/// Reads the whole body, refusing early on a declared length over the limit, and refusing a
+/// body that takes longer than `body_read_timeout` to arrive: without a bound, a stalled
+/// client would hold its handler (and everything it has taken) for as long as its connection
+/// lives.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    config: &crate::config::Config,
+) -> Result<Bytes, GatewayError> {
+    let limit = config.max_body_bytes;
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -247,7 +259,13 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(GatewayError::BodyTooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let timeout = config.body_read_timeout;
+    let Ok(read) = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await else {
+        return Err(GatewayError::BodyTimeout {
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        });
+    };
+    read.map_err(|e| {
         // `to_bytes` reports an over-limit body and a broken connection through one error type.
         let mut source = std::error::Error::source(&e);
         let mut over_limit = false;

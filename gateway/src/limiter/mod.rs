@@ -8,7 +8,14 @@
 //! - Concurrency is a sorted set of leases scored by their expiry. A lease is removed when its
 //!   response ends (stream included) or the client leaves, and is renewed while it is held, so
 //!   the leases of a gateway that dies expire within the lease TTL (default 60 s; CONTRACT.md
-//!   §7.4 asks for 2 minutes).
+//!   §7.4 asks for 2 minutes). Every attempt is timed when its script is sent, not when the
+//!   request arrived: a request whose body took longer than the TTL to upload would otherwise
+//!   get a lease that is already expired, and a `requests` window entry dated in the past.
+//! - The keeper task renews and releases until the last lease is gone: after a graceful
+//!   shutdown begins, requests still drain and their leases must hold, then be released.
+//! - An attempt whose script may be taking a lease is covered before the script is sent: if the
+//!   caller goes away, or Redis answers with an error or after the response timeout, the lease
+//!   the script may have taken is released (`PendingLease`).
 //!
 //! - A request of a key with `concurrency_wait_ms` that finds no free slot joins the key's wait
 //!   queue, a sorted set in the same hash tag scored by its deadline, and the script admits a
@@ -29,18 +36,17 @@
 //! of replicas.
 
 mod check;
+mod lease;
 mod spend_cache;
 mod usage;
 mod wait;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Script;
 use redis::aio::ConnectionManager;
 use shared::Keyspace;
-use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::error::GatewayError;
@@ -48,6 +54,8 @@ use crate::metrics::Metrics;
 use crate::store::KeyRecord;
 
 pub use check::{Attempt, Check, RequestBudget, SCRIPT, Spent, Verdict, is_limited};
+use lease::{Keeper, PendingLease};
+pub use lease::{KeeperTask, LeaseGuard};
 pub use spend_cache::SpendCache;
 pub use usage::LimitUsage;
 
@@ -56,9 +64,6 @@ pub use usage::LimitUsage;
 /// safety net: they are behind it.
 const RECHECK_FIRST: Duration = Duration::from_millis(100);
 const RECHECK_OTHERS: Duration = Duration::from_millis(500);
-
-/// Releases sent to Redis in one pipeline at most.
-const RELEASE_BATCH: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RedisDownPolicy {
@@ -72,54 +77,6 @@ pub struct Admission {
     pub lease: Option<LeaseGuard>,
 }
 
-/// A concurrency slot; released when dropped.
-#[derive(Debug)]
-pub struct LeaseGuard {
-    id: String,
-    key: String,
-    keeper: Arc<Keeper>,
-}
-
-impl Drop for LeaseGuard {
-    fn drop(&mut self) {
-        self.keeper.release(&self.id, &self.key);
-    }
-}
-
-/// What the keeper task removes from Redis.
-#[derive(Debug)]
-enum Release {
-    /// A lease (request id, lease set); its key's first local waiter is woken once it is gone.
-    Lease(String, String),
-    /// A wait-queue entry (request id, queue) of a request that stopped waiting.
-    QueueEntry(String, String),
-}
-
-/// The leases this replica holds, renewed in the background and released on drop.
-#[derive(Debug)]
-struct Keeper {
-    held: Mutex<HashMap<String, String>>,
-    releases: mpsc::UnboundedSender<Release>,
-    room: Arc<wait::Room>,
-}
-
-impl Keeper {
-    fn hold(&self, id: &str, key: &str) {
-        if let Ok(mut held) = self.held.lock() {
-            held.insert(id.to_owned(), key.to_owned());
-        }
-    }
-
-    fn release(&self, id: &str, key: &str) {
-        if let Ok(mut held) = self.held.lock() {
-            held.remove(id);
-        }
-        let _ = self
-            .releases
-            .send(Release::Lease(id.to_owned(), key.to_owned()));
-    }
-}
-
 pub struct Limiter {
     conn: ConnectionManager,
     keyspace: Keyspace,
@@ -129,15 +86,6 @@ pub struct Limiter {
     lease_ttl: Duration,
     keeper: Arc<Keeper>,
     spend_cache: SpendCache,
-    metrics: Arc<Metrics>,
-}
-
-pub struct KeeperTask {
-    conn: ConnectionManager,
-    keeper: Arc<Keeper>,
-    releases: mpsc::UnboundedReceiver<Release>,
-    shutdown: watch::Receiver<bool>,
-    lease_ttl: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -191,10 +139,9 @@ impl Drop for Waiting<'_> {
         // block the key's later requests until its deadline.
         if (self.since.is_some() || self.attempting) && self.outcome != Some(WaitOutcome::Admitted)
         {
-            let _ = self.limiter.keeper.releases.send(Release::QueueEntry(
-                self.request_id.to_owned(),
-                std::mem::take(&mut self.queue_key),
-            ));
+            self.limiter
+                .keeper
+                .leave_queue(self.request_id, std::mem::take(&mut self.queue_key));
         }
     }
 }
@@ -207,22 +154,8 @@ impl Limiter {
         lease_ttl: Duration,
         spend_cache: Duration,
         metrics: Arc<Metrics>,
-        shutdown: watch::Receiver<bool>,
     ) -> (Self, KeeperTask) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let keeper = Arc::new(Keeper {
-            held: Mutex::new(HashMap::new()),
-            releases: tx,
-            room: Arc::new(wait::Room::default()),
-        });
-        let task = KeeperTask {
-            conn: conn.clone(),
-            keeper: Arc::clone(&keeper),
-            releases: rx,
-            shutdown,
-            lease_ttl,
-            metrics: Arc::clone(&metrics),
-        };
+        let (keeper, task) = Keeper::new(conn.clone(), lease_ttl, Arc::clone(&metrics));
         let limiter = Self {
             conn,
             keyspace,
@@ -236,41 +169,45 @@ impl Limiter {
         (limiter, task)
     }
 
-    /// Checks and counts one request of `key`. `request_id` is unique per request. With
+    /// Checks and counts one request of `key`, as of now: call it once the request is ready
+    /// to go (body read and validated). `request_id` is unique per request. With
     /// `concurrency_wait_ms`, a request that finds every concurrency slot taken waits (FIFO)
     /// up to that long for one before it is refused.
     pub async fn admit(
         &self,
         key: &KeyRecord,
         request_id: &str,
-        now_ms: i64,
     ) -> Result<Admission, GatewayError> {
         if !is_limited(key) {
             return Ok(Admission::default());
         }
         if key.max_concurrency.is_none() || key.concurrency_wait_ms == 0 {
-            return match self.attempt(key, request_id, now_ms, 0).await? {
+            return match self.attempt(key, request_id, 0).await? {
                 (Verdict::Full { .. }, _) => Err(check::concurrency_refusal(key, None)),
                 (_, admission) => Ok(admission),
             };
         }
-        self.admit_waiting(key, request_id, now_ms).await
+        self.admit_waiting(key, request_id).await
     }
 
     async fn admit_waiting(
         &self,
         key: &KeyRecord,
         request_id: &str,
-        now_ms: i64,
     ) -> Result<Admission, GatewayError> {
         let wait_ms = key.concurrency_wait_ms;
-        let wait_until_ms = now_ms.saturating_add(i64::try_from(wait_ms).unwrap_or(i64::MAX / 4));
+        let wait_until_ms = chrono::Utc::now()
+            .timestamp_millis()
+            .saturating_add(i64::try_from(wait_ms).unwrap_or(i64::MAX / 4));
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
         let lease_key = check::lease_key(&self.keyspace, &key.id);
         // In the room before the first attempt, so a release between that attempt and joining
         // cannot go unnoticed.
         let mut waiting = Waiting {
-            place: self.keeper.room.join(&lease_key, wait_until_ms, request_id),
+            place: self
+                .keeper
+                .room()
+                .join(&lease_key, wait_until_ms, request_id),
             limiter: self,
             request_id,
             queue_key: check::queue_key(&self.keyspace, &key.id),
@@ -278,11 +215,10 @@ impl Limiter {
             attempting: false,
             outcome: None,
         };
-        let mut now_ms = now_ms;
         loop {
             waiting.place.attempting();
             waiting.attempting = true;
-            let decided = self.attempt(key, request_id, now_ms, wait_until_ms).await;
+            let decided = self.attempt(key, request_id, wait_until_ms).await;
             waiting.attempting = false;
             let (verdict, admission) = match decided {
                 Ok(decided) => decided,
@@ -313,22 +249,22 @@ impl Limiter {
                 () = waiting.place.woken() => {}
                 () = tokio::time::sleep_until(deadline.min(now + recheck)) => {}
             }
-            now_ms = chrono::Utc::now().timestamp_millis();
         }
     }
 
-    /// One script call at most. A full concurrency limit comes back as a verdict, not an
-    /// error, so the caller may wait.
+    /// One script call at most, timed now. A full concurrency limit comes back as a verdict,
+    /// not an error, so the caller may wait.
     async fn attempt(
         &self,
         key: &KeyRecord,
         request_id: &str,
-        now_ms: i64,
         wait_until_ms: i64,
     ) -> Result<(Verdict, Admission), GatewayError> {
-        // The monotonic clock, read now rather than taken from `now_ms` (set when the request
-        // arrived, before its body was read): the sums' age bounds the enforcement lag.
+        // Both clocks are read as the attempt starts, never at the request's arrival: a lease
+        // or window entry dated before a slow upload would expire early, and the spend sums'
+        // age bounds the enforcement lag.
         let read_at = std::time::Instant::now();
+        let now_ms = chrono::Utc::now().timestamp_millis();
         let spend_limited = check::has_spend_limits(key);
         let read_spend = spend_limited && !self.spend_cache.admits(key, read_at);
         if spend_limited {
@@ -355,11 +291,18 @@ impl Limiter {
             read_spend,
         };
         let check = Check::new(&self.script, &self.keyspace, &attempt);
+        let pending = key.max_concurrency.map(|_| {
+            let lease_key = check::lease_key(&self.keyspace, &key.id);
+            PendingLease::arm(&self.keeper, request_id, lease_key)
+        });
         self.metrics.redis_round_trips.inc();
         let mut conn = self.conn.clone();
         let reply: Vec<i64> = match check.invocation.invoke_async(&mut conn).await {
             Ok(reply) => reply,
             Err(e) => {
+                // A timeout does not stop the script from running later: release (`pending`
+                // drops here) whatever it takes.
+                drop(pending);
                 return self.redis_down(e).map(|admission| {
                     let verdict = Verdict::Admitted {
                         budget: None,
@@ -374,19 +317,24 @@ impl Limiter {
         } else if Check::refused_for_spend(&reply) {
             self.spend_cache.forget_older(&key.id, read_at);
         }
+        // `{1, ..}` admitted (with a lease, if the key has a concurrency limit); `{0, ..}` every
+        // refusal, each returned before the script takes a lease. Anything else (a reply we do
+        // not understand) leaves `pending` armed, and the lease is released.
+        let lease = match reply.first() {
+            Some(1) => pending.map(PendingLease::hold),
+            Some(0) => {
+                if let Some(pending) = pending {
+                    pending.disarm();
+                }
+                None
+            }
+            _ => None,
+        };
         let verdict = check.decide(&reply)?;
         let admission = match &verdict {
             Verdict::Admitted { budget, .. } => Admission {
                 budget: *budget,
-                lease: key.max_concurrency.map(|_| {
-                    let lease_key = check::lease_key(&self.keyspace, &key.id);
-                    self.keeper.hold(request_id, &lease_key);
-                    LeaseGuard {
-                        id: request_id.to_owned(),
-                        key: lease_key,
-                        keeper: Arc::clone(&self.keeper),
-                    }
-                }),
+                lease,
             },
             Verdict::Full { .. } => Admission::default(),
         };
@@ -412,87 +360,6 @@ impl Limiter {
                 Ok(Admission::default())
             }
             RedisDownPolicy::Closed => Err(GatewayError::Store(e)),
-        }
-    }
-}
-
-impl KeeperTask {
-    /// Releases finished leases at once and renews held ones until shutdown.
-    pub async fn run(mut self) {
-        // Renewed four times per TTL, so a slow round trip or two cannot let a live lease lapse.
-        let mut renew = tokio::time::interval(self.lease_ttl / 4);
-        let mut batch = Vec::new();
-        loop {
-            let release = tokio::select! {
-                _ = self.shutdown.wait_for(|stop| *stop) => break,
-                n = self.releases.recv_many(&mut batch, RELEASE_BATCH) => n > 0,
-                _ = renew.tick() => false,
-            };
-            if release {
-                self.release(&mut batch).await;
-            } else {
-                self.renew().await;
-            }
-        }
-    }
-
-    /// Removes every release queued so far in one pipeline. One ZREM round trip per release
-    /// could not keep up with thousands of short requests a second: leases of finished
-    /// requests piled up in Redis and refused requests far below `max_concurrency`.
-    async fn release(&mut self, batch: &mut Vec<Release>) {
-        let mut pipe = redis::pipe();
-        let mut freed: Vec<String> = Vec::new();
-        for release in batch.drain(..) {
-            let (id, key) = match release {
-                Release::Lease(id, key) => {
-                    if !freed.contains(&key) {
-                        freed.push(key.clone());
-                    }
-                    (id, key)
-                }
-                Release::QueueEntry(id, queue) => (id, queue),
-            };
-            pipe.cmd("ZREM").arg(key).arg(id).ignore();
-        }
-        self.metrics.redis_round_trips.inc();
-        if let Err(e) = pipe.query_async::<()>(&mut self.conn).await {
-            // Leases expire by themselves within the lease TTL, queue entries at their deadline.
-            tracing::warn!(error = %e, "releasing concurrency leases failed");
-        }
-        // Only now are the slots free in Redis for a waiter's attempt to find.
-        for key in &freed {
-            self.keeper.room.wake_first(key);
-        }
-    }
-
-    async fn renew(&mut self) {
-        let held: Vec<(String, String)> = match self.keeper.held.lock() {
-            Ok(held) => held
-                .iter()
-                .map(|(id, key)| (id.clone(), key.clone()))
-                .collect(),
-            Err(_) => return,
-        };
-        if held.is_empty() {
-            return;
-        }
-        let until = chrono::Utc::now().timestamp_millis() + self.lease_ttl.as_millis() as i64;
-        let mut pipe = redis::pipe();
-        self.metrics.redis_round_trips.inc();
-        for (id, key) in &held {
-            pipe.cmd("ZADD")
-                .arg(key)
-                .arg("XX")
-                .arg(until)
-                .arg(id)
-                .ignore();
-            pipe.cmd("PEXPIRE")
-                .arg(key)
-                .arg(self.lease_ttl.as_millis() as u64 * 2)
-                .ignore();
-        }
-        if let Err(e) = pipe.query_async::<()>(&mut self.conn).await {
-            tracing::warn!(error = %e, leases = held.len(), "renewing concurrency leases failed");
         }
     }
 }

@@ -1,0 +1,254 @@
+//! Concurrency leases on this replica: the guard a request holds, the guard an attempt holds
+//! while its script may be taking a lease, and the keeper task that renews held leases and
+//! releases finished ones (and wait-queue entries of requests that stopped waiting).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
+
+use super::wait;
+use crate::metrics::Metrics;
+
+/// Releases sent to Redis in one pipeline at most.
+const RELEASE_BATCH: usize = 1024;
+
+/// A concurrency slot; released when dropped.
+#[derive(Debug)]
+pub struct LeaseGuard {
+    id: String,
+    key: String,
+    keeper: Arc<Keeper>,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.keeper.release(&self.id, &self.key);
+    }
+}
+
+/// A lease that the script of an attempt in flight may be taking. Armed before the script is
+/// sent; unless the reply shows the script took none (disarmed) or the lease becomes a
+/// [`LeaseGuard`], dropping it releases the lease: the caller was cancelled mid-attempt (the
+/// client hung up), or Redis answered with an error or after the response timeout, and the
+/// script may still run. ZREM of an absent lease is harmless, and the release goes out on the
+/// same connection as the script, so Redis runs it after the script.
+pub struct PendingLease<'a> {
+    keeper: &'a Arc<Keeper>,
+    id: &'a str,
+    key: String,
+    armed: bool,
+}
+
+impl<'a> PendingLease<'a> {
+    pub fn arm(keeper: &'a Arc<Keeper>, id: &'a str, key: String) -> Self {
+        Self {
+            keeper,
+            id,
+            key,
+            armed: true,
+        }
+    }
+
+    /// The script took the lease: from now on the request holds it.
+    pub fn hold(mut self) -> LeaseGuard {
+        self.armed = false;
+        self.keeper.hold(self.id, &self.key);
+        LeaseGuard {
+            id: self.id.to_owned(),
+            key: std::mem::take(&mut self.key),
+            keeper: Arc::clone(self.keeper),
+        }
+    }
+
+    /// The script answered without taking a lease.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for PendingLease<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.keeper.releases.send(Release::Lease(
+                self.id.to_owned(),
+                std::mem::take(&mut self.key),
+            ));
+        }
+    }
+}
+
+/// What the keeper task removes from Redis.
+#[derive(Debug)]
+enum Release {
+    /// A lease (request id, lease set); its key's first local waiter is woken once it is gone.
+    Lease(String, String),
+    /// A wait-queue entry (request id, queue) of a request that stopped waiting.
+    QueueEntry(String, String),
+}
+
+/// The leases this replica holds, renewed in the background and released on drop. Held by
+/// the limiter and by every lease, but not by the keeper task: its release channel closes when
+/// the last of them is gone, which is how the task knows it is done.
+#[derive(Debug)]
+pub struct Keeper {
+    ledger: Arc<Ledger>,
+    releases: mpsc::UnboundedSender<Release>,
+}
+
+/// What the keeper task shares with the limiter and its leases.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Lease id → lease set, for renewal.
+    held: Mutex<HashMap<String, String>>,
+    room: Arc<wait::Room>,
+}
+
+impl Keeper {
+    pub fn new(
+        conn: ConnectionManager,
+        lease_ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<Self>, KeeperTask) {
+        let (releases, rx) = mpsc::unbounded_channel();
+        let ledger = Arc::new(Ledger::default());
+        let keeper = Arc::new(Self {
+            ledger: Arc::clone(&ledger),
+            releases,
+        });
+        let task = KeeperTask {
+            conn,
+            ledger,
+            releases: rx,
+            lease_ttl,
+            metrics,
+        };
+        (keeper, task)
+    }
+
+    /// This replica's requests waiting for a slot.
+    pub fn room(&self) -> &Arc<wait::Room> {
+        &self.ledger.room
+    }
+
+    /// Removes a request that stopped waiting from the Redis queue `queue`.
+    pub fn leave_queue(&self, request_id: &str, queue: String) {
+        let _ = self
+            .releases
+            .send(Release::QueueEntry(request_id.to_owned(), queue));
+    }
+
+    fn hold(&self, id: &str, key: &str) {
+        if let Ok(mut held) = self.ledger.held.lock() {
+            held.insert(id.to_owned(), key.to_owned());
+        }
+    }
+
+    fn release(&self, id: &str, key: &str) {
+        if let Ok(mut held) = self.ledger.held.lock() {
+            held.remove(id);
+        }
+        let _ = self
+            .releases
+            .send(Release::Lease(id.to_owned(), key.to_owned()));
+    }
+}
+
+/// Renews the held leases and releases finished ones. It has no shutdown signal of its own:
+/// it runs until the limiter and the last lease are dropped, i.e. until the server has drained
+/// every request after a graceful shutdown began, and releases everything queued before it
+/// returns.
+pub struct KeeperTask {
+    conn: ConnectionManager,
+    ledger: Arc<Ledger>,
+    releases: mpsc::UnboundedReceiver<Release>,
+    lease_ttl: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl KeeperTask {
+    /// Releases finished leases at once and renews held ones, until the limiter and every lease
+    /// are gone. Stopping at the start of a graceful shutdown instead would let the leases of
+    /// the requests still draining lapse (and admit over `max_concurrency` on the other
+    /// replicas during every rolling restart), and leave finished ones taken for the TTL.
+    pub async fn run(mut self) {
+        // Renewed four times per TTL, so a slow round trip or two cannot let a live lease lapse.
+        let mut renew = tokio::time::interval(self.lease_ttl / 4);
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                // `recv_many` returns 0 only once the channel is closed and empty: every
+                // release sent before has been flushed.
+                n = self.releases.recv_many(&mut batch, RELEASE_BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.release(&mut batch).await;
+                }
+                _ = renew.tick() => self.renew().await,
+            }
+        }
+    }
+
+    /// Removes every release queued so far in one pipeline. One ZREM round trip per release
+    /// could not keep up with thousands of short requests a second: leases of finished
+    /// requests piled up in Redis and refused requests far below `max_concurrency`.
+    async fn release(&mut self, batch: &mut Vec<Release>) {
+        let mut pipe = redis::pipe();
+        let mut freed: Vec<String> = Vec::new();
+        for release in batch.drain(..) {
+            let (id, key) = match release {
+                Release::Lease(id, key) => {
+                    if !freed.contains(&key) {
+                        freed.push(key.clone());
+                    }
+                    (id, key)
+                }
+                Release::QueueEntry(id, queue) => (id, queue),
+            };
+            pipe.cmd("ZREM").arg(key).arg(id).ignore();
+        }
+        self.metrics.redis_round_trips.inc();
+        if let Err(e) = pipe.query_async::<()>(&mut self.conn).await {
+            // Leases expire by themselves within the lease TTL, queue entries at their deadline.
+            tracing::warn!(error = %e, "releasing concurrency leases failed");
+        }
+        // Only now are the slots free in Redis for a waiter's attempt to find.
+        for key in &freed {
+            self.ledger.room.wake_first(key);
+        }
+    }
+
+    async fn renew(&mut self) {
+        let held: Vec<(String, String)> = match self.ledger.held.lock() {
+            Ok(held) => held
+                .iter()
+                .map(|(id, key)| (id.clone(), key.clone()))
+                .collect(),
+            Err(_) => return,
+        };
+        if held.is_empty() {
+            return;
+        }
+        let until = chrono::Utc::now().timestamp_millis() + self.lease_ttl.as_millis() as i64;
+        let mut pipe = redis::pipe();
+        self.metrics.redis_round_trips.inc();
+        for (id, key) in &held {
+            pipe.cmd("ZADD")
+                .arg(key)
+                .arg("XX")
+                .arg(until)
+                .arg(id)
+                .ignore();
+            pipe.cmd("PEXPIRE")
+                .arg(key)
+                .arg(self.lease_ttl.as_millis() as u64 * 2)
+                .ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut self.conn).await {
+            tracing::warn!(error = %e, leases = held.len(), "renewing concurrency leases failed");
+        }
+    }
+}
