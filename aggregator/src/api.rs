@@ -322,24 +322,6 @@ fn significant(x: f64) -> f64 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::significant;
-
-    #[test]
-    fn quantiles_keep_four_significant_digits() {
-        assert_eq!(significant(1.3597384250992983), 1.36);
-        assert_eq!(significant(0.012345678), 0.01235);
-        assert_eq!(significant(12_345.6), 12_350.0);
-        assert_eq!(significant(987_654_321.0), 987_700_000.0);
-        assert_eq!(significant(0.0), 0.0);
-        assert_eq!(
-            serde_json::to_string(&significant(20.004999)).unwrap(),
-            "20.0"
-        );
-    }
-}
-
 async fn usage(
     _: StatsAccess,
     State(state): State<ApiState>,
@@ -387,4 +369,22 @@ async fn group_gauges(state: &ApiState) -> redis::RedisResult<(Option<u64>, Opti
             .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
     };
     Ok((number("lag"), number("pending")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::significant;
+
+    #[test]
+    fn quantiles_keep_four_significant_digits() {
+        assert_eq!(significant(1.3597384250992983), 1.36);
+        assert_eq!(significant(0.012345678), 0.01235);
+        assert_eq!(significant(12_345.6), 12_350.0);
+        assert_eq!(significant(987_654_321.0), 987_700_000.0);
+        assert_eq!(significant(0.0), 0.0);
+        assert_eq!(
+            serde_json::to_string(&significant(20.004999)).unwrap(),
+            "20.0"
+        );
+    }
 }
