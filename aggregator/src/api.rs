@@ -1,4 +1,4 @@
-//! The stats HTTP API (CONTRACT.md §5) and the operational routes.
+//! The stats HTTP API (docs/stats-api.md) and the operational routes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -123,7 +123,7 @@ impl FromRequestParts<ApiState> for StatsAccess {
     }
 }
 
-/// One query's answer: the JSON document of CONTRACT §5, serialised straight from the rows
+/// One query's answer: the JSON document of docs/stats-api.md, serialised straight from the rows
 /// (a 30-day hourly answer has thousands of rows; building a `serde_json::Value` first cost
 /// more than everything else). The `aggregator usage` command prints the same document.
 pub(crate) struct Answer {

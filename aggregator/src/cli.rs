@@ -1,4 +1,4 @@
-//! The command line: `aggregator` alone runs the server (CONTRACT §1); subcommands are
+//! The command line: `aggregator` alone runs the server (docs/configuration.md); subcommands are
 //! one-shot tools over the same configuration.
 //!
 //! `aggregator usage` reads Redis directly rather than calling the HTTP API: it needs no running

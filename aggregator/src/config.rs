@@ -1,5 +1,5 @@
 //! The aggregator's one typed configuration: flags, then environment, then an optional TOML
-//! file, then defaults (CONTRACT.md §1). Only parsing the command line (`cli::Cli`, in `main`)
+//! file, then defaults (docs/configuration.md). Only parsing the command line (`cli::Cli`, in `main`)
 //! reads the environment.
 
 use std::net::SocketAddr;

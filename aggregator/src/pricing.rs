@@ -1,4 +1,4 @@
-//! Exact per-event pricing from a LiteLLM `model_prices_and_context_window.json` (CONTRACT §4).
+//! Exact per-event pricing from a LiteLLM `model_prices_and_context_window.json` (docs/pricing.md).
 //!
 //! Loading does all the work: every usable rate becomes an integer number of attodollars per
 //! token, and each model's tiered and long-context variants are sorted into a small ladder. So
@@ -38,7 +38,7 @@ pub struct Usage<'a> {
 }
 
 // The wrapped error's text goes into the message instead of `source()`, because the binary prints
-// a one-line reason on stderr (CONTRACT §1) and that line must say what went wrong.
+// a one-line reason on stderr (docs/configuration.md) and that line must say what went wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum PricingError {
     #[error("cannot read pricing file {}: {error}", path.display())]

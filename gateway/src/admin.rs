@@ -1,4 +1,4 @@
-//! The admin API (CONTRACT.md §2): upstream accounts and client keys, behind `ADMIN_TOKEN`.
+//! The admin API (docs/admin-api.md): upstream accounts and client keys, behind `ADMIN_TOKEN`.
 //!
 //! Request and response bodies are the DTOs below; the stored records are `store`'s. Secrets
 //! (client keys, account credentials) are accepted here but never returned, except a new key's

@@ -18,7 +18,7 @@ use crate::store::{KeyRecord, Store};
 
 /// Recognisable prefix, so leaked keys are easy to grep for and to report.
 pub const SECRET_PREFIX: &str = "mk-";
-/// While Redis is unreachable, a key seen this recently keeps working (CONTRACT.md §7.3: the
+/// While Redis is unreachable, a key seen this recently keeps working (no lost usage, ARCHITECTURE.md: the
 /// gateway keeps relaying for keys it has seen recently). A key disabled during an outage is
 /// therefore honoured up to this long after it was last read.
 const STALE_GRACE: Duration = Duration::from_secs(15 * 60);

@@ -1,5 +1,5 @@
 //! The gateway's one typed configuration: flags, then environment, then an optional TOML file,
-//! then defaults (CONTRACT.md §1). Only [`Config::from_args`] reads the environment.
+//! then defaults (docs/configuration.md). Only [`Config::from_args`] reads the environment.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! Every way a gateway request can fail, and the one place each becomes an HTTP response.
 //!
-//! The body takes the shape of the provider the route imitates (CONTRACT.md §2): SDKs parse
+//! The body takes the shape of the provider the route imitates (docs/gateway-api.md): SDKs parse
 //! these errors, so an Anthropic client must see an Anthropic error and an OpenAI client an
 //! OpenAI one. Internal detail (Redis errors, upstream transport errors) is logged by the caller,
 //! never sent.

@@ -204,7 +204,7 @@ async fn admit(
 }
 
 /// The provider-style headers that tell a client where its request budget stands
-/// (CONTRACT.md §2), for the key's most constrained `requests` window.
+/// (docs/gateway-api.md), for the key's most constrained `requests` window.
 fn rate_limit_headers(
     provider: Provider,
     budget: RequestBudget,

@@ -11,7 +11,7 @@ use crate::publisher::Publisher;
 /// convention nginx started: no HTTP status was ever sent).
 pub const CLIENT_CLOSED: u16 = 499;
 
-/// Token counts in the event's normalized meaning (CONTRACT.md §3), whatever the provider's
+/// Token counts in the event's normalized meaning (docs/events.md), whatever the provider's
 /// format: `input_tokens` excludes cache reads and writes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {

@@ -1,4 +1,4 @@
-//! The usage event (CONTRACT.md §3) and its one encode/decode pair.
+//! The usage event (docs/events.md) and its one encode/decode pair.
 
 use serde::{Deserialize, Serialize};
 

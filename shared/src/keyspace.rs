@@ -8,7 +8,7 @@
 //!
 //! Tests get isolation for free: a unique stream name gives a disjoint keyspace.
 
-/// Default stream name (CONTRACT.md §1).
+/// Default stream name (docs/configuration.md).
 pub const DEFAULT_STREAM: &str = "meter:events";
 
 /// The one field of a stream entry; its value is the encoded event.
@@ -44,7 +44,7 @@ impl Keyspace {
         &self.stream
     }
 
-    /// Where undecodable entries go (CONTRACT.md §3). It is named by the contract, not by us, so
+    /// Where undecodable entries go (docs/events.md). Its name is part of the documented interface, not ours to change, so
     /// it may sit in another slot; dead-lettering therefore never shares a script with the
     /// stream.
     pub fn dead_letter_stream(&self) -> String {

@@ -3,7 +3,7 @@
 //! The two processes share no memory and no code paths at run time: they meet only in Redis.
 //! This crate fixes that meeting point: the usage event and its MessagePack wire form
 //! ([`event`]), and the names of every Redis key either side reads or writes ([`keyspace`]).
-//! Changing anything here changes the wire contract (CONTRACT.md §3), so it is guarded by
+//! Changing anything here changes the wire contract (docs/events.md), so it is guarded by
 //! golden-bytes tests.
 
 pub mod event;

@@ -38,7 +38,7 @@ pub fn list_price(model: &str) -> Option<[&'static str; 5]> {
     }
 }
 
-/// CONTRACT.md §4 for the models above (below every long-context tier); unknown models cost 0.
+/// docs/pricing.md for the models above (below every long-context tier); unknown models cost 0.
 pub fn hand_cost(e: &UsageEvent) -> Decimal {
     let Some(r) = list_price(&e.model) else {
         return Decimal::ZERO;

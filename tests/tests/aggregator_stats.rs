@@ -1,6 +1,6 @@
 //! The aggregator's figures against an independent computation in the test: random events
 //! written straight to the stream, then every grouping, the hour buckets, late events and the
-//! latency quantiles checked (CONTRACT.md §4, §5, §7.1).
+//! latency quantiles checked (docs/pricing.md, docs/stats-api.md, conservation).
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::collections::BTreeMap;

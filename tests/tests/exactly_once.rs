@@ -1,4 +1,4 @@
-//! At-least-once delivery, exactly-once effect (CONTRACT.md §7.2): SIGKILLing the aggregator
+//! At-least-once delivery, exactly-once effect (ARCHITECTURE.md's invariants): SIGKILLing the aggregator
 //! ten times at random moments while events keep arriving, restarting it, and running two
 //! aggregators in one group change no figure.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test

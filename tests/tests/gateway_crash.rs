@@ -1,5 +1,5 @@
 //! A gateway that dies while Redis is down loses nothing: its events wait in the spool file and
-//! the next gateway process on that spool re-publishes them (CONTRACT.md §7.3).
+//! the next gateway process on that spool re-publishes them (no lost usage).
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::time::Duration;

@@ -198,7 +198,7 @@ async fn hostile_client_and_admin_requests_get_exact_statuses() {
     }
     metered += 9;
     // The gateway reads only `model`, `stream`, `metadata` and `prompt_cache_key`: everything
-    // else passes through unchanged for the provider to judge (CONTRACT.md §2). The mock
+    // else passes through unchanged for the provider to judge (docs/gateway-api.md). The mock
     // accepts `messages: "x"`; a real provider's 400 would be relayed the same way.
     let r = raw(
         &p,

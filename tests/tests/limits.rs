@@ -1,4 +1,4 @@
-//! Per-key limits through real gateways sharing one Redis (CONTRACT.md §2 "Limits and 429").
+//! Per-key limits through real gateways sharing one Redis (docs/admin-api.md, docs/gateway-api.md).
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::time::Duration;

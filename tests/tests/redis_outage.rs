@@ -1,4 +1,4 @@
-//! No lost usage (CONTRACT.md §7.3): Redis stops while the gateway serves requests (in waves,
+//! No lost usage (ARCHITECTURE.md's invariants): Redis stops while the gateway serves requests (in waves,
 //! or under steady load while the aggregator consumes); the gateway keeps relaying for the key
 //! it has seen, and once Redis is back every event arrives and is counted exactly once. A Redis
 //! that comes back empty still gets the spooled events; what it held is lost.

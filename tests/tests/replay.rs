@@ -1,4 +1,4 @@
-//! `aggregator replay` (CONTRACT.md §6) through the built binary, against a live aggregator that
+//! `aggregator replay` (docs/replay.md) through the built binary, against a live aggregator that
 //! keeps consuming: re-pricing under live traffic equals an independent recomputation, an
 //! unchanged price reproduces every stored figure bit for bit, and a range replay re-prices only
 //! its days.

@@ -1,4 +1,4 @@
-//! Secrets never leak (CONTRACT.md §2: "no secret appears in logs"): the real gateway and
+//! Secrets never leak ("no secret appears in logs"): the real gateway and
 //! aggregator binaries run at `RUST_LOG=debug` through successes, failures and admin calls;
 //! then everything the system emitted or stored is searched for the client key secrets, the
 //! upstream account credentials and the admin token.

@@ -1,4 +1,4 @@
-//! The stats API's parameters (CONTRACT.md §5) over real sockets: every bucket and time zone
+//! The stats API's parameters (docs/stats-api.md) over real sockets: every bucket and time zone
 //! against an independent computation over the events, conservation across groupings (§7.1),
 //! every parameter error, the admin token, the cache's freshness and `aggregator usage`.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test

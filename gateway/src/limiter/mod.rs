@@ -7,8 +7,8 @@
 //!   exact (no boundary burst as with fixed windows) and costs memory in proportion to `max`.
 //! - Concurrency is a sorted set of leases scored by their expiry. A lease is removed when its
 //!   response ends (stream included) or the client leaves, and is renewed while it is held, so
-//!   the leases of a gateway that dies expire within the lease TTL (default 60 s; CONTRACT.md
-//!   §7.4 asks for 2 minutes). Every attempt is timed when its script is sent, not when the
+//!   the leases of a gateway that dies expire within the lease TTL (default 60 s; a
+//!   dead gateway's slots must be free within 2 minutes). Every attempt is timed when its script is sent, not when the
 //!   request arrived: a request whose body took longer than the TTL to upload would otherwise
 //!   get a lease that is already expired, and a `requests` window entry dated in the past.
 //! - The keeper task renews and releases until the last lease is gone: after a graceful

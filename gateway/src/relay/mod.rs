@@ -298,7 +298,7 @@ fn stream_usage(endpoint: Endpoint) -> Box<dyn StreamUsage> {
 fn json_usage(endpoint: Endpoint, body: &[u8]) -> Option<Usage> {
     match endpoint {
         Endpoint::Messages => anthropic::usage_from_json(body),
-        // Counting tokens consumes none (CONTRACT.md §3).
+        // Counting tokens consumes none (docs/events.md).
         Endpoint::CountTokens => None,
         Endpoint::ChatCompletions => openai::chat_usage_from_json(body),
         Endpoint::Responses => openai::responses_usage_from_json(body),
@@ -370,7 +370,7 @@ fn upstream_headers(provider: Provider, client: &HeaderMap, api_key: &str) -> He
     out
 }
 
-/// Upstream response headers that matter to clients (CONTRACT.md §2); hop-by-hop and
+/// Upstream response headers that matter to clients (docs/gateway-api.md); hop-by-hop and
 /// length headers are left for our own server to set.
 fn client_response_headers(upstream: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();

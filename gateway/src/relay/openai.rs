@@ -2,7 +2,7 @@
 //!
 //! OpenAI counts cached tokens (and, on some compatible providers, cache writes) inside its input
 //! totals and itemises them in `*_tokens_details`; the event's `input_tokens` excludes both
-//! (CONTRACT.md §3), so they are subtracted here. Output totals already include reasoning tokens.
+//! (docs/events.md), so they are subtracted here. Output totals already include reasoning tokens.
 //!
 //! A Chat stream reports usage only when the request sets `stream_options.include_usage`. When
 //! the client did not, the relay sets it ([`inject_include_usage`]) and hides the usage chunk
