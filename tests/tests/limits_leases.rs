@@ -400,11 +400,13 @@ async fn a_draining_replica_keeps_its_lease_until_its_last_stream_ends() {
     assert!(!a_done.is_finished(), "A is still draining its stream");
 
     let ended = reader.await.unwrap();
-    // Released by A's keeper as the stream ended, not left to expire.
+    // Released by A's keeper as the stream ended, not left to expire: an unreleased lease
+    // stays in the set (ZCARD counts it) until a check prunes it or the set's own expiry, twice
+    // the TTL, so a bound of one TTL tells the two apart with room for a loaded machine.
     leases_drain(&conn, &lease_set).await;
     let freed_after = ended.elapsed();
     assert!(
-        freed_after < Duration::from_millis(LEASE_TTL_MS / 2),
+        freed_after < Duration::from_millis(LEASE_TTL_MS),
         "the slot was free {freed_after:?} after the stream ended"
     );
     println!("slot free {freed_after:?} after the stream's end");
