@@ -131,6 +131,8 @@ pub(crate) struct Answer {
     from_ms: i64,
     to_ms: i64,
     rows: Rows,
+    /// Key id → current name, for rows grouped by key.
+    key_names: HashMap<String, String>,
 }
 
 /// Parses, plans and reads one query.
@@ -156,11 +158,31 @@ pub(crate) async fn answer(
             rows.add(bucket.start, partial)?;
         }
     }
+    let key_names = match query
+        .spec
+        .group_by
+        .iter()
+        .position(|d| DIMENSIONS[*d] == "key")
+    {
+        Some(at) => {
+            let mut ids: Vec<&str> = rows
+                .group_values()
+                .filter_map(|values| values.get(at))
+                .map(String::as_str)
+                .filter(|id| !id.is_empty())
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            cells.key_names(&ids).await?
+        }
+        None => HashMap::new(),
+    };
     Ok(Answer {
         query,
         from_ms: plan.from_ms,
         to_ms: plan.to_ms,
         rows,
+        key_names,
     })
 }
 
@@ -188,7 +210,7 @@ impl Serialize for UsageRows<'_> {
         let mut label = BucketLabel::default();
         for ((bucket, values), t) in &answer.rows.usage {
             seq.serialize_element(&Row {
-                query: &answer.query,
+                answer,
                 bucket: label.of(&answer.query, *bucket),
                 values,
                 body: RowBody::Usage(t),
@@ -205,7 +227,7 @@ impl Serialize for LatencyRows<'_> {
         let mut label = BucketLabel::default();
         for ((bucket, values), sketches) in &answer.rows.latency {
             seq.serialize_element(&Row {
-                query: &answer.query,
+                answer,
                 bucket: label.of(&answer.query, *bucket),
                 values,
                 body: RowBody::Latency(sketches),
@@ -242,7 +264,7 @@ enum RowBody<'a> {
 
 /// One row: its bucket and group-by fields, then its figures.
 struct Row<'a> {
-    query: &'a Query,
+    answer: &'a Answer,
     bucket: Option<std::rc::Rc<str>>,
     values: &'a [String],
     body: RowBody<'a>,
@@ -254,13 +276,18 @@ impl Serialize for Row<'_> {
         if let Some(start) = &self.bucket {
             map.serialize_entry("bucket_start", &**start)?;
         }
-        for (index, value) in self.query.spec.group_by.iter().zip(self.values) {
+        for (index, value) in self.answer.query.spec.group_by.iter().zip(self.values) {
             let name = DIMENSIONS[*index];
             match name {
                 "status" => map.serialize_entry(name, &value.parse::<u16>().ok())?,
                 // Unauthenticated or unrelayed requests have no key or account.
                 "key" | "account" if value.is_empty() => map.serialize_entry(name, &None::<()>)?,
                 _ => map.serialize_entry(name, value)?,
+            }
+            if name == "key"
+                && let Some(key_name) = self.answer.key_names.get(value)
+            {
+                map.serialize_entry("key_name", key_name)?;
             }
         }
         match self.body {
@@ -279,7 +306,7 @@ impl Serialize for Row<'_> {
                 map.serialize_entry("cost_usd", &t.cost.to_string())?;
             }
             RowBody::Latency(sketches) => {
-                let quantiles = &self.query.quantiles;
+                let quantiles = &self.answer.query.quantiles;
                 map.serialize_entry("count", &sketches.latency.count())?;
                 // Requests that failed before a first token have a latency but no TTFT, so
                 // the TTFT quantiles are over fewer (often faster) requests.

@@ -174,6 +174,31 @@ impl CellReader {
         }
     }
 
+    /// The current names of client keys, from the gateway's key records; a deleted key has none.
+    /// Names change rarely and a query names at most its rows' keys, so this is one uncached
+    /// `MGET`.
+    pub async fn key_names(
+        &self,
+        ids: &[&str],
+    ) -> Result<HashMap<String, String>, redis::RedisError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.keyspace.key_record(id)).collect();
+        let mut conn = self.fallback.clone();
+        let records: Vec<Option<String>> =
+            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+        Ok(ids
+            .iter()
+            .zip(records)
+            .filter_map(|(id, record)| {
+                let record: serde_json::Value = serde_json::from_str(&record?).ok()?;
+                let name = record.get("name")?.as_str()?.to_owned();
+                Some(((*id).to_owned(), name))
+            })
+            .collect())
+    }
+
     async fn read_uncached(
         &self,
         cells: &[Cell],

@@ -161,6 +161,7 @@ pub fn table(document: &Value) -> String {
     for name in [
         "bucket_start",
         "key",
+        "key_name",
         "model",
         "account",
         "provider",

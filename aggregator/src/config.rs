@@ -1,6 +1,6 @@
 //! The aggregator's one typed configuration: flags, then environment, then an optional TOML
-//! file, then defaults (docs/configuration.md). Only parsing the command line (`cli::Cli`, in `main`)
-//! reads the environment.
+//! file, then defaults (docs/configuration.md). Only parsing the command line (`cli::Cli`, in
+//! `main`) reads the environment.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

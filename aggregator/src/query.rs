@@ -279,6 +279,14 @@ pub struct Rows {
 }
 
 impl Rows {
+    /// Every row's group-by values, in no particular order.
+    pub fn group_values(&self) -> impl Iterator<Item = &Vec<String>> {
+        self.usage
+            .keys()
+            .chain(self.latency.keys())
+            .map(|(_, values)| values)
+    }
+
     pub fn add(&mut self, bucket: Option<i64>, partial: &Partial) -> Result<(), ParamError> {
         match partial {
             Partial::Usage(rows) => {

@@ -90,7 +90,7 @@ impl Store {
     }
 
     fn key_key(&self, id: &str) -> String {
-        self.keyspace.key(&format!("key:{id}"))
+        self.keyspace.key_record(id)
     }
 
     fn hash_key(&self, hash: &str) -> String {

@@ -44,11 +44,17 @@ impl Keyspace {
         &self.stream
     }
 
-    /// Where undecodable entries go (docs/events.md). Its name is part of the documented interface, not ours to change, so
-    /// it may sit in another slot; dead-lettering therefore never shares a script with the
-    /// stream.
+    /// Where undecodable entries go (docs/events.md). Its name is documented for consumers, so
+    /// it carries no hash tag and may sit in another slot; dead-lettering therefore never
+    /// shares a script with the stream.
     pub fn dead_letter_stream(&self) -> String {
         format!("{}:dead", self.stream)
+    }
+
+    /// A client key's record (JSON, written by the gateway's admin API; the aggregator reads
+    /// its `name`).
+    pub fn key_record(&self, id: &str) -> String {
+        self.key(&format!("key:{id}"))
     }
 
     /// Any other key: `{tag}:<name>`.

@@ -176,6 +176,31 @@ async fn anthropic_requests_are_relayed_metered_and_priced_exactly() {
     assert_eq!(all["rows"][0]["requests"], 2);
     assert_eq!(all["rows"][0]["cost_usd"], "0.0099");
     assert!(all["rows"][0].get("bucket_start").is_none());
+
+    // Rows grouped by key name it as it is now. A revoked key keeps its record, and so its name
+    // in the history; a key id with no record (events from elsewhere) has no name.
+    assert_eq!(dated["key_name"], "alice", "{dated}");
+    let by_model = p.usage("group_by=model").await;
+    assert!(by_model["rows"][0].get("key_name").is_none());
+    let (status, _) = p
+        .admin(
+            reqwest::Method::DELETE,
+            &format!("/admin/keys/{key_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let after = p.usage("group_by=key").await;
+    assert_eq!(after["rows"][0]["key_name"], "alice", "{after}");
+    let client = redis::Client::open(p.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let record = shared::Keyspace::new(&p.stream)
+        .unwrap()
+        .key_record(&key_id);
+    let _: () = redis::AsyncCommands::del(&mut conn, record).await.unwrap();
+    let gone = p.usage("group_by=key").await;
+    assert_eq!(gone["rows"][0]["key"], key_id.as_str());
+    assert!(gone["rows"][0].get("key_name").is_none(), "{gone}");
 }
 
 #[tokio::test]
