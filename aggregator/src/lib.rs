@@ -58,6 +58,8 @@ pub enum StartError {
         url: String,
         source: redis::RedisError,
     },
+    #[error(transparent)]
+    EvictingRedis(#[from] shared::redis_policy::EvictingRedis),
     #[error("cannot load pricing: {0}")]
     Pricing(#[from] PricingError),
     #[error("server failed: {0}")]
@@ -75,7 +77,8 @@ pub async fn run(
     let pricing = Arc::new(pricing);
 
     // The consumer blocks in XREADGROUP, so it gets a connection of its own.
-    let consumer_conn = connect_redis(&config.redis_url).await?;
+    let mut consumer_conn = connect_redis(&config.redis_url).await?;
+    shared::redis_policy::check(&mut consumer_conn, config.allow_redis_eviction).await?;
     let mut api_conn = connect_redis(&config.redis_url).await?;
     // An explicit price file is the operator's word for the whole deployment; without one, an
     // aggregator applies what the deployment published (e.g. by a replay), else the bundled
