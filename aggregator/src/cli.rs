@@ -114,6 +114,8 @@ pub async fn usage(
         url: config.redis_url.clone(),
         source,
     };
+    // Only reads, so no eviction-policy check (`shared::redis_policy`): an evicting Redis
+    // cannot make this command count anything twice, and the servers refuse to run on one.
     let client = redis::Client::open(config.redis_url.as_str()).map_err(redis_error)?;
     let conn = redis::aio::ConnectionManager::new(client)
         .await

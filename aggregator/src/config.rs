@@ -30,6 +30,8 @@ pub struct Config {
     pub linger: std::time::Duration,
     /// Rows of reduced stats cells the API keeps in memory; 0 disables the cache.
     pub stats_cache_rows: usize,
+    /// Start even though Redis may evict keys (`shared::redis_policy`), with a logged error.
+    pub allow_redis_eviction: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +100,10 @@ pub struct Args {
     /// default 500000.
     #[arg(global = true, long, env = "METER_STATS_CACHE_ROWS")]
     pub stats_cache_rows: Option<usize>,
+    /// Start (or replay) even when Redis's maxmemory-policy is not noeviction (evicted keys
+    /// double-count or lose usage); without it the aggregator refuses to.
+    #[arg(global = true, long, env = "METER_ALLOW_REDIS_EVICTION")]
+    pub allow_redis_eviction: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +123,7 @@ struct FileConfig {
     trim_interval_secs: Option<u64>,
     linger_ms: Option<u64>,
     stats_cache_rows: Option<usize>,
+    allow_redis_eviction: Option<bool>,
 }
 
 impl Config {
@@ -213,6 +220,8 @@ impl Config {
                 .stats_cache_rows
                 .or(file.stats_cache_rows)
                 .unwrap_or(500_000),
+            allow_redis_eviction: args.allow_redis_eviction
+                || file.allow_redis_eviction.unwrap_or(false),
         })
     }
 

@@ -58,6 +58,8 @@ pub enum StartError {
         url: String,
         source: redis::RedisError,
     },
+    #[error(transparent)]
+    EvictingRedis(#[from] shared::redis_policy::EvictingRedis),
     #[error("cannot load pricing: {0}")]
     Pricing(#[from] PricingError),
     #[error(
@@ -87,7 +89,8 @@ pub async fn run(
     let pricing = Arc::new(pricing);
 
     // The consumer blocks in XREADGROUP, so it gets a connection of its own.
-    let consumer_conn = connect_redis(&config.redis_url).await?;
+    let mut consumer_conn = connect_redis(&config.redis_url).await?;
+    shared::redis_policy::check(&mut consumer_conn, config.allow_redis_eviction).await?;
     let mut api_conn = connect_redis(&config.redis_url).await?;
     let deployment =
         control::dedupe_window(&mut api_conn, &config.keyspace, config.dedupe_window_secs)

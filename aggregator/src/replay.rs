@@ -73,6 +73,8 @@ pub enum ReplayError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
+    EvictingRedis(#[from] shared::redis_policy::EvictingRedis),
+    #[error(transparent)]
     Commit(#[from] CommitError),
     #[error("replay {0} is already running")]
     Busy(i64),
@@ -224,6 +226,8 @@ pub async fn run(
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(Duration::from_secs(300)));
     let mut conn = ConnectionManager::new_with_config(client.clone(), conn_config.clone()).await?;
+    // The replay writes the same TTL-carrying keys as the live consumers (seen-sets, spend).
+    shared::redis_policy::check(&mut conn, config.allow_redis_eviction).await?;
 
     // Live consumers and the replay must number dedupe slots alike: the deployment's window,
     // whatever this process was configured with.

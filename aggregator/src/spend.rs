@@ -10,6 +10,9 @@
 //! | `{t}:sp:<k>:h:<day>` | `t<hour>`, `c<hour>` per hour of that day | 32 days after the day |
 //! | `{t}:sp:<k>:m:<hour>` | `t<minute>`, `c<minute>` per minute of that hour | 26 hours after the hour |
 //!
+//! The retention of minutes and hours is `shared::spend_retention`'s, which the gateway's
+//! window tiling reads too: it never reads a bucket this side may no longer keep.
+//!
 //! Window costs (`c…`) are whole nanodollars rounded up per key and minute of a batch, so a limit
 //! can only trip early by less than a nanodollar per minute, never late; the lifetime cost is
 //! exact. A window `[now − W, now)` is summed from minutes at its ragged ends, hours inside them,
@@ -18,14 +21,13 @@
 use std::collections::HashMap;
 
 use shared::UsageEvent;
+use shared::spend_retention::{hours_gone_at, minutes_gone_at};
 
 use crate::pricing::Cost;
 use crate::rollup::{DAY_MS, HOUR_MS, MINUTE_MS};
 use crate::stats::BucketWrite;
 
 const ATTO_PER_NANO: i128 = 1_000_000_000;
-const MINUTES_KEPT_MS: i64 = 26 * HOUR_MS;
-const HOURS_KEPT_MS: i64 = 32 * DAY_MS;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Spent {
@@ -90,19 +92,13 @@ impl SpendDelta {
             let hour = minute.div_euclid(HOUR_MS) * HOUR_MS;
             let day = minute.div_euclid(DAY_MS) * DAY_MS;
             let nanos = spent.nanos_up();
-            if hour + HOUR_MS + MINUTES_KEPT_MS > now_ms {
-                let (k, at) = (
-                    format!("sp:{key}:m:{hour}"),
-                    (hour + HOUR_MS + MINUTES_KEPT_MS) / 1000,
-                );
+            if minutes_gone_at(hour) > now_ms {
+                let (k, at) = (format!("sp:{key}:m:{hour}"), minutes_gone_at(hour) / 1000);
                 add(k.clone(), Some(at), format!("t{minute}"), spent.tokens);
                 add(k, Some(at), format!("c{minute}"), nanos);
             }
-            if day + DAY_MS + HOURS_KEPT_MS > now_ms {
-                let (k, at) = (
-                    format!("sp:{key}:h:{day}"),
-                    (day + DAY_MS + HOURS_KEPT_MS) / 1000,
-                );
+            if hours_gone_at(day) > now_ms {
+                let (k, at) = (format!("sp:{key}:h:{day}"), hours_gone_at(day) / 1000);
                 add(k.clone(), Some(at), format!("t{hour}"), spent.tokens);
                 add(k, Some(at), format!("c{hour}"), nanos);
             }

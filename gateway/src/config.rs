@@ -41,6 +41,8 @@ pub struct Config {
     /// limits before the spend counters are read again; zero reads them on every request.
     /// Token, cost and budget enforcement lags the aggregator by up to this much more.
     pub spend_cache: Duration,
+    /// Start even though Redis may evict keys (`shared::redis_policy`), with a logged error.
+    pub allow_redis_eviction: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +114,10 @@ pub struct Args {
     /// again, milliseconds (default 200; 0 = read on every request).
     #[arg(long, env = "GATEWAY_SPEND_CACHE_MS")]
     pub spend_cache_ms: Option<u64>,
+    /// Start even when Redis's maxmemory-policy is not noeviction (evicted keys double-count
+    /// or lose usage); without it the gateway refuses to start there.
+    #[arg(long, env = "METER_ALLOW_REDIS_EVICTION")]
+    pub allow_redis_eviction: bool,
 }
 
 /// The same settings as a TOML file spells them.
@@ -134,6 +140,7 @@ struct FileConfig {
     limits_on_redis_down: Option<String>,
     lease_ttl_ms: Option<u64>,
     spend_cache_ms: Option<u64>,
+    allow_redis_eviction: Option<bool>,
 }
 
 impl Config {
@@ -254,6 +261,8 @@ impl Config {
                 args.cache_ttl_ms.or(file.cache_ttl_ms).unwrap_or(1_000),
             ),
             spend_cache: Duration::from_millis(spend_cache_ms),
+            allow_redis_eviction: args.allow_redis_eviction
+                || file.allow_redis_eviction.unwrap_or(false),
         })
     }
 
@@ -387,6 +396,25 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("body-read-timeout-ms"), "{err}");
+    }
+
+    #[test]
+    fn redis_eviction_is_refused_unless_a_flag_or_the_file_allows_it() {
+        assert!(!Config::build(Args::default()).unwrap().allow_redis_eviction);
+        let flag = Args {
+            allow_redis_eviction: true,
+            ..Args::default()
+        };
+        assert!(Config::build(flag).unwrap().allow_redis_eviction);
+        let dir = std::env::temp_dir().join(format!("gw-config-evict-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, "allow_redis_eviction = true\n").unwrap();
+        let file = Args {
+            config: Some(path),
+            ..Args::default()
+        };
+        assert!(Config::build(file).unwrap().allow_redis_eviction);
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub enum StartError {
         url: String,
         source: redis::RedisError,
     },
+    #[error(transparent)]
+    EvictingRedis(#[from] shared::redis_policy::EvictingRedis),
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
     #[error("cannot open the event spool: {0}")]
@@ -81,7 +83,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let conn = connect_redis(&config.redis_url).await?;
+    let conn = connect_redis(&config.redis_url, config.allow_redis_eviction).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Arc::new(metrics::Metrics::default());
 
@@ -205,7 +207,8 @@ async fn unknown_route(
     error::GatewayError::NotFound("route").into_response_for(provider)
 }
 
-async fn connect_redis(url: &str) -> Result<ConnectionManager, StartError> {
+/// Connects, then refuses a Redis that may evict keys unless that is explicitly allowed.
+async fn connect_redis(url: &str, allow_eviction: bool) -> Result<ConnectionManager, StartError> {
     let err = |source| StartError::Redis {
         url: url.to_owned(),
         source,
@@ -217,9 +220,11 @@ async fn connect_redis(url: &str) -> Result<ConnectionManager, StartError> {
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(Some(Duration::from_secs(2)))
         .set_number_of_retries(1);
-    ConnectionManager::new_with_config(client, config)
+    let mut conn = ConnectionManager::new_with_config(client, config)
         .await
-        .map_err(err)
+        .map_err(err)?;
+    shared::redis_policy::check(&mut conn, allow_eviction).await?;
+    Ok(conn)
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {

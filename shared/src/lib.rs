@@ -2,12 +2,15 @@
 //!
 //! The two processes share no memory and no code paths at run time: they meet only in Redis.
 //! This crate fixes that meeting point: the usage event and its MessagePack wire form
-//! ([`event`]), and the names of every Redis key either side reads or writes ([`keyspace`]).
-//! Changing anything here changes the wire contract (docs/events.md), so it is guarded by
-//! golden-bytes tests.
+//! ([`event`]), the names of every Redis key either side reads or writes ([`keyspace`]), how
+//! long the spend counters' fine buckets are kept ([`spend_retention`]), and what both require
+//! of Redis itself ([`redis_policy`]). Changing the event changes the wire contract
+//! (docs/events.md), so it is guarded by golden-bytes tests.
 
 pub mod event;
 pub mod keyspace;
+pub mod redis_policy;
+pub mod spend_retention;
 
 pub use event::{DecodeError, MAX_TOKENS, SCHEMA_VERSION, UsageEvent, decode, encode};
 pub use keyspace::{DEFAULT_STREAM, EVENT_FIELD, InvalidStreamName, Keyspace};

@@ -373,11 +373,18 @@ where
 pub struct RedisServer {
     pub port: u16,
     dir: std::path::PathBuf,
+    /// Further `redis-server` settings, e.g. `--maxmemory-policy allkeys-lru`.
+    extra_args: Vec<String>,
     child: Option<std::process::Child>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// The same, with further `redis-server` settings, kept across restarts.
+    pub fn start_with(extra_args: &[&str]) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
             "meter-redis-{port}-{}",
@@ -387,6 +394,7 @@ impl RedisServer {
         let mut server = Self {
             port,
             dir,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
         };
         server.restart();
@@ -412,6 +420,7 @@ impl RedisServer {
             .arg("--dir")
             .arg(&self.dir)
             .args(["--logfile", ""])
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server runs");

@@ -731,3 +731,100 @@ async fn the_admin_api_shows_current_usage_against_each_limit() {
     assert_eq!(listed["usage"].as_array().unwrap().len(), 5);
     assert_eq!(listed["usage"][0]["used"], 4.0);
 }
+
+/// The aggregator keeps per-minute spend only 26 h after the hour (`shared::spend_retention`),
+/// so a week-long window cannot read the minutes of its first, partial hour: it must count
+/// that hour whole rather than nothing, in the limiter and in the admin view alike.
+#[tokio::test]
+async fn a_week_long_cost_window_counts_spend_in_its_first_partial_hour() {
+    const HOUR_MS: i64 = 3_600_000;
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    // A window of 7 days and part of an hour, chosen so that it starts half past an hour: its
+    // ragged first hour then runs 30 minutes, and spend at 50 past stays in the window for
+    // 20 minutes whatever the wall clock says when the test starts.
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let into_hour_secs = now_ms.rem_euclid(HOUR_MS) / 1000;
+    let window_secs = 7 * 86_400 + (into_hour_secs + 3_600 - 1_800) % 3_600;
+    let start_ms = now_ms - window_secs * 1000;
+    let spent_at = start_ms.div_euclid(HOUR_MS) * HOUR_MS + 50 * 60_000;
+    let (id, secret) = p
+        .add_key(json!({"name": "week",
+            "limits": [{"metric": "cost_usd", "max": 0.001, "window_secs": window_secs}]}))
+        .await;
+
+    // $0.003 (1000 input tokens of claude-sonnet-4-5), spent 7 days ago: the aggregator counts
+    // it in that hour and day but no longer writes its minute.
+    let event = shared::UsageEvent {
+        v: 1,
+        id: uuid::Uuid::new_v4().to_string(),
+        ts: spent_at,
+        key_id: Some(id.clone()),
+        account_id: None,
+        provider: "anthropic".into(),
+        endpoint: "messages".into(),
+        model: "claude-sonnet-4-5".into(),
+        status: 200,
+        stream: false,
+        latency_us: 1000,
+        ttft_us: None,
+        input_tokens: 1000,
+        output_tokens: 0,
+        cache_creation_input_tokens: 0,
+        cache_creation_1h_input_tokens: 0,
+        cache_read_input_tokens: 0,
+        service_tier: None,
+        error: None,
+    };
+    let mut conn = redis::Client::open(p.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    tests::harness::xadd_events(&mut conn, &p.stream, &[event]).await;
+    // The lifetime cost is written in the same script as the hour and day.
+    let lifetime = shared::Keyspace::new(&p.stream)
+        .unwrap()
+        .key(&format!("sp:{id}"));
+    eventually(Duration::from_secs(10), || {
+        let mut conn = conn.clone();
+        let lifetime = lifetime.clone();
+        async move {
+            let nanos: Option<i64> = redis::cmd("HGET")
+                .arg(&lifetime)
+                .arg("ch")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            (nanos? >= 3_000_000).then_some(())
+        }
+    })
+    .await;
+
+    // Both are read before either is judged, so a failure shows the two.
+    let (status, key) = p
+        .admin(reqwest::Method::GET, &format!("/admin/keys/{id}"), None)
+        .await;
+    assert_eq!(status, 200, "{key}");
+    let used = key["usage"][0]["used"].as_f64().unwrap();
+    let response = p
+        .messages(&secret)
+        .json(&message(false, json!({})))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert!(
+        status == 429 && (used - 0.003).abs() < 1e-9,
+        "spend of $0.003 7 days ago, inside the window: the admin view shows ${used}, the \
+         next request got {status}: {body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cost_usd"),
+        "{body}"
+    );
+}
