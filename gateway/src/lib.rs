@@ -86,7 +86,13 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::default());
 
     let store = Store::new(conn.clone(), config.keyspace.clone(), Arc::clone(&metrics));
-    let spool = spool::Spool::open(&config.spool_dir)?;
+    let spool = spool::Spool::open_with(
+        &config.spool_dir,
+        spool::SpoolOptions {
+            sync: config.spool_fsync,
+            ..spool::SpoolOptions::default()
+        },
+    )?;
     if !spool.is_empty() {
         tracing::info!(events = spool.len(), dir = %config.spool_dir.display(), "re-publishing spooled usage events");
     }
