@@ -221,7 +221,7 @@ impl PublisherTask {
             return;
         }
         let n = events.len();
-        match self.spool.append(&events) {
+        match on_disk(|| self.spool.append(&events)) {
             Ok(()) => {
                 self.metrics.events_spooled.add(n as u64);
                 self.metrics
@@ -263,7 +263,7 @@ impl PublisherTask {
             tracing::debug!(error = %e, "Redis still unavailable for spooled events");
             return false;
         }
-        if let Err(e) = self.spool.consume(n) {
+        if let Err(e) = on_disk(|| self.spool.consume(n)) {
             // They are in Redis and their batch's marker stays until the next batch's reply:
             // sent again from the same first event, they are skipped.
             tracing::error!(error = %e, "cannot advance the spool");
@@ -320,6 +320,16 @@ impl PublisherTask {
             .spool_fsyncs
             .add(fsyncs.saturating_sub(self.fsyncs_counted));
         self.fsyncs_counted = fsyncs;
+    }
+}
+
+/// Runs the spool's blocking file I/O (an fsync takes milliseconds) after handing this worker
+/// thread's other tasks to another worker, so requests do not wait behind the disk.
+fn on_disk<T>(io: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(io),
+        _ => io(),
     }
 }
 

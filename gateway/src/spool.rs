@@ -22,8 +22,8 @@
 //! record, and damage at the end of the newest segment is an interrupted append, which is cut off
 //! so that new records follow intact ones.
 //!
-//! Only the publisher task owns a `Spool`, so nothing here locks, and blocking `std::fs` I/O is
-//! fine.
+//! Only the publisher task owns a `Spool`, so nothing here locks. Calls block on `std::fs` (an
+//! fsync takes milliseconds); the publisher hands its worker thread's other tasks elsewhere first.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
