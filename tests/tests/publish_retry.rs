@@ -7,6 +7,7 @@
 //! until the entry is more than two dedupe windows old, then lets traffic through again.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -102,17 +103,21 @@ async fn relay(client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) {
     let (mut server_read, mut server_write) = server.into_split();
     let up = async {
         let mut buf = vec![0; 64 * 1024];
+        // The end of the previous read too, so a marker split across two reads is still found.
+        let mut recent: Vec<u8> = Vec::new();
         loop {
             let n = client_read.read(&mut buf).await.unwrap_or(0);
             if n == 0 {
                 return;
             }
             let chunk = &buf[..n];
-            if shared.mode() == Mode::Armed
-                && chunk
-                    .windows(shared.marker.len())
-                    .any(|w| w == shared.marker)
-            {
+            recent.extend_from_slice(chunk);
+            let found = recent
+                .windows(shared.marker.len())
+                .any(|w| w == shared.marker);
+            // Short of a whole marker, so one is never found twice.
+            recent.drain(..recent.len().saturating_sub(shared.marker.len() - 1));
+            if shared.mode() == Mode::Armed && found {
                 // Before the bytes go on, so the reply cannot slip through.
                 withhold.store(true, Ordering::SeqCst);
                 shared.set(Mode::Holding);
@@ -178,27 +183,26 @@ async fn metric(http: &reqwest::Client, gateway: SocketAddr, name: &str) -> Opti
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// True once the aggregator has read and acknowledged every entry of the stream.
+/// True once the aggregator's group has been handed the stream's last entry and has
+/// acknowledged everything it was handed.
 async fn aggregator_caught_up(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> bool {
-    let groups: Vec<Vec<redis::Value>> = redis::cmd("XINFO")
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)
         .query_async(conn)
         .await
         .unwrap_or_default();
-    let field = |group: &[redis::Value], name: &str| -> Option<i64> {
-        let at = group.iter().position(|v| {
-            matches!(v, redis::Value::BulkString(b) if b == name.as_bytes())
-                || matches!(v, redis::Value::SimpleString(s) if s == name)
-        })?;
-        match group.get(at + 1)? {
-            redis::Value::Int(n) => Some(*n),
-            _ => None,
-        }
+    let [group] = groups.as_slice() else {
+        return false;
     };
-    groups.len() == 1
-        && field(&groups[0], "pending") == Some(0)
-        && field(&groups[0], "lag") == Some(0)
+    let pending = group
+        .get("pending")
+        .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok());
+    let delivered = group
+        .get("last-delivered-id")
+        .and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+    let last = entry_ids(conn, stream).await.pop();
+    pending == Some(0) && delivered.is_some() && delivered == last
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
