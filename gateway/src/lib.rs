@@ -32,10 +32,11 @@ mod metrics;
 mod admin;
 
 /// The pure part of the limit decision (script arguments, key names, window tiling, reading
-/// the reply), exposed for `benches/limits.rs`. Not an API.
+/// the reply), exposed for `benches/limits.rs`, and the spool for `benches/spool.rs`. Not an API.
 #[doc(hidden)]
 pub mod bench {
     pub use crate::limiter::{Attempt, Check, SCRIPT, SpendCache, Spent, Verdict};
+    pub use crate::spool::{Spool, SpoolOptions};
     pub use crate::store::{KeyRecord, Limit};
 }
 
