@@ -32,10 +32,11 @@ mod metrics;
 mod admin;
 
 /// The pure part of the limit decision (script arguments, key names, window tiling, reading
-/// the reply), exposed for `benches/limits.rs`. Not an API.
+/// the reply), exposed for `benches/limits.rs`, and the spool for `benches/spool.rs`. Not an API.
 #[doc(hidden)]
 pub mod bench {
     pub use crate::limiter::{Attempt, Check, SCRIPT, SpendCache, Spent, Verdict};
+    pub use crate::spool::{Spool, SpoolOptions};
     pub use crate::store::{KeyRecord, Limit};
 }
 
@@ -88,7 +89,13 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::default());
 
     let store = Store::new(conn.clone(), config.keyspace.clone(), Arc::clone(&metrics));
-    let spool = spool::Spool::open(&config.spool_dir)?;
+    let spool = spool::Spool::open_with(
+        &config.spool_dir,
+        spool::SpoolOptions {
+            sync: config.spool_fsync,
+            ..spool::SpoolOptions::default()
+        },
+    )?;
     if !spool.is_empty() {
         tracing::info!(events = spool.len(), dir = %config.spool_dir.display(), "re-publishing spooled usage events");
     }

@@ -112,6 +112,7 @@ pub struct Metrics {
     pub events_pending: Gauge,
     pub spool_bytes: Gauge,
     pub spool_skipped: Gauge,
+    pub spool_fsyncs: Counter,
     pub redis_round_trips: Counter,
     pub auth_served_stale: Counter,
     pub limits_failed_open: Counter,
@@ -217,6 +218,11 @@ impl Metrics {
                 "meter_gateway_events_spooled_total",
                 "Usage events written to the local spool.",
                 self.events_spooled.get(),
+            ),
+            (
+                "meter_gateway_spool_fsyncs_total",
+                "fsyncs of the local spool's files and directory (none with --spool-fsync false).",
+                self.spool_fsyncs.get(),
             ),
             (
                 "meter_gateway_redis_round_trips_total",

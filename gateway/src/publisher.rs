@@ -1,15 +1,25 @@
-//! Hands usage events to the Redis stream off the request path, and never loses one.
+//! Hands usage events to the Redis stream off the request path, and never loses or doubles one.
 //!
 //! Request handlers only push onto an unbounded channel, which never blocks and never waits on
 //! Redis. One background task owns the Redis side: it drains whatever has queued up into one
-//! pipelined batch of `XADD`s, so under load many events share one round trip.
+//! batch, written by one script call, so under load many events share one round trip.
 //!
 //! When a batch cannot be written (Redis down, or slower than the response timeout), it goes to
 //! the local spool file, and so does every later event until the spool is drained: order is
-//! kept and memory stays flat however long the outage lasts. The spool is retried with backoff
-//! and re-published with the events' original ids (the aggregator counts an id once), also by
+//! kept and memory stays flat however long the outage lasts. If the spool cannot take them
+//! either (disk full), they wait in memory ("stranded"), and every later event queues behind
+//! them there, so they still reach Redis after what the spool held and before anything newer.
+//! The backlog is retried with backoff and re-published with the events' original ids, also by
 //! the next process if this one dies first. On shutdown the task makes a bounded last attempt
-//! to drain the spool; what remains waits on disk for the next start.
+//! to drain it; what remains waits on disk for the next start.
+//!
+//! A batch whose reply was lost may still have landed, and the aggregator's dedupe by id only
+//! covers copies arriving within its window (an hour by default), not after a longer outage. So
+//! the script adds a batch all or nothing, and records how many events of it landed under a
+//! marker named after its first event; a failed batch is always retried from that same first
+//! event (it stays at the head of the backlog, also across a restart), and the script skips what
+//! the marker says already landed. Once this task has seen a batch's reply, the next batch
+//! deletes that marker in the same call, so each replica normally leaves one marker behind.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,12 +32,41 @@ use tokio::time::Instant;
 use crate::metrics::Metrics;
 use crate::spool::Spool;
 
-/// Most events per pipeline: bounds one round trip's size.
+/// Most events per batch: bounds one round trip's size.
 const MAX_BATCH: usize = 512;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How long shutdown keeps trying to drain the spool before leaving it for the next start.
 const SHUTDOWN_DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a batch's marker outlives its last write: as long as the stream keeps entries by
+/// default, beyond which a late copy could not be told from a new event anyway.
+const MARKER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Adds one batch to the stream, skipping the events an earlier attempt at the same batch added.
+///
+/// KEYS: the stream, this batch's marker, optionally the marker of a batch whose reply was seen
+/// (deleted). ARGV: MAXLEN (`0`: no cap), the marker's TTL in seconds, the event field, then the
+/// encoded events. Returns how many events it added.
+///
+/// A script runs atomically: no other client sees part of a batch, and a connection lost
+/// part-way through sending it means Redis never ran it. Retries send the same first event,
+/// possibly with more events after it, never fewer (the backlog only grows behind its head).
+const SCRIPT: &str = r"
+local landed = tonumber(redis.call('GET', KEYS[2]) or '0')
+local total = #ARGV - 3
+for i = 4 + landed, #ARGV do
+  if ARGV[1] == '0' then
+    redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[i])
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[3], ARGV[i])
+  end
+end
+redis.call('SET', KEYS[2], math.max(total, landed), 'EX', ARGV[2])
+if KEYS[3] then
+  redis.call('DEL', KEYS[3])
+end
+return math.max(total - landed, 0)
+";
 
 #[derive(Clone, Debug)]
 pub struct Publisher {
@@ -56,12 +95,18 @@ impl Publisher {
 pub struct PublisherTask {
     rx: mpsc::UnboundedReceiver<UsageEvent>,
     conn: ConnectionManager,
-    stream: String,
+    keyspace: Keyspace,
     maxlen: Option<u64>,
+    script: redis::Script,
+    /// The marker of the last batch whose reply was seen: that batch is never sent again, so the
+    /// next batch deletes it.
+    acked_marker: Option<String>,
     spool: Spool,
     /// Events that could be written neither to Redis nor to the spool (disk full): kept in
-    /// memory and retried, never dropped.
+    /// memory and retried, never dropped. All newer than what the spool holds.
     stranded: Vec<UsageEvent>,
+    /// The spool's fsync count last added to the metrics.
+    fsyncs_counted: u64,
     metrics: Arc<Metrics>,
 }
 
@@ -73,16 +118,16 @@ pub fn channel(
     metrics: Arc<Metrics>,
 ) -> (Publisher, PublisherTask) {
     let (tx, rx) = mpsc::unbounded_channel();
-    metrics
-        .spool_bytes
-        .set(i64::try_from(spool.bytes()).unwrap_or(i64::MAX));
-    let task = PublisherTask {
+    let mut task = PublisherTask {
         rx,
         conn,
-        stream: keyspace.stream().to_owned(),
+        keyspace: keyspace.clone(),
         maxlen,
+        script: redis::Script::new(SCRIPT),
+        acked_marker: None,
         spool,
         stranded: Vec::new(),
+        fsyncs_counted: 0,
         metrics: Arc::clone(&metrics),
     };
     task.update_spool_gauge();
@@ -133,59 +178,70 @@ impl PublisherTask {
         !self.spool.is_empty() || !self.stranded.is_empty()
     }
 
+    /// Writes one batch with [`SCRIPT`]. An error means the batch may or may not have landed;
+    /// sending it again, from the same first event, adds only what did not.
     async fn xadd(&mut self, events: &[UsageEvent]) -> redis::RedisResult<()> {
-        let mut pipe = redis::pipe();
+        let Some(first) = events.first() else {
+            return Ok(());
+        };
+        let marker = self.keyspace.publish_marker(&first.id);
+        let mut invocation = self.script.key(self.keyspace.stream());
+        invocation.key(&marker);
+        if let Some(acked) = self.acked_marker.as_ref().filter(|m| **m != marker) {
+            invocation.key(acked);
+        }
+        invocation
+            .arg(self.maxlen.unwrap_or(0))
+            .arg(MARKER_TTL.as_secs())
+            .arg(EVENT_FIELD);
         for event in events {
-            let cmd = pipe.cmd("XADD").arg(&self.stream);
-            if let Some(maxlen) = self.maxlen {
-                cmd.arg("MAXLEN").arg("~").arg(maxlen);
-            }
-            cmd.arg("*")
-                .arg(EVENT_FIELD)
-                .arg(shared::encode(event))
-                .ignore();
+            invocation.arg(shared::encode(event));
         }
         self.metrics.redis_round_trips.inc();
-        pipe.query_async::<()>(&mut self.conn).await?;
-        let n = events.len() as u64;
-        self.metrics.events_published.add(n);
+        let added: u64 = invocation.invoke_async(&mut self.conn).await?;
+        self.acked_marker = Some(marker);
+        self.metrics.events_published.add(added);
         self.metrics
             .events_pending
-            .set(self.metrics.events_pending.get() - n as i64);
+            .set(self.metrics.events_pending.get() - events.len() as i64);
         Ok(())
     }
 
-    /// Moves events from memory to the spool file.
+    /// Moves events from memory to the spool file, behind any stranded ones: those arrived
+    /// earlier, so they go first, and nothing overtakes them while the disk refuses them.
     fn spill(&mut self, events: Vec<UsageEvent>) {
+        let events = if self.stranded.is_empty() {
+            events
+        } else {
+            let mut waiting = std::mem::take(&mut self.stranded);
+            waiting.extend(events);
+            waiting
+        };
         if events.is_empty() {
             return;
         }
         let n = events.len();
-        match self.spool.append(&events) {
+        match on_disk(|| self.spool.append(&events)) {
             Ok(()) => {
                 self.metrics.events_spooled.add(n as u64);
                 self.metrics
                     .events_pending
                     .set(self.metrics.events_pending.get() - n as i64);
-                self.update_spool_gauge();
             }
             Err(e) => {
                 tracing::error!(error = %e, events = n, "cannot spool usage events; keeping them in memory");
-                self.stranded.extend(events);
+                self.stranded = events;
             }
         }
+        self.update_spool_gauge();
     }
 
     /// One attempt to move the oldest waiting events to Redis. True on progress.
     async fn drain_step(&mut self) -> bool {
-        if !self.stranded.is_empty() {
-            let take = self.stranded.len().min(MAX_BATCH);
-            let events: Vec<UsageEvent> = self.stranded.drain(..take).collect();
-            if self.xadd(&events).await.is_err() {
-                self.stranded.splice(0..0, events);
-                return false;
-            }
-            return true;
+        // Stranded events are newer than the spool's: they wait until it is empty (the next
+        // event to arrive also retries moving them to the disk, behind the spool's).
+        if self.spool.is_empty() {
+            return self.drain_stranded().await;
         }
         let events = match self.spool.peek(MAX_BATCH) {
             Ok(events) => events,
@@ -207,13 +263,25 @@ impl PublisherTask {
             tracing::debug!(error = %e, "Redis still unavailable for spooled events");
             return false;
         }
-        if let Err(e) = self.spool.consume(n) {
-            // They are in Redis; at worst they are re-sent later and deduplicated by id.
+        if let Err(e) = on_disk(|| self.spool.consume(n)) {
+            // They are in Redis and their batch's marker stays until the next batch's reply:
+            // sent again from the same first event, they are skipped.
             tracing::error!(error = %e, "cannot advance the spool");
         }
         self.update_spool_gauge();
-        if self.spool.is_empty() {
+        if !self.degraded() {
             tracing::info!("spool drained; publishing directly again");
+        }
+        true
+    }
+
+    /// Sends the oldest stranded events, once the spool, which holds older ones, is empty.
+    async fn drain_stranded(&mut self) -> bool {
+        let take = self.stranded.len().min(MAX_BATCH);
+        let events: Vec<UsageEvent> = self.stranded.drain(..take).collect();
+        if self.xadd(&events).await.is_err() {
+            self.stranded.splice(0..0, events);
+            return false;
         }
         true
     }
@@ -225,10 +293,7 @@ impl PublisherTask {
                 tokio::time::sleep(MIN_BACKOFF).await;
             }
         }
-        if !self.stranded.is_empty() {
-            let stranded = std::mem::take(&mut self.stranded);
-            self.spill(stranded);
-        }
+        self.spill(Vec::new());
         if !self.spool.is_empty() {
             tracing::warn!(
                 events = self.spool.len(),
@@ -243,12 +308,303 @@ impl PublisherTask {
         }
     }
 
-    fn update_spool_gauge(&self) {
+    fn update_spool_gauge(&mut self) {
         self.metrics
             .spool_bytes
             .set(i64::try_from(self.spool.bytes()).unwrap_or(i64::MAX));
         self.metrics
             .spool_skipped
             .set(i64::try_from(self.spool.skipped()).unwrap_or(i64::MAX));
+        let fsyncs = self.spool.syncs();
+        self.metrics
+            .spool_fsyncs
+            .add(fsyncs.saturating_sub(self.fsyncs_counted));
+        self.fsyncs_counted = fsyncs;
+    }
+}
+
+/// Runs the spool's blocking file I/O (an fsync takes milliseconds) after handing this worker
+/// thread's other tasks to another worker, so requests do not wait behind the disk.
+fn on_disk<T>(io: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(io),
+        _ => io(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::spool::SpoolOptions;
+
+    /// A private `redis-server` on a Unix socket in a directory of its own (no port to race
+    /// for), stopped and removed when the test ends.
+    struct TestRedis {
+        dir: PathBuf,
+        child: Child,
+    }
+
+    impl TestRedis {
+        fn start() -> TestRedis {
+            let dir = unique_dir("redis");
+            fs_create(&dir);
+            let socket = dir.join("redis.sock");
+            let child = Command::new("redis-server")
+                .args(["--port", "0", "--save", "", "--appendonly", "no"])
+                .arg("--unixsocket")
+                .arg(&socket)
+                .args(["--logfile", ""])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed");
+            let redis = TestRedis { dir, child };
+            let client = redis::Client::open(redis.url()).unwrap();
+            for _ in 0..400 {
+                if let Ok(mut conn) = client.get_connection()
+                    && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+                {
+                    return redis;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            panic!("redis-server did not start on {}", socket.display());
+        }
+
+        fn url(&self) -> String {
+            format!("redis+unix://{}", self.dir.join("redis.sock").display())
+        }
+
+        async fn connection(&self) -> ConnectionManager {
+            let client = redis::Client::open(self.url()).unwrap();
+            ConnectionManager::new(client).await.unwrap()
+        }
+    }
+
+    impl Drop for TestRedis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn unique_dir(what: &str) -> PathBuf {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        std::env::temp_dir().join(format!(
+            "meter-publisher-{what}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    fn fs_create(dir: &std::path::Path) {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+    }
+
+    fn event(n: u64) -> UsageEvent {
+        UsageEvent {
+            v: shared::SCHEMA_VERSION,
+            id: format!("0190a0b0-0000-7000-8000-{n:012}"),
+            ts: 1_767_225_600_000,
+            key_id: Some("k1".into()),
+            account_id: Some("a1".into()),
+            provider: "anthropic".into(),
+            endpoint: "messages".into(),
+            model: "claude-sonnet-4-5".into(),
+            status: 200,
+            stream: false,
+            latency_us: 1_000,
+            ttft_us: None,
+            input_tokens: n,
+            output_tokens: 1,
+            cache_creation_input_tokens: 0,
+            cache_creation_1h_input_tokens: 0,
+            cache_read_input_tokens: 0,
+            service_tier: None,
+            error: None,
+        }
+    }
+
+    fn events(ns: std::ops::Range<u64>) -> Vec<UsageEvent> {
+        ns.map(event).collect()
+    }
+
+    /// Ids of the events in `stream`, in stream order.
+    async fn stream_ids(conn: &mut ConnectionManager, stream: &str) -> Vec<String> {
+        type Entry = (String, Vec<(String, Vec<u8>)>);
+        let entries: Vec<Entry> = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query_async(conn)
+            .await
+            .unwrap();
+        entries
+            .into_iter()
+            .flat_map(|(_, fields)| fields)
+            .map(|(_, bytes)| shared::decode(&bytes).unwrap().id)
+            .collect()
+    }
+
+    fn ids(events: &[UsageEvent]) -> Vec<String> {
+        events.iter().map(|e| e.id.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn after_a_disk_full_episode_events_reach_redis_in_arrival_order() {
+        let redis = TestRedis::start();
+        let keyspace = Keyspace::new("test:order").unwrap();
+        let spool_dir = unique_dir("spool");
+        let away = spool_dir.with_extension("away");
+        // One record per segment: every append creates a file, so a directory that is gone
+        // makes appends fail the way a full disk does, and coming back makes them work again.
+        let options = SpoolOptions {
+            segment_bytes: 1,
+            sync: false,
+        };
+        let spool = Spool::open_with(&spool_dir, options).unwrap();
+        let (_publisher, mut task) = channel(
+            redis.connection().await,
+            &keyspace,
+            None,
+            spool,
+            Arc::default(),
+        );
+
+        task.spill(events(0..2));
+        std::fs::rename(&spool_dir, &away).unwrap();
+        task.spill(events(2..4));
+        std::fs::rename(&away, &spool_dir).unwrap();
+        task.spill(events(4..6));
+        while task.degraded() {
+            assert!(
+                task.drain_step().await,
+                "Redis is up: every step makes progress"
+            );
+        }
+
+        let mut conn = redis.connection().await;
+        assert_eq!(
+            stream_ids(&mut conn, keyspace.stream()).await,
+            ids(&events(0..6)),
+            "spooled events first, then the stranded ones, then the later ones"
+        );
+        let _ = std::fs::remove_dir_all(&spool_dir);
+    }
+
+    /// A publisher task on `redis` with a spool of its own, in `redis`'s directory.
+    async fn task_on(redis: &TestRedis, stream: &str, maxlen: Option<u64>) -> PublisherTask {
+        let dir = redis.dir.join("spool");
+        let spool = Spool::open_with(&dir, SpoolOptions::default()).unwrap();
+        let keyspace = Keyspace::new(stream).unwrap();
+        channel(
+            redis.connection().await,
+            &keyspace,
+            maxlen,
+            spool,
+            Arc::default(),
+        )
+        .1
+    }
+
+    async fn marker_exists(conn: &mut ConnectionManager, stream: &str, first: u64) -> bool {
+        let key = Keyspace::new(stream)
+            .unwrap()
+            .publish_marker(&event(first).id);
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_landed_but_whose_reply_was_lost_is_added_once_when_sent_again() {
+        let redis = TestRedis::start();
+        let mut task = task_on(&redis, "test:lost-reply", None).await;
+        let mut conn = redis.connection().await;
+
+        task.xadd(&events(0..3)).await.unwrap();
+        // As if the reply had not arrived: the batch goes back to the head of the backlog and is
+        // sent again from the same first event, with more behind it.
+        task.acked_marker = None;
+        task.xadd(&events(0..5)).await.unwrap();
+        assert_eq!(
+            stream_ids(&mut conn, "test:lost-reply").await,
+            ids(&events(0..5))
+        );
+
+        // Its reply seen, the next batch deletes its marker and leaves only its own.
+        task.xadd(&events(5..7)).await.unwrap();
+        assert!(!marker_exists(&mut conn, "test:lost-reply", 0).await);
+        assert!(marker_exists(&mut conn, "test:lost-reply", 5).await);
+        assert_eq!(
+            stream_ids(&mut conn, "test:lost-reply").await,
+            ids(&events(0..7))
+        );
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(
+                Keyspace::new("test:lost-reply")
+                    .unwrap()
+                    .publish_marker(&event(5).id),
+            )
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            ttl > 6 * 24 * 3600,
+            "the marker lives as long as the stream's retention"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_fails_in_redis_adds_nothing_and_is_retried_whole() {
+        let redis = TestRedis::start();
+        let mut task = task_on(&redis, "test:wrongtype", None).await;
+        let mut conn = redis.connection().await;
+        let () = redis::cmd("SET")
+            .arg("test:wrongtype")
+            .arg("not a stream")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(task.xadd(&events(0..4)).await.is_err());
+        assert!(!marker_exists(&mut conn, "test:wrongtype", 0).await);
+
+        let () = redis::cmd("DEL")
+            .arg("test:wrongtype")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        task.xadd(&events(0..4)).await.unwrap();
+        assert_eq!(
+            stream_ids(&mut conn, "test:wrongtype").await,
+            ids(&events(0..4))
+        );
+    }
+
+    #[tokio::test]
+    async fn maxlen_still_caps_the_stream_approximately() {
+        let redis = TestRedis::start();
+        let mut task = task_on(&redis, "test:maxlen", Some(1)).await;
+        for batch in 0..3 {
+            task.xadd(&events(batch * 150..batch * 150 + 150))
+                .await
+                .unwrap();
+        }
+        let mut conn = redis.connection().await;
+        let len: u64 = redis::cmd("XLEN")
+            .arg("test:maxlen")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // `~` trims whole stream nodes (100 entries each by default), never below the cap.
+        assert!((1..450).contains(&len), "{len} entries");
     }
 }

@@ -13,14 +13,17 @@
 //! is always the old or the new position, never half of one, and it moves past a segment before
 //! that segment is deleted, so a crash in between leaves files the next open knows are consumed.
 //!
-//! `append` returns once the bytes are written to the file, which a process crash cannot undo;
-//! only a power loss can, unless `sync` also fsyncs them. `open` checks every pending record's
+//! `append` returns once the bytes are written to the file and, by default (`sync`), fsynced:
+//! one flush per call, however many events it carries, so the publisher's batching amortises it.
+//! Position updates and new or deleted segment files are fsynced too (the directory as well), so
+//! neither a process crash nor a host crash loses a spooled event or resurrects a consumed one.
+//! Without `sync` only a process crash is covered: what sits in the page cache dies with the host. `open` checks every pending record's
 //! CRC and decoding: damage in the middle is skipped by resynchronising at the next intact
 //! record, and damage at the end of the newest segment is an interrupted append, which is cut off
 //! so that new records follow intact ones.
 //!
-//! Only the publisher task owns a `Spool`, so nothing here locks, and blocking `std::fs` I/O is
-//! fine.
+//! Only the publisher task owns a `Spool`, so nothing here locks. Calls block on `std::fs` (an
+//! fsync takes milliseconds); the publisher hands its worker thread's other tasks elsewhere first.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -44,7 +47,8 @@ pub struct SpoolOptions {
     /// A segment takes no more records once it holds this many bytes.
     pub segment_bytes: u64,
     /// Whether appends and position updates are fsynced. Without it the spool survives a process
-    /// crash; with it, also a power loss, at the price of a disk flush per call.
+    /// crash; with it (the default), also a host crash or power loss, at the price of a disk
+    /// flush per call (BENCHMARKS.md).
     pub sync: bool,
 }
 
@@ -52,7 +56,7 @@ impl Default for SpoolOptions {
     fn default() -> Self {
         SpoolOptions {
             segment_bytes: 16 << 20,
-            sync: false,
+            sync: true,
         }
     }
 }
@@ -111,17 +115,14 @@ pub struct Spool {
     /// Consumed segments whose files still have to be deleted.
     doomed: Vec<u64>,
     skipped: u64,
+    /// fsyncs of files and the directory since `open`, for /metrics.
+    syncs: u64,
 }
 
 impl Spool {
     /// Opens (creating `dir` if needed) and recovers whatever a previous process left: complete
     /// records are kept; a torn record at the tail of the last segment (crash mid-append) is cut
     /// off.
-    pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
-        Spool::open_with(dir, SpoolOptions::default())
-    }
-
-    /// [`Spool::open`] with other segment sizes or durability.
     pub fn open_with(dir: &Path, options: SpoolOptions) -> Result<Spool, SpoolError> {
         fs::create_dir_all(dir).map_err(io_error(dir))?;
         let seqs = list_segments(dir)?;
@@ -137,6 +138,7 @@ impl Spool {
             peeked: Vec::new(),
             doomed: Vec::new(),
             skipped: 0,
+            syncs: 0,
         };
 
         // Any doubt about the saved position resolves to reading from the oldest segment: that
@@ -215,8 +217,8 @@ impl Spool {
         Ok(spool)
     }
 
-    /// Appends events durably enough that a process crash after return loses none (write +
-    /// flush; fsync only if `sync`).
+    /// Appends events durably: a process crash after return loses none (the bytes are written),
+    /// and with `sync` neither does a host crash (one fsync for the whole call).
     pub fn append(&mut self, events: &[UsageEvent]) -> Result<(), SpoolError> {
         let mut batch = Vec::new();
         let mut count = 0;
@@ -309,6 +311,24 @@ impl Spool {
         self.skipped
     }
 
+    /// fsyncs made since `open` (zero without `sync`).
+    pub fn syncs(&self) -> u64 {
+        self.syncs
+    }
+
+    fn sync_file(&mut self, file: &File, path: &Path) -> Result<(), SpoolError> {
+        self.syncs += 1;
+        file.sync_data().map_err(io_error(path))
+    }
+
+    /// Makes a created, renamed or deleted file name durable.
+    fn sync_dir(&mut self) -> Result<(), SpoolError> {
+        self.syncs += 1;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&self.dir))
+    }
+
     fn back_is_full(&self, buffered: usize) -> bool {
         match self.segments.back() {
             Some(back) if self.back_writable => {
@@ -328,7 +348,7 @@ impl Spool {
             .open(&path)
             .map_err(io_error(&path))?;
         if self.options.sync {
-            sync_dir(&self.dir)?;
+            self.sync_dir()?;
         }
         if self.segments.is_empty() {
             self.read = Position { seq, offset: 0 };
@@ -379,6 +399,7 @@ impl Spool {
         back.size += batch.len() as u64;
         back.pending += count;
         if self.options.sync {
+            self.syncs += 1;
             file.sync_data().map_err(io_error(&path))?;
         }
         Ok(())
@@ -499,7 +520,7 @@ impl Spool {
     /// with every intact record pending, and how many start at or after `from` if `from` is a
     /// record boundary.
     fn load(
-        &self,
+        &mut self,
         seq: u64,
         from: u64,
         newest: bool,
@@ -520,7 +541,7 @@ impl Spool {
                 .map_err(io_error(&path))?;
             file.set_len(scan.end as u64).map_err(io_error(&path))?;
             if self.options.sync {
-                file.sync_all().map_err(io_error(&path))?;
+                self.sync_file(&file, &path)?;
             }
         }
         let segment = Segment {
@@ -567,23 +588,25 @@ impl Spool {
             self.doomed.pop();
         }
         if deleted && self.options.sync {
-            sync_dir(&self.dir)?;
+            self.sync_dir()?;
         }
         Ok(())
     }
 
-    fn write_position(&self) -> Result<(), SpoolError> {
+    fn write_position(&mut self) -> Result<(), SpoolError> {
         let tmp = self.dir.join(POSITION_TMP);
         let mut file = File::create(&tmp).map_err(io_error(&tmp))?;
         file.write_all(format!("{} {}\n", self.read.seq, self.read.offset).as_bytes())
             .map_err(io_error(&tmp))?;
+        // The new position must be on disk before the rename makes it the position, or a host
+        // crash could leave an empty file under the name (read as "re-read everything").
         if self.options.sync {
-            file.sync_all().map_err(io_error(&tmp))?;
+            self.sync_file(&file, &tmp)?;
         }
         let path = self.dir.join(POSITION);
         fs::rename(&tmp, &path).map_err(io_error(&path))?;
         if self.options.sync {
-            sync_dir(&self.dir)?;
+            self.sync_dir()?;
         }
         Ok(())
     }
@@ -624,12 +647,6 @@ fn read_position(dir: &Path) -> Result<Option<Position>, SpoolError> {
             Ok(None)
         }
     }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(dir))
 }
 
 /// What one pass over a segment's bytes found.
@@ -921,6 +938,33 @@ mod tests {
         drop(spool);
 
         check(&mut dir.open(small()), &events(12..32));
+    }
+
+    #[test]
+    fn the_default_spool_fsyncs_what_it_writes() {
+        // A host crash during a Redis outage must not lose what sat in the page cache.
+        assert!(SpoolOptions::default().sync);
+    }
+
+    #[test]
+    fn a_synced_spool_fsyncs_once_per_append_and_an_unsynced_one_never() {
+        let dir = TempDir::new();
+        let mut spool = dir.open(big());
+        let opened = spool.syncs();
+        spool.append(&events(0..1)).unwrap();
+        // The first append creates the segment: its data, and its name in the directory.
+        assert_eq!(spool.syncs(), opened + 2);
+        spool.append(&events(1..100)).unwrap();
+        assert_eq!(spool.syncs(), opened + 3, "one fsync for a batch of 99");
+        spool.consume(50).unwrap();
+        assert_eq!(spool.syncs(), opened + 5, "the new position and its rename");
+        drop(spool);
+
+        let dir = TempDir::new();
+        let mut spool = dir.open(small());
+        spool.append(&events(0..10)).unwrap();
+        spool.consume(10).unwrap();
+        assert_eq!(spool.syncs(), 0);
     }
 
     #[test]

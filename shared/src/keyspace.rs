@@ -57,6 +57,12 @@ impl Keyspace {
         self.key(&format!("key:{id}"))
     }
 
+    /// The gateway's record that the batch of events starting with `first_event_id` is in the
+    /// stream (how many of its events), so a re-sent batch is not added twice.
+    pub fn publish_marker(&self, first_event_id: &str) -> String {
+        self.key(&format!("pub:{first_event_id}"))
+    }
+
     /// Any other key: `{tag}:<name>`.
     pub fn key(&self, name: &str) -> String {
         let mut key = String::with_capacity(self.prefix.len() + name.len());
@@ -103,6 +109,16 @@ mod tests {
         assert!(Keyspace::new("a{}b").is_err());
         assert!(Keyspace::new("a}b").is_err());
         assert!(Keyspace::new("").is_err());
+    }
+
+    #[test]
+    fn a_publish_marker_shares_the_stream_slot() {
+        assert_eq!(
+            Keyspace::new("meter:events")
+                .unwrap()
+                .publish_marker("0190-ab"),
+            "{meter:events}:pub:0190-ab"
+        );
     }
 
     #[test]
