@@ -382,9 +382,9 @@ struct UsageView {
     metric: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     window_secs: Option<u64>,
-    max: f64,
-    used: f64,
-    remaining: f64,
+    max: Figure,
+    used: Figure,
+    remaining: Figure,
     /// Until the oldest usage in the window leaves it; null when none is counted or the
     /// limit has no window.
     resets_in_secs: Option<u64>,
@@ -392,14 +392,34 @@ struct UsageView {
     waiting: Option<u64>,
 }
 
+/// A limit's figure as JSON: requests, tokens and slots are counts (`3`), money is USD (`0.0099`).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Figure {
+    Count(u64),
+    Usd(f64),
+}
+
+impl Figure {
+    fn of(metric: &str, value: f64) -> Self {
+        if metric.ends_with("_usd") {
+            Figure::Usd(value)
+        } else {
+            // Counts come from integer counters; the float is only the shared container.
+            Figure::Count(value.max(0.0).round() as u64)
+        }
+    }
+}
+
 impl From<&LimitUsage> for UsageView {
     fn from(u: &LimitUsage) -> Self {
+        let figure = |value| Figure::of(&u.metric, value);
         Self {
             metric: u.metric.clone(),
             window_secs: u.window_secs,
-            max: u.max,
-            used: u.used,
-            remaining: u.remaining(),
+            max: figure(u.max),
+            used: figure(u.used),
+            remaining: figure(u.remaining()),
             resets_in_secs: u.resets_in_secs,
             waiting: u.waiting,
         }

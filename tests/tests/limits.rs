@@ -716,6 +716,16 @@ async fn the_admin_api_shows_current_usage_against_each_limit() {
     assert_eq!(concurrency["max"], 2.0);
     assert_eq!(concurrency["used"], 1.0, "the stream holds a slot");
     assert_eq!(concurrency["waiting"], 0);
+    // Counts are integers in the JSON (`3`, not `3.0`); only money has a fraction.
+    for counted in [&requests, &tokens, &concurrency] {
+        for field in ["max", "used", "remaining"] {
+            assert!(counted[field].is_u64(), "{field} of {counted}");
+        }
+    }
+    assert!(
+        cost["used"].is_f64() && budget["max"].is_f64(),
+        "{cost} {budget}"
+    );
 
     // The list shows the same, for every key.
     while holder.chunk().await.unwrap().is_some() {}
