@@ -274,6 +274,17 @@ pub async fn spawn_gateway(
     stream: &str,
     tweak: impl FnOnce(&mut gateway::Args),
 ) -> (SocketAddr, oneshot::Sender<()>) {
+    let (addr, stop, _) = spawn_gateway_joinable(redis_url, stream, tweak).await;
+    (addr, stop)
+}
+
+/// [`spawn_gateway`], with a handle that ends when the gateway's graceful shutdown has
+/// finished (every request drained, its background tasks stopped).
+pub async fn spawn_gateway_joinable(
+    redis_url: &str,
+    stream: &str,
+    tweak: impl FnOnce(&mut gateway::Args),
+) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let mut args = gateway::Args {
         listen: Some("127.0.0.1:0".into()),
         redis_url: Some(redis_url.to_owned()),
@@ -289,14 +300,14 @@ pub async fn spawn_gateway(
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(async move {
+    let done = tokio::spawn(async move {
         gateway::run(listener, config, async {
             let _ = rx.await;
         })
         .await
         .expect("gateway failed")
     });
-    (addr, tx)
+    (addr, tx, done)
 }
 
 /// Writes events straight to the stream, as a gateway would, in one pipeline.

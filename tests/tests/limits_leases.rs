@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
-use tests::harness::{ADMIN_TOKEN, Pipeline, RedisServer, eventually, redis_url};
+use tests::harness::{Pipeline, RedisServer, eventually, redis_url, spawn_gateway_joinable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -102,28 +102,7 @@ async fn spawn_replica(
     stream: &str,
     tweak: impl FnOnce(&mut gateway::Args),
 ) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
-    let mut args = gateway::Args {
-        listen: Some("127.0.0.1:0".into()),
-        redis_url: Some(redis_url.to_owned()),
-        stream: Some(stream.to_owned()),
-        admin_token: Some(ADMIN_TOKEN.into()),
-        spool_dir: Some(
-            std::env::temp_dir().join(format!("meter-spool-{}", uuid::Uuid::new_v4().simple())),
-        ),
-        ..gateway::Args::default()
-    };
-    tweak(&mut args);
-    let config = gateway::Config::build(args).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        gateway::run(listener, config, async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("gateway failed");
-    });
+    let (addr, tx, done) = spawn_gateway_joinable(redis_url, stream, tweak).await;
     let http = reqwest::Client::new();
     eventually(Duration::from_secs(10), || async {
         let r = http
