@@ -205,6 +205,16 @@ impl Browser {
         log.as_array().cloned().unwrap_or_default()
     }
 
+    /// Resizes the window, as a phone or a narrow laptop window would be.
+    pub async fn resize(&self, width: u32, height: u32) {
+        self.command(
+            reqwest::Method::POST,
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        )
+        .await;
+    }
+
     /// A PNG of the viewport.
     pub async fn screenshot(&self) -> Vec<u8> {
         let encoded = self

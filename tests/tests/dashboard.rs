@@ -293,6 +293,29 @@ async fn the_dashboard_shows_the_apis_figures_and_follows_its_controls() {
     browser.wait_for_text("#status-dead", |t| t == "0").await;
     browser.wait_for_text("#status-lag", |t| t == "0").await;
 
+    // A custom range around the older events only, drawn by the hour.
+    browser.click("#ranges button[data-range='custom']").await;
+    browser
+        .script(&format!(
+            "const local = (ms) => new Date(ms - new Date(ms).getTimezoneOffset() * 60000).toISOString().slice(0, 16);
+             document.getElementById('custom-from').value = local({});
+             document.getElementById('custom-to').value = local({});
+             return null;",
+            now - 4 * DAY,
+            now - 2 * DAY
+        ))
+        .await;
+    browser.click("#custom-range button[type='submit']").await;
+    browser
+        .wait_for_text("#total-requests", |t| t == "300")
+        .await;
+    browser
+        .wait_for_text("#bucket-label", |t| t == "one bar per hour")
+        .await;
+    browser
+        .wait_for_text("#top-models", |t| !t.contains("gpt-4o"))
+        .await;
+
     // The last hour, by model, for the screenshot.
     browser.click("#ranges button[data-range='1h']").await;
     browser.click("#grouping button[data-group='model']").await;
@@ -315,4 +338,23 @@ async fn the_dashboard_shows_the_apis_figures_and_follows_its_controls() {
         let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/dashboard.png");
         std::fs::write(docs, &png).unwrap();
     }
+
+    // At a phone's width nothing sticks out sideways: the page reflows to one column.
+    browser.resize(390, 1600).await;
+    eventually(Duration::from_secs(30), || async {
+        let fits = browser
+            .script(
+                "return window.innerWidth <= 500 && document.documentElement.scrollWidth <= window.innerWidth;",
+            )
+            .await;
+        (fits == true).then_some(())
+    })
+    .await;
+    std::fs::write(
+        target.join("dashboard-phone.png"),
+        browser.screenshot().await,
+    )
+    .unwrap();
+    let console = problems(browser.console().await);
+    assert!(console.is_empty(), "console: {console:?}");
 }
