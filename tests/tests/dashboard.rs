@@ -255,6 +255,13 @@ async fn the_dashboard_shows_the_apis_figures_and_follows_its_controls() {
         .wait_for_text("#chart-latency", |t| t.contains("claude-sonnet-4-5 p99"))
         .await;
 
+    // The tables sort by any column: by cost, most first; requests, twice, fewest first.
+    let first_key = "#top-keys tbody tr:first-child td:first-child";
+    assert_eq!(browser.text(first_key).await.unwrap(), "alice");
+    browser.click("#top-keys th[data-col='requests']").await;
+    browser.click("#top-keys th[data-col='requests']").await;
+    browser.wait_for_text(first_key, |t| t == "bob").await;
+
     // Grouping the charts by key.
     browser.click("#grouping button[data-group='key']").await;
     browser
