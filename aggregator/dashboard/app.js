@@ -103,8 +103,9 @@ function rangeParams() {
     bucket = range.bucket;
   }
   params.from = new Date(from).toISOString();
+  // Local days are built from hour cells, kept 90 days: older days are UTC days.
   const tz = localOffset();
-  if (tz) params.tz = tz;
+  if (tz && Date.now() - from < 89 * DAY) params.tz = tz;
   for (const [dim, f] of Object.entries(state.filters)) params[dim] = f.value;
   return { params, bucket };
 }
