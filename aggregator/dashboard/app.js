@@ -542,6 +542,7 @@ function askForToken() {
   document.getElementById('main').hidden = true;
   document.getElementById('login').hidden = false;
   document.getElementById('login-error').hidden = !tried;
+  if (tried) document.getElementById('token').value = '';
   document.getElementById('token').focus();
 }
 

@@ -222,6 +222,17 @@ async fn the_dashboard_shows_the_apis_figures_and_follows_its_controls() {
     browser
         .wait_for_text("#login h2", |t| t == "Admin token")
         .await;
+    assert_eq!(browser.text("#login-error").await, None);
+    browser.type_into("#token", "not-the-token").await;
+    browser.click("#login-submit").await;
+    browser
+        .wait_for_text("#login-error", |t| t == "That token was refused.")
+        .await;
+    assert_eq!(
+        browser.text("#main").await,
+        None,
+        "no figures without the token"
+    );
     browser.type_into("#token", DASHBOARD_TOKEN).await;
     browser.click("#login-submit").await;
     check_totals(&browser, &http, &aggregator, DAY).await;
