@@ -11,7 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use redis::aio::ConnectionManager;
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
-use serde_json::json;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use shared::Keyspace;
 use subtle::ConstantTimeEq;
@@ -42,9 +42,11 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/usage", get(usage))
         .route("/v1/latency", get(latency))
+        .route("/v1/status", get(status))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
         .with_state(state)
+        .merge(crate::dashboard::router())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -376,6 +378,20 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         state.metrics.render(lag, pending),
     )
         .into_response()
+}
+
+/// `GET /v1/status`: how far behind the consumers are and how many entries were set aside, the
+/// dashboard's corner.
+async fn status(_: StatsAccess, State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let (lag, pending) = group_gauges(&state).await?;
+    let mut conn = state.conn.clone();
+    let dead_letters: u64 = redis::cmd("XLEN")
+        .arg(state.keyspace.dead_letter_stream())
+        .query_async(&mut conn)
+        .await?;
+    Ok(Json(
+        json!({"lag": lag, "pending": pending, "dead_letters": dead_letters}),
+    ))
 }
 
 /// Lag and pending count of our group, from `XINFO GROUPS`.

@@ -28,6 +28,7 @@ mod task;
 
 mod api;
 mod cells;
+mod dashboard;
 mod plan;
 mod query;
 

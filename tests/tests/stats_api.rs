@@ -496,7 +496,7 @@ async fn the_admin_token_guards_the_stats_routes_only() {
         }
         request.send()
     };
-    for path in ["/v1/usage", "/v1/latency?group_by=model"] {
+    for path in ["/v1/usage", "/v1/latency?group_by=model", "/v1/status"] {
         for token in [None, Some("wrong"), Some("s3cret-and-more"), Some("")] {
             let response = get(path, token).await.unwrap();
             assert_eq!(response.status(), 401, "{path} {token:?}");
@@ -508,9 +508,52 @@ async fn the_admin_token_guards_the_stats_routes_only() {
     // Bad parameters are only judged once admitted.
     let response = get("/v1/usage?bucket=week", None).await.unwrap();
     assert_eq!(response.status(), 401);
-    for path in ["/healthz", "/metrics"] {
+    // The dashboard's files hold no data: the page asks for the token, then reads the API.
+    for path in ["/healthz", "/metrics", "/", "/dashboard/app.js"] {
         assert_eq!(get(path, None).await.unwrap().status(), 200, "{path}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_lag_pending_and_dead_letters() {
+    let stream = unique_stream();
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut rng = Lcg(17);
+    let events: Vec<UsageEvent> = (0..5).map(|i| event(i, now - HOUR, &mut rng)).collect();
+    publish(&stream, &events).await;
+    // Two entries no decoder reads: they are set aside, not counted.
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for garbage in [&b"not msgpack"[..], &b"\xff\x00"[..]] {
+        redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg(shared::EVENT_FIELD)
+            .arg(garbage)
+            .query_async::<String>(&mut conn)
+            .await
+            .unwrap();
+    }
+    let (addr, _stop) = spawn_aggregator(redis_url(), &stream).await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        addr,
+    };
+    wait_applied(&stream).await;
+    let status = eventually(Duration::from_secs(30), || async {
+        let (code, body) = api.get("/v1/status").await;
+        assert_eq!(code, 200, "{body}");
+        (body["dead_letters"] == 2).then_some(body)
+    })
+    .await;
+    assert_eq!(
+        status,
+        serde_json::json!({"lag": 0, "pending": 0, "dead_letters": 2})
+    );
+    assert_eq!(
+        sum_rows(&api.ok("/v1/usage").await["rows"])[0],
+        Decimal::from(5)
+    );
 }
 
 /// The cache of reduced cells must never answer with a figure Redis no longer holds, whoever
