@@ -1,3 +1,5 @@
+use std::io::IsTerminal;
+
 use anyhow::Context;
 
 /// The consumer allocates and frees many small buffers per event (decoded events, cells, their
@@ -53,10 +55,12 @@ async fn shutdown_signal() {
     }
 }
 
-/// Logs go to stderr, so that stdout carries only a command's result.
+/// Logs go to stderr, so that stdout carries only a command's result; coloured only on a
+/// terminal, so that files and log shippers get plain text.
 fn init_logs(default: &str) {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),

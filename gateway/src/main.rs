@@ -1,3 +1,5 @@
+use std::io::IsTerminal;
+
 use anyhow::Context;
 
 /// Every request allocates and frees many small buffers (headers, bodies, the event); with
@@ -15,7 +17,10 @@ async fn main() {
 
 async fn run() -> anyhow::Result<()> {
     let config = gateway::Config::from_args()?;
+    // Logs go to stderr, coloured only on a terminal: files and log shippers get plain text.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
