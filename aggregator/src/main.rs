@@ -25,6 +25,10 @@ async fn run() -> anyhow::Result<()> {
             aggregator::cli::usage(&config, &args, &mut std::io::stdout().lock()).await?;
             Ok(())
         }
+        Some(aggregator::Command::Latency(args)) => {
+            aggregator::cli::latency(&config, &args, &mut std::io::stdout().lock()).await?;
+            Ok(())
+        }
         Some(aggregator::Command::Replay(args)) => {
             init_logs("warn");
             let summary = aggregator::replay::run(&config, args, &mut std::io::stderr()).await?;

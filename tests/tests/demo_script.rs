@@ -196,11 +196,20 @@ async fn the_demo_script_runs_twice_with_its_own_redis_and_stops_cleanly_on_ctrl
     let output = tokio::task::block_in_place(|| first.wait_until_ready());
     let key = printed(&output, "demo key:");
     let key_id = printed(&output, "demo key id:");
-    assert!(key.starts_with("mk-") && key_id.starts_with("key_"), "{output}");
+    assert!(
+        key.starts_with("mk-") && key_id.starts_with("key_"),
+        "{output}"
+    );
     // Its own Redis, and the usage command it prints says which.
     let redis_url = format!("redis://127.0.0.1:{}", ports.redis);
-    assert!(output.contains(&format!("redis       {redis_url}")), "{output}");
-    assert!(output.contains(&format!("usage --redis-url {redis_url}")), "{output}");
+    assert!(
+        output.contains(&format!("redis       {redis_url}")),
+        "{output}"
+    );
+    assert!(
+        output.contains(&format!("usage --redis-url {redis_url}")),
+        "{output}"
+    );
     let key_file = run_dir.join("demo-key");
     {
         use std::os::unix::fs::PermissionsExt;
@@ -238,6 +247,9 @@ async fn the_demo_script_runs_twice_with_its_own_redis_and_stops_cleanly_on_ctrl
             logs += 1;
         }
     }
-    assert!(logs >= 4, "gateway, aggregator, mock and redis logs in {run_dir:?}");
+    assert!(
+        logs >= 4,
+        "gateway, aggregator, mock and redis logs in {run_dir:?}"
+    );
     let _ = std::fs::remove_dir_all(&run_dir);
 }
