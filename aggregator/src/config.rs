@@ -99,6 +99,10 @@ pub struct Args {
     /// default 500000.
     #[arg(long, env = "METER_STATS_CACHE_ROWS")]
     pub stats_cache_rows: Option<usize>,
+    /// Log lines as `text` (default; coloured on a terminal) or `json`, one object per line for
+    /// log shippers. Flag and environment only: logging starts before the file is read.
+    #[arg(global = true, long, env = "METER_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

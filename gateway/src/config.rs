@@ -112,6 +112,10 @@ pub struct Args {
     /// again, milliseconds (default 200; 0 = read on every request).
     #[arg(long, env = "GATEWAY_SPEND_CACHE_MS")]
     pub spend_cache_ms: Option<u64>,
+    /// Log lines as `text` (default; coloured on a terminal) or `json`, one object per line for
+    /// log shippers. Flag and environment only: logging starts before the file is read.
+    #[arg(long, env = "METER_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
 }
 
 /// The same settings as a TOML file spells them.

@@ -2,6 +2,8 @@
 //! own, with its own private Redis, twice in the same run dir, stopped with SIGINT as Ctrl-C
 //! does.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
