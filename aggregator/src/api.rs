@@ -188,6 +188,34 @@ pub(crate) async fn answer(
     })
 }
 
+impl Answer {
+    /// The label fields a row can have, in the document's order: `bucket_start`, then the
+    /// group-by dimensions in the order asked for, `key_name` right after `key`.
+    pub(crate) fn label_fields(&self) -> Vec<&'static str> {
+        let mut fields = vec!["bucket_start"];
+        for index in &self.query.spec.group_by {
+            fields.push(DIMENSIONS[*index]);
+            if DIMENSIONS[*index] == "key" {
+                fields.push("key_name");
+            }
+        }
+        fields
+    }
+
+    /// The names of the quantiles in `latency_ms` and `ttft_ms`, in the order asked for.
+    pub(crate) fn quantile_labels(&self) -> Vec<String> {
+        self.query
+            .quantiles
+            .iter()
+            .map(|q| quantile_label(*q))
+            .collect()
+    }
+
+    pub(crate) fn kind(&self) -> Kind {
+        self.query.spec.kind
+    }
+}
+
 impl Serialize for Answer {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let tz = self.query.request.tz;

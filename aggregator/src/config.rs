@@ -50,28 +50,29 @@ pub enum ConfigError {
     Invalid { name: &'static str, reason: String },
 }
 
-/// The server's settings; `config`, `redis_url` and `stream` also apply to every subcommand
-/// (`aggregator usage --redis-url ...`).
+/// The server's settings. Those a subcommand uses are `global` (`aggregator usage --redis-url
+/// ...`): `config`, `redis_url` and `stream` for every one, `group` and `dedupe_window_secs` for
+/// `replay`; the others are the server's only, and so stay out of the subcommands' `--help`.
 #[derive(Debug, clap::Args, Default)]
 pub struct Args {
     /// TOML file with any of the settings below (flags and environment win over it).
-    #[arg(global = true, long, env = "AGGREGATOR_CONFIG", global = true)]
+    #[arg(global = true, long, env = "AGGREGATOR_CONFIG")]
     pub config: Option<PathBuf>,
-    #[arg(global = true, long, env = "AGGREGATOR_LISTEN")]
+    #[arg(long, env = "AGGREGATOR_LISTEN")]
     pub listen: Option<String>,
-    #[arg(global = true, long, env = "REDIS_URL", global = true)]
+    #[arg(global = true, long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
-    #[arg(global = true, long, env = "METER_STREAM", global = true)]
+    #[arg(global = true, long, env = "METER_STREAM")]
     pub stream: Option<String>,
     #[arg(global = true, long, env = "METER_GROUP")]
     pub group: Option<String>,
     /// Consumer name within the group; default hostname + pid.
-    #[arg(global = true, long, env = "METER_CONSUMER")]
+    #[arg(long, env = "METER_CONSUMER")]
     pub consumer: Option<String>,
     /// LiteLLM-format price file; default the bundled snapshot.
-    #[arg(global = true, long = "pricing", env = "PRICING_FILE")]
+    #[arg(long = "pricing", env = "PRICING_FILE")]
     pub pricing: Option<PathBuf>,
-    #[arg(global = true, long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Most stream entries per batch; default 24000. Live traffic makes smaller batches (see
     /// `--linger-ms`); a backlog is read in full batches, where larger ones share more cells
@@ -79,31 +80,36 @@ pub struct Args {
     /// waits: in `aggbench` a `PING`'s p99 during a catch-up was 50 ms at 8000, 77–90 ms at
     /// 16000, 108–129 ms at 24000 and 126–156 ms at 32000, for 0.46×, 0.50–0.57×, 0.51–0.65×
     /// and 0.52–0.60× the bare consumer's rate (BENCHMARKS.md).
-    #[arg(global = true, long, env = "METER_BATCH_SIZE")]
+    #[arg(long, env = "METER_BATCH_SIZE")]
     pub batch_size: Option<usize>,
     /// Entries pending this long on another consumer are taken over, milliseconds.
-    #[arg(global = true, long, env = "METER_CLAIM_IDLE_MS")]
+    #[arg(long, env = "METER_CLAIM_IDLE_MS")]
     pub claim_idle_ms: Option<u64>,
     /// Copies of an event id arriving within this many seconds of each other count once.
     #[arg(global = true, long, env = "METER_DEDUPE_WINDOW_SECS")]
     pub dedupe_window_secs: Option<i64>,
     /// Keep acknowledged stream entries this many seconds (replay reads them); default 7 days.
-    #[arg(global = true, long, env = "METER_STREAM_RETENTION_SECS")]
+    #[arg(long, env = "METER_STREAM_RETENTION_SECS")]
     pub stream_retention_secs: Option<u64>,
     /// Seconds between two trims of the stream; default 60.
-    #[arg(global = true, long, env = "METER_TRIM_INTERVAL_SECS")]
+    #[arg(long, env = "METER_TRIM_INTERVAL_SECS")]
     pub trim_interval_secs: Option<u64>,
     /// Milliseconds a partial batch waits for more events (fewer, larger commits); default 50.
-    #[arg(global = true, long, env = "METER_LINGER_MS")]
+    #[arg(long, env = "METER_LINGER_MS")]
     pub linger_ms: Option<u64>,
     /// Rows of reduced stats cells the stats API caches (about 200 bytes each); 0 disables;
     /// default 500000.
-    #[arg(global = true, long, env = "METER_STATS_CACHE_ROWS")]
+    #[arg(long, env = "METER_STATS_CACHE_ROWS")]
     pub stats_cache_rows: Option<usize>,
     /// Start (or replay) even when Redis's maxmemory-policy is not noeviction (evicted keys
     /// double-count or lose usage); without it the aggregator refuses to.
     #[arg(global = true, long, env = "METER_ALLOW_REDIS_EVICTION")]
     pub allow_redis_eviction: bool,
+
+    /// Log lines as `text` (default; coloured on a terminal) or `json`, one object per line for
+    /// log shippers. Flag and environment only: logging starts before the file is read.
+    #[arg(global = true, long, env = "METER_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

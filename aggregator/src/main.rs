@@ -1,3 +1,5 @@
+use std::io::IsTerminal;
+
 use anyhow::Context;
 
 /// The consumer allocates and frees many small buffers per event (decoded events, cells, their
@@ -16,15 +18,23 @@ async fn main() {
 async fn run() -> anyhow::Result<()> {
     use clap::Parser;
     let cli = aggregator::Cli::parse();
+    let log_format = cli.args.log_format.clone();
     let config = aggregator::Config::build(cli.args)?;
     match cli.command {
-        None => serve(config).await,
+        None => {
+            init_logs(log_format.as_deref(), "info");
+            serve(config).await
+        }
         Some(aggregator::Command::Usage(args)) => {
             aggregator::cli::usage(&config, &args, &mut std::io::stdout().lock()).await?;
             Ok(())
         }
+        Some(aggregator::Command::Latency(args)) => {
+            aggregator::cli::latency(&config, &args, &mut std::io::stdout().lock()).await?;
+            Ok(())
+        }
         Some(aggregator::Command::Replay(args)) => {
-            init_logs("warn");
+            init_logs(log_format.as_deref(), "warn");
             let summary = aggregator::replay::run(&config, args, &mut std::io::stderr()).await?;
             summary.print(&mut std::io::stdout())?;
             Ok(())
@@ -33,7 +43,6 @@ async fn run() -> anyhow::Result<()> {
 }
 
 async fn serve(config: aggregator::Config) -> anyhow::Result<()> {
-    init_logs("info");
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -53,13 +62,18 @@ async fn shutdown_signal() {
     }
 }
 
-/// Logs go to stderr, so that stdout carries only a command's result.
-fn init_logs(default: &str) {
-    tracing_subscriber::fmt()
+/// Logs go to stderr, so that stdout carries only a command's result: as JSON lines for log
+/// shippers (`--log-format json`), else as text, coloured only on a terminal so that files get
+/// plain text.
+fn init_logs(format: Option<&str>, default: &str) {
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
-        )
-        .init();
+        );
+    match format {
+        Some("json") => logs.json().init(),
+        _ => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }

@@ -131,7 +131,7 @@ impl Summary {
             secs,
             self.events_applied as f64 / secs.max(1e-9),
             self.days,
-            rfc3339(self.from_ms),
+            from_label(self.from_ms),
             if self.to_ms == i64::MAX {
                 "open".into()
             } else {
@@ -169,6 +169,16 @@ impl Summary {
             )?;
         }
         Ok(())
+    }
+}
+
+/// The start of the rebuilt range: without `--from` on a stream never trimmed it is 0, which
+/// reads as a 1970 date although the rebuild starts at the stream's first entry.
+fn from_label(from_ms: i64) -> String {
+    if from_ms == 0 {
+        "the beginning of the stream".into()
+    } else {
+        rfc3339(from_ms)
     }
 }
 
@@ -291,7 +301,7 @@ pub async fn run(
     let _ = writeln!(
         progress,
         "replay {rid}: rebuilding days from {} to {}",
-        rfc3339(from_ms),
+        from_label(from_ms),
         if to_ms == i64::MAX {
             "open".into()
         } else {
@@ -948,6 +958,38 @@ fn arrival_ms(id: &str) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replay_from_the_start_of_a_young_stream_prints_no_1970_date() {
+        let summary = |from_ms| Summary {
+            rid: 1,
+            from_ms,
+            to_ms: i64::MAX,
+            entries_read: 0,
+            events_applied: 0,
+            left_to_live: 0,
+            duplicates: 0,
+            days: 0,
+            elapsed: Duration::from_secs(1),
+            switch_time: Duration::ZERO,
+            models: BTreeMap::new(),
+        };
+        let mut out = Vec::new();
+        summary(0).print(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("1970"), "{text}");
+        assert!(
+            text.contains("from the beginning of the stream to open"),
+            "{text}"
+        );
+        let mut out = Vec::new();
+        summary(1_796_083_200_000).print(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("from 2026-12-01T00:00:00.000Z to open"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn bounds_parse_and_align_to_days() {

@@ -125,6 +125,11 @@ pub struct Args {
     /// or lose usage); without it the gateway refuses to start there.
     #[arg(long, env = "METER_ALLOW_REDIS_EVICTION")]
     pub allow_redis_eviction: bool,
+
+    /// Log lines as `text` (default; coloured on a terminal) or `json`, one object per line for
+    /// log shippers. Flag and environment only: logging starts before the file is read.
+    #[arg(long, env = "METER_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
 }
 
 /// The same settings as a TOML file spells them.

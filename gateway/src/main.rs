@@ -1,3 +1,5 @@
+use std::io::IsTerminal;
+
 use anyhow::Context;
 
 /// Every request allocates and frees many small buffers (headers, bodies, the event); with
@@ -14,13 +16,10 @@ async fn main() {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let config = gateway::Config::from_args()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    use clap::Parser;
+    let args = gateway::Args::parse();
+    init_logs(args.log_format.as_deref());
+    let config = gateway::Config::build(args)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -47,4 +46,19 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Logs go to stderr: as JSON lines for log shippers (`--log-format json`), else as text,
+/// coloured only on a terminal so that files get plain text.
+fn init_logs(format: Option<&str>) {
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        );
+    match format {
+        Some("json") => logs.json().init(),
+        _ => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }

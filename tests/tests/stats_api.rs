@@ -668,6 +668,40 @@ async fn the_usage_command_prints_what_the_api_answers() {
     };
     let json: Value = serde_json::from_str(&run(&["--json"])).unwrap();
     assert_eq!(json, http);
+    // Byte for byte what the route answers, fields in the same order.
+    let raw = |path: String| {
+        let http = api.http.clone();
+        async move {
+            let response = http
+                .get(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.text().await.unwrap()
+        }
+    };
+    let http_text = raw(format!(
+        "/v1/usage?from={from}&to={to}&group_by=model&bucket=month"
+    ))
+    .await;
+    assert_eq!(run(&["--json"]).trim_end(), http_text);
+    // The table's label columns follow the `--group-by` order.
+    let output = std::process::Command::new(&binary)
+        .env_clear()
+        .args(["usage", "--redis-url", redis_url(), "--stream", &stream])
+        .args(["--from", &from.to_string(), "--to", &to.to_string()])
+        .args(["--group-by", "provider,model", "--bucket", "month"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let table = String::from_utf8(output.stdout).unwrap();
+    let header = table.lines().nth(1).unwrap();
+    assert_eq!(
+        header.split_whitespace().take(3).collect::<Vec<_>>(),
+        ["bucket_start", "provider", "model"],
+        "{table}"
+    );
     let table = run(&[]);
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[1].starts_with("bucket_start"), "{table}");
@@ -680,6 +714,36 @@ async fn the_usage_command_prints_what_the_api_answers() {
     let want = sum_rows(&http["rows"]);
     assert!(total.starts_with("total"), "{table}");
     assert!(total.contains(&format!(" {} ", want[0])), "{table}");
+    // `aggregator latency`: the same for `/v1/latency`.
+    let latency = |extra: &[&str]| {
+        let output = std::process::Command::new(&binary)
+            .env_clear()
+            .args(["latency", "--redis-url", redis_url(), "--stream", &stream])
+            .args(["--from", &from.to_string(), "--to", &to.to_string()])
+            .args(["--group-by", "model", "--quantiles", "0.5,0.99"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let http_text = raw(format!(
+        "/v1/latency?from={from}&to={to}&group_by=model&quantiles=0.5,0.99"
+    ))
+    .await;
+    assert_eq!(latency(&["--json"]).trim_end(), http_text);
+    let document: Value = serde_json::from_str(&http_text).unwrap();
+    let table = latency(&[]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[1].starts_with("model") && lines[1].contains("latency_p50_ms  latency_p99_ms"),
+        "{table}"
+    );
+    assert_eq!(
+        lines.len(),
+        2 + document["rows"].as_array().unwrap().len(),
+        "{table}"
+    );
     // A bad parameter: a one-line reason and a non-zero exit.
     let output = std::process::Command::new(&binary)
         .env_clear()

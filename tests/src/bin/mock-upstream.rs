@@ -1,6 +1,7 @@
 //! Mock Anthropic/OpenAI upstream for the local demo and manual testing; see
 //! `tests::mock_upstream` for the routes and the `"mock"` request field.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use anyhow::Context;
@@ -38,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let listener = TcpListener::bind(args.listen)
         .await
