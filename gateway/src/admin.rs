@@ -300,11 +300,19 @@ struct KeyPatch {
     disabled: Option<bool>,
 }
 
-#[derive(Deserialize, Serialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitDto {
     metric: String,
     max: f64,
+    window_secs: u64,
+}
+
+/// A limit as the API shows it: `max` a count (`5`) or USD (`5.0`), as in the usage list.
+#[derive(Serialize)]
+struct LimitView {
+    metric: String,
+    max: Figure,
     window_secs: u64,
 }
 
@@ -362,7 +370,7 @@ struct KeyView {
     name: String,
     /// The first characters of the secret, to recognise it.
     prefix: String,
-    limits: Vec<LimitDto>,
+    limits: Vec<LimitView>,
     budget_usd: Option<f64>,
     max_concurrency: Option<u32>,
     concurrency_wait_ms: u64,
@@ -443,9 +451,9 @@ impl From<&KeyRecord> for KeyView {
             limits: r
                 .limits
                 .iter()
-                .map(|l| LimitDto {
+                .map(|l| LimitView {
                     metric: l.metric.clone(),
-                    max: l.max,
+                    max: Figure::of(&l.metric, l.max),
                     window_secs: l.window_secs,
                 })
                 .collect(),

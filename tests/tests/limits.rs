@@ -716,7 +716,15 @@ async fn the_admin_api_shows_current_usage_against_each_limit() {
     assert_eq!(concurrency["max"], 2.0);
     assert_eq!(concurrency["used"], 1.0, "the stream holds a slot");
     assert_eq!(concurrency["waiting"], 0);
-    // Counts are integers in the JSON (`3`, not `3.0`); only money has a fraction.
+    // Counts are integers in the JSON (`3`, not `3.0`); only money has a fraction, in the
+    // usage and in the limits as configured alike.
+    let (_, record) = p
+        .admin(reqwest::Method::GET, &format!("/admin/keys/{id}"), None)
+        .await;
+    for limit in record["limits"].as_array().unwrap() {
+        let money = limit["metric"] == "cost_usd";
+        assert_eq!(limit["max"].is_f64(), money, "{limit}");
+    }
     for counted in [&requests, &tokens, &concurrency] {
         for field in ["max", "used", "remaining"] {
             assert!(counted[field].is_u64(), "{field} of {counted}");
