@@ -59,7 +59,9 @@ fi
 
 echo "building (the first time takes a few minutes)..."
 CARGO=${CARGO:-cargo}
-"$CARGO" build --bin gateway --bin aggregator --bin mock-upstream
+# Every binary of the workspace, as the tests build them: naming single binaries resolves
+# another feature set, and each kind of build would then rebuild what the other one built.
+"$CARGO" build --workspace --bins
 BIN=${CARGO_TARGET_DIR:-target}/debug
 
 if [ -z "${REDIS_URL:-}" ]; then
@@ -145,6 +147,7 @@ cat <<INFO
 meter is running (logs in $RUN_DIR/):
   gateway     http://$GATEWAY      (admin token: $ADMIN_TOKEN)
   aggregator  http://$AGGREGATOR
+  dashboard   http://$AGGREGATOR/     (asks for the admin token)
   mock LLM    http://$MOCK         (accounts mock-anthropic and mock-openai)
   redis       $REDIS_URL
 

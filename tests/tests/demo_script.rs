@@ -212,6 +212,15 @@ async fn the_demo_script_runs_twice_with_its_own_redis_and_stops_cleanly_on_ctrl
         output.contains(&format!("usage --redis-url {redis_url}")),
         "{output}"
     );
+    // The dashboard it points at is there.
+    let dashboard = format!("http://127.0.0.1:{}/", ports.aggregator);
+    assert!(
+        output.contains(&format!("dashboard   {dashboard}")),
+        "{output}"
+    );
+    let page = http.get(&dashboard).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("<html"));
     let key_file = run_dir.join("demo-key");
     {
         use std::os::unix::fs::PermissionsExt;
