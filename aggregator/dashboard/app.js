@@ -224,17 +224,17 @@ function limitTitle(l) {
   return l.window_secs == null ? title : `${title} per ${duration(l.window_secs)}`;
 }
 
-/** `45 s`, `10 min`, `1 h`, `1 d 6 h`: windows and reset times. */
+/** `45 s`, `10 min`, `1 h`, `1 h 30 min`, `1 d 6 h`: windows and reset times. */
 function duration(secs) {
   if (secs < 60) return `${secs} s`;
-  if (secs < 3600) return `${Math.round(secs / 60)} min`;
-  if (secs < 86400) {
-    const h = Math.floor(secs / 3600);
-    const m = Math.round((secs % 3600) / 60);
-    return m ? `${h} h ${m} min` : `${h} h`;
+  const minutes = Math.round(secs / 60);
+  if (minutes < 60) return `${minutes} min`;
+  if (minutes < 1440) {
+    const h = Math.floor(minutes / 60);
+    return minutes % 60 ? `${h} h ${minutes % 60} min` : `${h} h`;
   }
-  const d = Math.floor(secs / 86400);
-  const h = Math.round((secs % 86400) / 3600);
+  const d = Math.floor(minutes / 1440);
+  const h = Math.floor((minutes % 1440) / 60);
   return h ? `${d} d ${h} h` : `${d} d`;
 }
 
