@@ -159,6 +159,7 @@ async function refresh() {
     showError(e.message);
   }
   refreshStatus();
+  refreshLimits();
 }
 
 async function refreshStatus() {
@@ -172,6 +173,123 @@ async function refreshStatus() {
   } catch (e) {
     if (!(e instanceof AuthNeeded)) setText('status-lag', 'unavailable');
   }
+}
+
+// ---- limits --------------------------------------------------------------------------------
+
+// A limit is flagged from this share of its maximum on.
+const FLAG_AT = 0.8;
+const METRICS = {
+  requests: { title: 'requests', fmt: int },
+  tokens: { title: 'tokens', fmt: int },
+  cost_usd: { title: 'cost', fmt: usd },
+  budget_usd: { title: 'budget (lifetime)', fmt: usd },
+  concurrency: { title: 'concurrent requests', fmt: int },
+};
+
+/** Each key's usage against its limits, from `/v1/limits` (the gateway's admin API). Its own
+ * request, so an unreachable gateway costs this panel only. */
+async function refreshLimits() {
+  let answer;
+  try {
+    answer = await api('/v1/limits', {});
+  } catch (e) {
+    if (e instanceof AuthNeeded) return;
+    return showLimits([], 0, e.message);
+  }
+  if (!answer.configured) {
+    return showLimits([], 0, 'gateway not configured: start the aggregator with --gateway-url (METER_GATEWAY_URL) to see the keys\' limits here.', true);
+  }
+  const limited = answer.keys.filter((k) => k.limits.length > 0);
+  const unlimited = answer.keys.length - limited.length;
+  if (answer.keys.length === 0) return showLimits([], 0, 'The gateway has no keys yet.', true);
+  if (limited.length === 0) return showLimits([], unlimited, 'No key has a limit.', true);
+  showLimits(limited, unlimited, null);
+}
+
+/** The table, the count of keys without limits, and a message (an error unless `quiet`). */
+function showLimits(keys, unlimited, message, quiet) {
+  renderLimits(keys);
+  const note = document.getElementById('limits-unlimited');
+  note.hidden = keys.length === 0 || unlimited === 0;
+  note.textContent = `${int(unlimited)} more ${unlimited === 1 ? 'key has' : 'keys have'} no limit.`;
+  const el = document.getElementById('limits-message');
+  el.hidden = message == null;
+  el.textContent = message || '';
+  el.classList.toggle('quiet', Boolean(quiet));
+}
+
+function limitTitle(l) {
+  const title = (METRICS[l.metric] || { title: l.metric }).title;
+  return l.window_secs == null ? title : `${title} per ${duration(l.window_secs)}`;
+}
+
+/** `45 s`, `10 min`, `1 h`, `1 h 30 min`, `1 d 6 h`: windows and reset times. */
+function duration(secs) {
+  if (secs < 60) return `${secs} s`;
+  const minutes = Math.round(secs / 60);
+  if (minutes < 60) return `${minutes} min`;
+  if (minutes < 1440) {
+    const h = Math.floor(minutes / 60);
+    return minutes % 60 ? `${h} h ${minutes % 60} min` : `${h} h`;
+  }
+  const d = Math.floor(minutes / 1440);
+  const h = Math.floor((minutes % 1440) / 60);
+  return h ? `${d} d ${h} h` : `${d} d`;
+}
+
+function renderLimits(keys) {
+  const table = document.getElementById('limits');
+  table.textContent = '';
+  if (keys.length === 0) return;
+  const head = table.createTHead().insertRow();
+  for (const title of ['key', 'limit', 'used / max', 'share', 'resets in']) {
+    const th = document.createElement('th');
+    th.textContent = title;
+    head.appendChild(th);
+  }
+  const body = table.createTBody();
+  for (const k of keys) {
+    k.limits.forEach((l, i) => {
+      const tr = body.insertRow();
+      tr.className = 'static';
+      tr.dataset.key = k.id;
+      tr.dataset.metric = l.metric;
+      if (i === 0) {
+        const name = tr.insertCell();
+        name.className = 'key';
+        name.rowSpan = k.limits.length;
+        name.textContent = k.disabled ? `${k.name} (disabled)` : k.name;
+        name.title = k.id;
+      }
+      tr.insertCell().textContent = limitTitle(l);
+      const fmt = (METRICS[l.metric] || { fmt: int }).fmt;
+      const share = l.max > 0 ? l.used / l.max : l.used > 0 ? Infinity : 1;
+      const flagged = share >= FLAG_AT;
+      tr.classList.toggle('flagged', flagged);
+      const use = tr.insertCell();
+      use.className = 'use';
+      const waiting = l.waiting ? ` · ${int(l.waiting)} waiting` : '';
+      use.append(`${fmt(l.used)} / ${fmt(l.max)}${waiting}`);
+      const meter = document.createElement('div');
+      meter.className = 'meter';
+      meter.setAttribute('role', 'img');
+      meter.setAttribute('aria-label', `${pctOf(share)} used`);
+      const fill = document.createElement('span');
+      fill.style.width = `${Math.min(100, share * 100)}%`;
+      meter.appendChild(fill);
+      use.appendChild(meter);
+      const shareCell = tr.insertCell();
+      shareCell.className = 'share';
+      shareCell.textContent = !flagged ? pctOf(share) : `⚠ ${pctOf(share)} ${share >= 1 ? 'at' : 'near'} limit`;
+      tr.insertCell().textContent = l.resets_in_secs == null ? '—' : duration(l.resets_in_secs);
+    });
+  }
+}
+
+function pctOf(share) {
+  if (!Number.isFinite(share)) return 'over';
+  return `${Math.round(share * 100)}%`;
 }
 
 function fmtTime(iso) {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, Query as QueryParams, State};
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -17,6 +17,7 @@ use shared::Keyspace;
 use subtle::ConstantTimeEq;
 
 use crate::cells::CellReader;
+use crate::limits::{Gateway, GatewayError};
 use crate::metrics::Metrics;
 use crate::plan::{Retention, plan};
 use crate::query::{Kind, LatencyRow, ParamError, Query, Rows, plan_error, quantile_label};
@@ -32,6 +33,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// SHA-256 of `ADMIN_TOKEN`; `None`: the stats API is open.
     pub admin_token_digest: Option<[u8; 32]>,
+    /// The gateway the limits panel asks; `None`: not configured.
+    pub gateway: Option<Gateway>,
 }
 
 pub fn token_digest(token: &str) -> [u8; 32] {
@@ -43,6 +46,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/usage", get(usage))
         .route("/v1/latency", get(latency))
         .route("/v1/status", get(status))
+        .route("/v1/limits", get(limits))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -57,6 +61,8 @@ pub(crate) enum ApiError {
     Unauthorized,
     #[error("store unavailable: {0}")]
     Store(#[from] redis::RedisError),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
 }
 
 impl IntoResponse for ApiError {
@@ -82,6 +88,10 @@ impl IntoResponse for ApiError {
                     None,
                     "the stats store is unavailable; try again".to_owned(),
                 )
+            }
+            Self::Gateway(e) => {
+                tracing::warn!(error = %e, "limits not read from the gateway");
+                (StatusCode::BAD_GATEWAY, "api_error", None, e.to_string())
             }
         };
         let body = json!({"error": {"type": kind, "param": param, "message": message}});
@@ -420,6 +430,20 @@ async fn status(_: StatsAccess, State(state): State<ApiState>) -> Result<Json<Va
     Ok(Json(
         json!({"lag": lag, "pending": pending, "dead_letters": dead_letters}),
     ))
+}
+
+/// `GET /v1/limits`: every key's usage against its limits, from the gateway's admin API, asked
+/// with the caller's token. Without `--gateway-url`, `{"configured": false, "keys": []}`.
+async fn limits(
+    _: StatsAccess,
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let Some(gateway) = &state.gateway else {
+        return Ok(Json(json!({"configured": false, "keys": []})));
+    };
+    let keys = gateway.keys(&headers).await?;
+    Ok(Json(json!({"configured": true, "keys": keys})))
 }
 
 /// Lag and pending count of our group, from `XINFO GROUPS`.

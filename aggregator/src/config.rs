@@ -19,6 +19,8 @@ pub struct Config {
     /// `None`: the bundled LiteLLM snapshot.
     pub pricing_file: Option<PathBuf>,
     pub admin_token: Option<String>,
+    /// The gateway whose admin API the dashboard's limits panel reads; `None`: no panel figures.
+    pub gateway_url: Option<String>,
     pub batch_size: usize,
     pub claim_idle: Duration,
     pub dedupe_window_secs: i64,
@@ -74,6 +76,10 @@ pub struct Args {
     pub pricing: Option<PathBuf>,
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Base URL of the gateway (`http://gateway:8080`), whose admin API the dashboard's limits
+    /// panel reads with the caller's admin token; unset: no limits panel figures.
+    #[arg(long, env = "METER_GATEWAY_URL")]
+    pub gateway_url: Option<String>,
     /// Most stream entries per batch; default 24000. Live traffic makes smaller batches (see
     /// `--linger-ms`); a backlog is read in full batches, where larger ones share more cells
     /// per commit (less work for Redis per event) but hold Redis longer, and every other client
@@ -122,6 +128,7 @@ struct FileConfig {
     consumer: Option<String>,
     pricing: Option<PathBuf>,
     admin_token: Option<String>,
+    gateway_url: Option<String>,
     batch_size: Option<usize>,
     claim_idle_ms: Option<u64>,
     dedupe_window_secs: Option<i64>,
@@ -171,6 +178,22 @@ impl Config {
                 reason: format!("{} does not exist", path.display()),
             });
         }
+        let gateway_url = args
+            .gateway_url
+            .or(file.gateway_url)
+            .filter(|u| !u.is_empty());
+        if let Some(url) = &gateway_url {
+            let parsed = reqwest::Url::parse(url).map_err(|e| ConfigError::Invalid {
+                name: "gateway URL",
+                reason: format!("{url:?}: {e}"),
+            })?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(ConfigError::Invalid {
+                    name: "gateway URL",
+                    reason: format!("{url:?}: not an http:// or https:// URL"),
+                });
+            }
+        }
         let batch_size = args.batch_size.or(file.batch_size).unwrap_or(24_000);
         if batch_size == 0 {
             return Err(ConfigError::Invalid {
@@ -205,6 +228,7 @@ impl Config {
                 .admin_token
                 .or(file.admin_token)
                 .filter(|t| !t.is_empty()),
+            gateway_url,
             batch_size,
             claim_idle: Duration::from_millis(
                 args.claim_idle_ms.or(file.claim_idle_ms).unwrap_or(30_000),
@@ -284,5 +308,23 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("pricing file"), "{err}");
+    }
+
+    #[test]
+    fn a_gateway_url_must_be_http() {
+        for url in ["gateway:8080", "redis://127.0.0.1:6379"] {
+            let err = Config::build(Args {
+                gateway_url: Some(url.into()),
+                ..Args::default()
+            })
+            .unwrap_err();
+            assert!(err.to_string().contains("gateway URL"), "{err}");
+        }
+        let c = Config::build(Args {
+            gateway_url: Some("http://127.0.0.1:8080/".into()),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(c.gateway_url.as_deref(), Some("http://127.0.0.1:8080/"));
     }
 }

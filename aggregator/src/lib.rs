@@ -6,7 +6,8 @@
 //! stats API over the same Redis state.
 //!
 //! Reading order: [`config`], [`pricing`], `stats` (the data model), `commit` (the atomic
-//! apply), `consumer` (the loop), `query` and `api` (reading), `metrics`.
+//! apply), `consumer` (the loop), `query` and `api` (reading), `limits` (the gateway's limit
+//! counts, for the dashboard), `metrics`.
 
 pub mod cli;
 pub mod config;
@@ -29,6 +30,7 @@ mod task;
 mod api;
 mod cells;
 mod dashboard;
+mod limits;
 mod plan;
 mod query;
 
@@ -75,6 +77,8 @@ pub enum StartError {
         configured: i64,
         ctl_key: String,
     },
+    #[error("cannot build the client for the gateway: {0}")]
+    GatewayClient(reqwest::Error),
     #[error("server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -161,7 +165,14 @@ pub async fn run(
         url: config.redis_url.clone(),
         source,
     })?;
+    let gateway = config
+        .gateway_url
+        .as_deref()
+        .map(limits::Gateway::new)
+        .transpose()
+        .map_err(StartError::GatewayClient)?;
     let app = api::router(api::ApiState {
+        gateway,
         conn: api_conn,
         cells: Arc::new(cells),
         admin_token_digest: config.admin_token.as_deref().map(api::token_digest),

@@ -53,6 +53,16 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// A port where connections are refused, which no server of the test can be given while the
+/// returned socket lives: bound but never listening (a port from [`free_port`] may be handed
+/// to the next listener that binds port 0).
+pub fn refusing_port() -> (u16, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (port, socket)
+}
+
 fn wait_for_redis(url: &str) {
     let client = redis::Client::open(url).expect("valid url");
     for _ in 0..200 {

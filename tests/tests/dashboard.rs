@@ -1,7 +1,8 @@
 //! The dashboard at `GET /` in a real headless Chromium (through chromedriver), against an
 //! aggregator filled with known events and behind an admin token: the page asks for the token,
-//! shows the API's figures with the keys' names, and follows its range, grouping and filter
-//! controls, without a console error. It saves a screenshot to `target/dashboard.png`, and to
+//! shows the API's figures with the keys' names and each key's usage against its limits (read
+//! from the gateway), and follows its range, grouping and filter controls, without a console
+//! error; an unreachable gateway is said so in the limits panel. It saves a screenshot to `target/dashboard.png`, and to
 //! `docs/dashboard.png` with `UPDATE_SCREENSHOT=1`.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -14,9 +15,10 @@ use serde_json::{Value, json};
 use shared::UsageEvent;
 use tests::browser::Browser;
 use tests::harness::{
-    ADMIN_TOKEN, eventually, redis_url, spawn_aggregator_with, spawn_gateway, unique_stream,
+    eventually, redis_url, refusing_port, spawn_aggregator_with, spawn_gateway, unique_stream,
     xadd_events,
 };
+use tests::mock_upstream::MockUpstream;
 
 const DASHBOARD_TOKEN: &str = "dashboard-secret";
 const MINUTE: i64 = 60_000;
@@ -156,22 +158,31 @@ fn target_dir() -> PathBuf {
 async fn the_dashboard_shows_the_apis_figures_and_follows_its_controls() {
     let redis = redis_url();
     let stream = unique_stream();
-    let (gateway, _stop_gateway) = spawn_gateway(redis, &stream, |_| {}).await;
+    // One admin token for both: the limits panel passes the page's token on to the gateway.
+    let (gateway, _stop_gateway) = spawn_gateway(redis, &stream, |g| {
+        g.admin_token = Some(DASHBOARD_TOKEN.into());
+    })
+    .await;
     let (aggregator, _stop_aggregator) = spawn_aggregator_with(redis, &stream, |a| {
         a.admin_token = Some(DASHBOARD_TOKEN.into());
+        a.gateway_url = Some(format!("http://{gateway}"));
     })
     .await;
     let aggregator = format!("http://{aggregator}");
     let http = reqwest::Client::new();
+    let upstream = MockUpstream::spawn().await;
 
-    // Key records, so rows grouped by key carry names.
+    // Key records, so rows grouped by key carry names, with limits for the limits panel: alice
+    // may make 5 requests an hour, bob 1,000 a day.
     let mut keys = Vec::new();
-    for name in ["alice", "bob"] {
+    for (name, max, window) in [("alice", 5, 3600), ("bob", 1000, 86400)] {
+        let body = json!({"name": name,
+                          "limits": [{"metric": "requests", "max": max, "window_secs": window}]});
         let created: Value = eventually(Duration::from_secs(30), || async {
             let response = http
                 .post(format!("http://{gateway}/admin/keys"))
-                .bearer_auth(ADMIN_TOKEN)
-                .json(&json!({"name": name}))
+                .bearer_auth(DASHBOARD_TOKEN)
+                .json(&body)
                 .send()
                 .await
                 .ok()?;
@@ -179,11 +190,35 @@ async fn the_dashboard_shows_the_apis_figures_and_follows_its_controls() {
             response.json().await.ok()
         })
         .await;
-        keys.push(created["id"].as_str().unwrap().to_owned());
+        keys.push((
+            created["id"].as_str().unwrap().to_owned(),
+            created["key"].as_str().unwrap().to_owned(),
+        ));
     }
-    let (alice, bob) = (&keys[0], &keys[1]);
+    let (alice, bob) = (&keys[0].0, &keys[1].0);
 
-    // In the last hour: alice on Claude (1,000), bob on GPT-4o (250, a tenth of them failed).
+    // Four of alice's five requests through the gateway: 80 %, flagged.
+    let response = http
+        .post(format!("http://{gateway}/admin/accounts"))
+        .bearer_auth(DASHBOARD_TOKEN)
+        .json(&json!({"name": "mock", "provider": "anthropic",
+                      "base_url": format!("{}/v1", upstream.base_url()), "api_key": "sk-upstream"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    for _ in 0..4 {
+        let response = http
+            .post(format!("http://{gateway}/v1/messages"))
+            .header("x-api-key", &keys[0].1)
+            .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+
+    // In the last hour: alice on Claude (1,000 besides the four above), bob on GPT-4o (250, a tenth of them failed).
     // Three days ago: 300 more of alice's, seen only from the 7-day range on.
     let now = Utc::now().timestamp_millis();
     let mut events = Vec::new();
@@ -211,7 +246,7 @@ async fn the_dashboard_shows_the_apis_figures_and_follows_its_controls() {
     xadd_events(&mut conn, &stream, &events).await;
     eventually(Duration::from_secs(60), || async {
         let all = usage(&http, &aggregator, "from=0").await;
-        (all["rows"][0]["requests"] == 1_550).then_some(())
+        (all["rows"][0]["requests"] == 1_554).then_some(())
     })
     .await;
 
@@ -304,8 +339,33 @@ async fn the_dashboard_shows_the_apis_figures_and_follows_its_controls() {
     assert_eq!(browser.text("#total-error-rate").await.unwrap(), "10%");
     browser.click("#filter-key button").await;
     browser
-        .wait_for_text("#total-requests", |t| t == "1,550")
+        .wait_for_text("#total-requests", |t| t == "1,554")
         .await;
+
+    // The limits panel: alice's requests at 80 %, flagged in words; bob's not.
+    let alice_row = format!("#limits tr[data-key='{alice}']");
+    let shown = browser
+        .wait_for_text(&alice_row, |t| t.contains("4 / 5"))
+        .await;
+    assert!(shown.contains("alice"), "{shown}");
+    assert!(shown.contains("requests per 1 h"), "{shown}");
+    assert!(shown.contains("⚠ 80% near limit"), "{shown}");
+    assert_eq!(
+        browser.attribute(&alice_row, "class").await.unwrap(),
+        "static flagged"
+    );
+    let bob_row = format!("#limits tr[data-key='{bob}']");
+    let shown = browser.text(&bob_row).await.unwrap();
+    assert!(
+        shown.contains("bob") && shown.contains("0 / 1,000"),
+        "{shown}"
+    );
+    assert!(shown.contains("0%") && !shown.contains('⚠'), "{shown}");
+    assert_eq!(
+        browser.attribute(&bob_row, "class").await.unwrap(),
+        "static"
+    );
+    assert_eq!(browser.text("#limits-message").await, None);
 
     // The status corner: everything consumed, nothing dead-lettered.
     browser.wait_for_text("#status-dead", |t| t == "0").await;
@@ -384,4 +444,25 @@ async fn the_dashboard_shows_the_apis_figures_and_follows_its_controls() {
     .unwrap();
     let console = problems(browser.console().await);
     assert!(console.is_empty(), "console: {console:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_limits_panel_says_when_the_gateway_is_not_reachable() {
+    let (port, _reserved) = refusing_port();
+    let closed = format!("http://127.0.0.1:{port}");
+    let url = closed.clone();
+    let (aggregator, _stop) = spawn_aggregator_with(redis_url(), &unique_stream(), |a| {
+        a.gateway_url = Some(url);
+    })
+    .await;
+    let browser = Browser::start().await;
+    browser.goto(&format!("http://{aggregator}/")).await;
+    browser
+        .wait_for_text("#limits-message", |t| {
+            t == format!("gateway not reachable: cannot connect to {closed}")
+        })
+        .await;
+    assert_eq!(browser.text("#limits").await.unwrap_or_default(), "");
+    // The rest of the page does not depend on the gateway.
+    browser.wait_for_text("#total-requests", |t| t == "0").await;
 }
