@@ -85,7 +85,7 @@ export REDIS_URL ADMIN_TOKEN
 export GATEWAY_SPOOL_DIR="$RUN_DIR/spool"
 
 start mock "$BIN/mock-upstream" --listen "$MOCK"
-start aggregator "$BIN/aggregator" --listen "$AGGREGATOR"
+start aggregator "$BIN/aggregator" --listen "$AGGREGATOR" --gateway-url "http://$GATEWAY"
 start gateway "$BIN/gateway" --listen "$GATEWAY"
 
 # Generous: a loaded machine can take seconds to start a debug build.
