@@ -123,12 +123,26 @@ impl Process {
 
     /// Sends `signal` (a `kill` name: `STOP`, `CONT`, ...) without waiting for anything.
     pub fn signal(&self, signal: &str) {
-        let sent = Command::new("kill")
+        assert!(
+            self.try_signal(signal),
+            "kill -{signal} {}",
+            self.child.id()
+        );
+    }
+
+    /// Whether the process has exited (without waiting).
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_some()
+    }
+
+    /// Sends `signal`; false if the process is gone already.
+    pub fn try_signal(&self, signal: &str) -> bool {
+        Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(self.child.id().to_string())
             .status()
-            .expect("kill runs");
-        assert!(sent.success(), "kill -{signal} {}", self.child.id());
+            .expect("kill runs")
+            .success()
     }
 
     /// The exit status once the process has exited, or `None` if it still runs after `limit`.
