@@ -335,6 +335,7 @@ fn on_disk<T>(io: impl FnOnce() -> T) -> T {
 
 #[cfg(test)]
 mod tests {
+    use crate::spool::tests::event;
     use std::path::PathBuf;
     use std::process::{Child, Command, Stdio};
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -405,30 +406,6 @@ mod tests {
     fn fs_create(dir: &std::path::Path) {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).unwrap();
-    }
-
-    fn event(n: u64) -> UsageEvent {
-        UsageEvent {
-            v: shared::SCHEMA_VERSION,
-            id: format!("0190a0b0-0000-7000-8000-{n:012}"),
-            ts: 1_767_225_600_000,
-            key_id: Some("k1".into()),
-            account_id: Some("a1".into()),
-            provider: "anthropic".into(),
-            endpoint: "messages".into(),
-            model: "claude-sonnet-4-5".into(),
-            status: 200,
-            stream: false,
-            latency_us: 1_000,
-            ttft_us: None,
-            input_tokens: n,
-            output_tokens: 1,
-            cache_creation_input_tokens: 0,
-            cache_creation_1h_input_tokens: 0,
-            cache_read_input_tokens: 0,
-            service_tier: None,
-            error: None,
-        }
     }
 
     fn events(ns: std::ops::Range<u64>) -> Vec<UsageEvent> {

@@ -761,7 +761,7 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -827,7 +827,8 @@ mod tests {
         }
     }
 
-    fn event(n: u64) -> UsageEvent {
+    /// A test event whose id and token counts follow `n` (shared with the publisher's tests).
+    pub(crate) fn event(n: u64) -> UsageEvent {
         UsageEvent {
             v: shared::SCHEMA_VERSION,
             id: format!("0190a0b0-0000-7000-8000-{n:012}"),
