@@ -174,7 +174,8 @@ impl CellReader {
         }
     }
 
-    /// The current names of client keys, from the gateway's key records; a deleted key has none.
+    /// The current names of client keys, from the gateway's key records; a deleted key (or an
+    /// id with no record) has none.
     /// Names change rarely and a query names at most its rows' keys, so this is one uncached
     /// `MGET`.
     pub async fn key_names(
@@ -193,6 +194,10 @@ impl CellReader {
             .zip(records)
             .filter_map(|(id, record)| {
                 let record: serde_json::Value = serde_json::from_str(&record?).ok()?;
+                // A deleted key has no name any more; its id stays in the figures.
+                if record.get("deleted").and_then(serde_json::Value::as_bool) == Some(true) {
+                    return None;
+                }
                 let name = record.get("name")?.as_str()?.to_owned();
                 Some(((*id).to_owned(), name))
             })

@@ -499,6 +499,7 @@ async fn create_key(State(state): State<AppState>, body: Bytes) -> Result<Respon
         models: new.models,
         expires_at_ms: parse_expiry(new.expires_at.as_deref())?,
         disabled: false,
+        deleted: false,
         created_at_ms: now_ms(),
     };
     state.store.put_key(&record).await?;
@@ -577,7 +578,8 @@ async fn patch_key(
     Ok(Json(KeyView::from(&record)).into_response())
 }
 
-/// Disables the key at once; the record stays so that stats keep a name for its id.
+/// Disables the key at once and marks it deleted; the record stays, so an id found in stored
+/// events still resolves to a record, but the stats API no longer names it.
 async fn delete_key(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -588,6 +590,7 @@ async fn delete_key(
         .await?
         .ok_or(GatewayError::NotFound("key"))?;
     record.disabled = true;
+    record.deleted = true;
     save_key(&state, &record).await?;
     Ok(Json(KeyView::from(&record)).into_response())
 }

@@ -45,6 +45,10 @@ pub struct KeyRecord {
     pub expires_at_ms: Option<i64>,
     #[serde(default)]
     pub disabled: bool,
+    /// Set by `DELETE`: the record stays (its id may be in stored events) but the key is gone,
+    /// so the stats API no longer names it.
+    #[serde(default)]
+    pub deleted: bool,
     pub created_at_ms: i64,
 }
 

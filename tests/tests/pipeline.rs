@@ -177,11 +177,21 @@ async fn anthropic_requests_are_relayed_metered_and_priced_exactly() {
     assert_eq!(all["rows"][0]["cost_usd"], "0.0099");
     assert!(all["rows"][0].get("bucket_start").is_none());
 
-    // Rows grouped by key name it as it is now. A revoked key keeps its record, and so its name
-    // in the history; a key id with no record (events from elsewhere) has no name.
+    // Rows grouped by key name it as it is now: a disabled key keeps its name, a deleted one
+    // (its record stays, marked deleted) has none, nor has an id with no record at all.
     assert_eq!(dated["key_name"], "alice", "{dated}");
     let by_model = p.usage("group_by=model").await;
     assert!(by_model["rows"][0].get("key_name").is_none());
+    let (status, _) = p
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/admin/keys/{key_id}"),
+            Some(json!({"disabled": true})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let disabled = p.usage("group_by=key").await;
+    assert_eq!(disabled["rows"][0]["key_name"], "alice", "{disabled}");
     let (status, _) = p
         .admin(
             reqwest::Method::DELETE,
@@ -190,8 +200,9 @@ async fn anthropic_requests_are_relayed_metered_and_priced_exactly() {
         )
         .await;
     assert_eq!(status, 200);
-    let after = p.usage("group_by=key").await;
-    assert_eq!(after["rows"][0]["key_name"], "alice", "{after}");
+    let deleted = p.usage("group_by=key").await;
+    assert_eq!(deleted["rows"][0]["key"], key_id.as_str());
+    assert!(deleted["rows"][0].get("key_name").is_none(), "{deleted}");
     let client = redis::Client::open(p.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let record = shared::Keyspace::new(&p.stream)

@@ -550,6 +550,7 @@ mod tests {
             models: None,
             expires_at_ms: None,
             disabled: false,
+            deleted: false,
             created_at_ms: 0,
         }
     }

@@ -65,6 +65,7 @@ fn key(id: &str, limits: &[(&str, f64, u64)], budget: Option<f64>) -> KeyRecord 
         models: None,
         expires_at_ms: None,
         disabled: false,
+        deleted: false,
         created_at_ms: 0,
     }
 }
