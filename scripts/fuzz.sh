@@ -4,7 +4,7 @@
 #   shared   event decoder (arbitrary and mangled MessagePack)
 #   gateway  SSE parser, usage extractors and stream handlers, usage-chunk hider,
 #            include_usage injection (gateway/src/relay/fuzz.rs)
-#   aggregator  stats query parser and planner (aggregator/src/query.rs)
+#   aggregator  stats query parser and planner (aggregator/src/query/mod.rs)
 # Each property is run again and again with a fresh random seed and PROPTEST_CASES per run
 # until its share of the time budget is spent. A failure stops the script; proptest saves the
 # shrunk input under <crate>/proptest-regressions/, which is committed as a regression test.

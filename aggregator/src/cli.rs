@@ -159,7 +159,7 @@ async fn query(
         .await
         .map_err(redis_error)?;
     // One query: nothing to cache.
-    let cells = crate::cells::CellReader::new(
+    let cells = crate::query::cache::CellReader::new(
         &config.redis_url,
         config.keyspace.clone(),
         conn,
@@ -168,7 +168,7 @@ async fn query(
     )
     .map_err(redis_error)?;
     let now = chrono::Utc::now().timestamp_millis();
-    let answer = crate::api::answer(&cells, params, kind, now)
+    let answer = crate::query::api::answer(&cells, params, kind, now)
         .await
         .map_err(|e| UsageError::Query(e.to_string()))?;
     let render_error =

@@ -13,31 +13,16 @@ pub mod cli;
 pub mod config;
 pub mod pricing;
 
-pub mod cell;
-mod rollup;
-pub mod sketch;
-mod spend;
-mod stats;
-
-mod commit;
-mod consumer;
-mod control;
-pub mod replay;
-mod retention;
-mod switch;
-mod task;
-
-mod api;
-mod cells;
-mod dashboard;
-mod limits;
-mod plan;
-mod query;
-
+mod ingest;
 mod metrics;
+mod query;
+pub mod replay;
+mod store;
+
+pub use store::{cell, sketch};
 
 /// What a stored cell counts; public for tests and tools that read cells directly.
-pub use stats::Totals;
+pub use store::stats::Totals;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -50,9 +35,12 @@ use tokio::sync::watch;
 pub use cli::{Cli, Command};
 pub use config::{Args, Config, ConfigError};
 
-use consumer::{Consumer, ConsumerConfig};
+use ingest::consumer::{Consumer, ConsumerConfig};
+use ingest::retention;
 use metrics::Metrics;
 use pricing::{Pricing, PricingError};
+use query::{api, cache, limits};
+use replay::control;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -154,7 +142,7 @@ pub async fn run(
         stop_rx,
     ));
 
-    let cells = cells::CellReader::new(
+    let cells = cache::CellReader::new(
         &config.redis_url,
         config.keyspace.clone(),
         api_conn.clone(),

@@ -70,7 +70,7 @@ fn key(id: &str, limits: &[(&str, f64, u64)], budget: Option<f64>) -> KeyRecord 
     }
 }
 
-/// Spend counters in the aggregator's layout (`aggregator/src/spend.rs`) for a key that spent
+/// Spend counters in the aggregator's layout (`aggregator/src/store/spend.rs`) for a key that spent
 /// in every minute, hour and day kept.
 async fn write_busy_spend(conn: &mut MultiplexedConnection, keyspace: &Keyspace, key_id: &str) {
     let sp = keyspace.key(&format!("sp:{key_id}"));

@@ -25,7 +25,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::pricing::Cost;
-use crate::stats::Totals;
+use crate::store::stats::Totals;
 
 /// Length of the stamp that starts every value; the commit script compares exactly this prefix.
 pub const STAMP_LEN: usize = 8;

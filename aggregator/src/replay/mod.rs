@@ -20,6 +20,9 @@
 //! untouched. Keys the scripts derive from the prefix share its hash tag, so they sit in the same
 //! cluster slot as the declared ones.
 
+pub(crate) mod control;
+pub(crate) mod switch;
+
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
@@ -33,13 +36,12 @@ use redis::{AsyncCommands, Script, Value};
 use shared::UsageEvent;
 
 use crate::Config;
-use crate::commit::{self, Batch, CommitError, Committer, Outcome, Seen, ShadowSeen};
-use crate::consumer::{Entry, into_string, take_entries, usage_of};
-use crate::control::{self, Control, LEASE_MS};
+use crate::ingest::commit::{self, Batch, CommitError, Committer, Outcome, Seen, ShadowSeen};
+use crate::ingest::stream::{Entry, into_string, take_entries, usage_of};
 use crate::pricing::{Cost, Pricing, PricingError};
-use crate::rollup::{DAY_MS, HOUR_MS};
-use crate::stats::Delta;
-use crate::switch;
+use crate::store::rollup::{DAY_MS, HOUR_MS};
+use crate::store::stats::Delta;
+use control::{Control, LEASE_MS};
 
 /// `aggregator replay`; Redis, stream, group and dedupe window come from the aggregator's own
 /// configuration (flags before the subcommand, environment, `--config`).
@@ -541,7 +543,7 @@ struct ReadAhead(tokio::task::JoinHandle<(Reader, Result<Option<Raw>, ReplayErro
 impl ReadAhead {
     async fn start(mut reader: Reader, mut conn: ConnectionManager) -> Self {
         Self(
-            crate::task::spawn_started(async move {
+            crate::ingest::task::spawn_started(async move {
                 let raw = reader.next(&mut conn).await;
                 (reader, raw)
             })
@@ -668,7 +670,7 @@ impl Raw {
             // Entries the live consumers dead-lettered count nowhere.
             let Some(Ok(Ok(event))) = payload
                 .as_deref()
-                .map(|b| shared::decode(b).map(crate::consumer::plausible))
+                .map(|b| shared::decode(b).map(crate::ingest::stream::plausible))
             else {
                 continue;
             };
@@ -678,7 +680,7 @@ impl Raw {
             events.push((arrival_ms(id), event));
         }
         let before = events.len();
-        crate::consumer::keep_first_of_each_id(&mut events);
+        crate::ingest::stream::keep_first_of_each_id(&mut events);
         counts.duplicates += (before - events.len()) as u64;
         Chunk {
             events,

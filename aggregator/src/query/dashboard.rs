@@ -9,11 +9,11 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-const INDEX: &str = include_str!("../dashboard/index.html");
-const APP_JS: &str = include_str!("../dashboard/app.js");
-const APP_CSS: &str = include_str!("../dashboard/app.css");
-const UPLOT_JS: &str = include_str!("../dashboard/vendor/uPlot.iife.min.js");
-const UPLOT_CSS: &str = include_str!("../dashboard/vendor/uPlot.min.css");
+const INDEX: &str = include_str!("../../dashboard/index.html");
+const APP_JS: &str = include_str!("../../dashboard/app.js");
+const APP_CSS: &str = include_str!("../../dashboard/app.css");
+const UPLOT_JS: &str = include_str!("../../dashboard/vendor/uPlot.iife.min.js");
+const UPLOT_CSS: &str = include_str!("../../dashboard/vendor/uPlot.min.css");
 
 const HTML: &str = "text/html; charset=utf-8";
 const JS: &str = "text/javascript; charset=utf-8";

@@ -24,8 +24,8 @@ use shared::UsageEvent;
 use shared::spend_retention::{hours_gone_at, minutes_gone_at};
 
 use crate::pricing::Cost;
-use crate::rollup::{DAY_MS, HOUR_MS, MINUTE_MS};
-use crate::stats::BucketWrite;
+use crate::store::rollup::{DAY_MS, HOUR_MS, MINUTE_MS};
+use crate::store::stats::BucketWrite;
 
 const ATTO_PER_NANO: i128 = 1_000_000_000;
 

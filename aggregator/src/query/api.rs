@@ -16,13 +16,13 @@ use sha2::{Digest, Sha256};
 use shared::Keyspace;
 use subtle::ConstantTimeEq;
 
-use crate::cells::CellReader;
-use crate::limits::{Gateway, GatewayError};
 use crate::metrics::Metrics;
-use crate::plan::{Retention, plan};
+use crate::query::cache::CellReader;
+use crate::query::limits::{Gateway, GatewayError};
+use crate::query::plan::{Retention, plan};
 use crate::query::{Kind, LatencyRow, ParamError, Query, Rows, plan_error, quantile_label};
-use crate::sketch::Sketch;
-use crate::stats::{DIMENSIONS, Totals};
+use crate::store::sketch::Sketch;
+use crate::store::stats::{DIMENSIONS, Totals};
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -50,7 +50,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
         .with_state(state)
-        .merge(crate::dashboard::router())
+        .merge(crate::query::dashboard::router())
 }
 
 #[derive(Debug, thiserror::Error)]

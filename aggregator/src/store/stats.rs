@@ -16,11 +16,11 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 use shared::UsageEvent;
 
-use crate::cell::{self, Cell};
 use crate::pricing::Cost;
-use crate::rollup::Resolution;
-use crate::sketch;
-use crate::spend::SpendDelta;
+use crate::store::cell::{self, Cell};
+use crate::store::rollup::Resolution;
+use crate::store::sketch;
+use crate::store::spend::SpendDelta;
 
 /// Separates dimension values inside a field name; values never contain it (see [`clean`]).
 const SEP: char = '\u{1f}';
@@ -338,7 +338,7 @@ mod tests {
         }
     }
 
-    const HOUR_MS: i64 = crate::rollup::HOUR_MS;
+    const HOUR_MS: i64 = crate::store::rollup::HOUR_MS;
     /// Late enough that every resolution is still retained.
     const NOW: i64 = 3 * HOUR_MS;
 
@@ -378,7 +378,7 @@ mod tests {
             };
             let hour: i64 = hour.parse().unwrap();
             for (field, cell) in write.cells {
-                let bytes = cell.encode(crate::cell::new_stamp());
+                let bytes = cell.encode(crate::store::cell::new_stamp());
                 let old = out.insert(
                     (hour, read_tuple(&field).unwrap()),
                     Cell::decode(&bytes).unwrap(),

@@ -33,7 +33,7 @@ use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
 use shared::Keyspace;
 
 use crate::metrics::Metrics;
-use crate::plan::Cell;
+use crate::query::plan::Cell;
 use crate::query::{GroupSpec, Partial, reduce};
 
 /// Cells fetched per pipeline, so a cold 720-hour query never holds all raw hashes at once.
@@ -453,7 +453,7 @@ impl redis::aio::AsyncPushSender for Invalidator {
 mod tests {
     use super::*;
     use crate::query::Kind;
-    use crate::stats::Totals;
+    use crate::store::stats::Totals;
 
     fn spec(group_by: &[usize]) -> GroupSpec {
         GroupSpec {

@@ -18,12 +18,12 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use shared::Keyspace;
 
-use crate::cell::{self, Cell};
-use crate::control;
 use crate::pricing::Cost;
+use crate::replay::control;
 use crate::replay::{CostChange, ReplayError};
-use crate::rollup::Resolution;
-use crate::stats::{Totals, read_tuple};
+use crate::store::cell::{self, Cell};
+use crate::store::rollup::Resolution;
+use crate::store::stats::{Totals, read_tuple};
 
 const FREEZE: &str = r#"
 if redis.call('HGET', KEYS[1], 'rid') ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 0 then
@@ -294,7 +294,7 @@ async fn read_cells(
 }
 
 fn corrupt(key: String, field: &str) -> ReplayError {
-    ReplayError::Commit(crate::commit::CommitError::Corrupt {
+    ReplayError::Commit(crate::ingest::commit::CommitError::Corrupt {
         key,
         field: field.to_owned(),
     })

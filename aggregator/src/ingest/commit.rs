@@ -34,9 +34,9 @@ use redis::{Script, Value};
 use rustc_hash::FxHashMap;
 use shared::Keyspace;
 
-use crate::cell::{self, Cell};
-use crate::control;
-use crate::stats::{BucketWrite, CellWrite};
+use crate::replay::control;
+use crate::store::cell::{self, Cell};
+use crate::store::stats::{BucketWrite, CellWrite};
 
 const SCRIPT: &str = r#"
 local pos = 1
@@ -749,7 +749,7 @@ pub async fn send(
 /// batch (polled beside that CPU work, its reply would wait for it).
 pub async fn spawn_send(staged: Staged, mut conn: ConnectionManager) -> Sending {
     Sending(
-        crate::task::spawn_started(async move {
+        crate::ingest::task::spawn_started(async move {
             let reply = send(&staged.cmd, &mut conn).await;
             (staged, reply)
         })
@@ -823,7 +823,7 @@ fn text(value: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::Totals;
+    use crate::store::stats::Totals;
 
     fn cell(requests: i64, latency: &[(u32, u64)]) -> Cell {
         Cell {

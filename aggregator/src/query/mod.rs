@@ -6,13 +6,19 @@
 //! then the partials of an output bucket are summed. Both steps add the same integers, so any
 //! grouping of the same cells sums to the same totals.
 
+pub(crate) mod api;
+pub(crate) mod cache;
+pub(crate) mod dashboard;
+pub(crate) mod limits;
+pub(crate) mod plan;
+
 use std::collections::{BTreeMap, HashMap};
 
-use crate::cell::Cell;
-use crate::plan::{Bucket, PlanError, Request, Tz};
-use crate::rollup::Resolution;
-use crate::sketch::Sketch;
-use crate::stats::{DIMENSIONS, Totals, read_tuple};
+use crate::query::plan::{Bucket, PlanError, Request, Tz};
+use crate::store::cell::Cell;
+use crate::store::rollup::Resolution;
+use crate::store::sketch::Sketch;
+use crate::store::stats::{DIMENSIONS, Totals, read_tuple};
 
 /// At most this many rows (output buckets × groups) per answer.
 pub const MAX_ROWS: usize = 50_000;
@@ -67,7 +73,7 @@ pub fn parse_time(param: &str, raw: &str) -> Result<i64, ParamError> {
                 )
             })?,
     };
-    if !(0..=crate::plan::MAX_TIME_MS).contains(&ms) {
+    if !(0..=crate::query::plan::MAX_TIME_MS).contains(&ms) {
         return Err(bad(
             param,
             format!("{raw:?} is outside 1970-01-01T00:00:00Z..=9999-12-31T23:59:59.999Z"),
@@ -170,7 +176,7 @@ pub fn plan_error(error: PlanError, request: &Request) -> ParamError {
             "bucket",
             format!(
                 "the range has more than {} buckets; use a coarser bucket or a shorter range",
-                crate::plan::MAX_BUCKETS
+                crate::query::plan::MAX_BUCKETS
             ),
         ),
         PlanError::TooManyCells => bad(
@@ -178,7 +184,7 @@ pub fn plan_error(error: PlanError, request: &Request) -> ParamError {
             format!(
                 "answering would read more than {} stored cells; shorten the range or use a \
                  whole-hour tz",
-                crate::plan::MAX_CELLS
+                crate::query::plan::MAX_CELLS
             ),
         ),
         PlanError::Missing {
@@ -433,7 +439,7 @@ mod tests {
             latency: latency.to_vec(),
             ttft: ttft.to_vec(),
         }
-        .encode(crate::cell::new_stamp())
+        .encode(crate::store::cell::new_stamp())
     }
 
     #[test]
@@ -483,7 +489,7 @@ mod tests {
         use proptest::prelude::*;
 
         use super::*;
-        use crate::plan::{MAX_BUCKETS, MAX_CELLS, Retention, plan};
+        use crate::query::plan::{MAX_BUCKETS, MAX_CELLS, Retention, plan};
 
         /// Values near the parser's edges: any integer, times and offsets with random digits,
         /// the words it knows, and arbitrary text.

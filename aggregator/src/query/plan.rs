@@ -20,7 +20,7 @@
 
 use chrono::{DateTime, FixedOffset, SecondsFormat};
 
-use crate::rollup::{DAY_MS, HOUR_MS, MINUTE_MS, Resolution};
+use crate::store::rollup::{DAY_MS, HOUR_MS, MINUTE_MS, Resolution};
 
 /// At most this many output buckets per query (48 h of minutes, 90 days of hours and ten years
 /// of days all fit).
