@@ -8,6 +8,7 @@
 //! byte for byte. `aggregator latency` does the same for `/v1/latency`.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use serde_json::Value;
@@ -149,19 +150,17 @@ async fn query(
     out: &mut impl std::io::Write,
 ) -> Result<(), UsageError> {
     let redis_error = |source| UsageError::Redis {
-        url: config.redis_url.clone(),
+        url: config.redis.describe(),
         source,
     };
     // Only reads, so no eviction-policy check (`shared::redis_policy`): an evicting Redis
     // cannot make this command count anything twice, and the servers refuse to run on one.
-    let client = redis::Client::open(config.redis_url.as_str()).map_err(redis_error)?;
-    let conn = redis::aio::ConnectionManager::new(client)
-        .await
-        .map_err(redis_error)?;
+    let timeouts = shared::Timeouts::new(Duration::from_secs(5), Duration::from_secs(30));
+    let conn = config.redis.connect(timeouts).await.map_err(redis_error)?;
     // One query: nothing to cache.
     let cells = crate::query::cache::CellReader::new(
-        &config.redis_url,
-        config.keyspace.clone(),
+        &config.redis,
+        config.partitions.clone(),
         conn,
         0,
         Default::default(),

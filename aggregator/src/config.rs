@@ -7,13 +7,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use shared::Keyspace;
+use shared::{Partitions, Target};
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub redis_url: String,
-    pub keyspace: Keyspace,
+    /// One Redis node, or a cluster's seed nodes.
+    pub redis: Target,
+    /// The deployment's keyspaces: every aggregator consumes every partition.
+    pub partitions: Partitions,
     pub group: String,
     pub consumer: String,
     /// `None`: the bundled LiteLLM snapshot.
@@ -53,7 +55,7 @@ pub enum ConfigError {
 }
 
 /// The server's settings. Those a subcommand uses are `global` (`aggregator usage --redis-url
-/// ...`): `config`, `redis_url` and `stream` for every one, `group` and `dedupe_window_secs` for
+/// ...`): `config`, `redis_url`, `redis_cluster`, `partitions` and `stream` for every one, `group` and `dedupe_window_secs` for
 /// `replay`; the others are the server's only, and so stay out of the subcommands' `--help`.
 #[derive(Debug, clap::Args, Default)]
 pub struct Args {
@@ -62,8 +64,16 @@ pub struct Args {
     pub config: Option<PathBuf>,
     #[arg(long, env = "AGGREGATOR_LISTEN")]
     pub listen: Option<String>,
+    /// One `redis://` or `rediss://` URL, or a comma-separated list of cluster seed nodes.
     #[arg(global = true, long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Treat a single Redis URL as a cluster seed node.
+    #[arg(global = true, long, env = "REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+    /// How many streams the events are spread over (default 1); the same in every process of
+    /// a deployment.
+    #[arg(global = true, long, env = "METER_PARTITIONS")]
+    pub partitions: Option<u32>,
     #[arg(global = true, long, env = "METER_STREAM")]
     pub stream: Option<String>,
     #[arg(global = true, long, env = "METER_GROUP")]
@@ -123,6 +133,8 @@ pub struct Args {
 struct FileConfig {
     listen: Option<String>,
     redis_url: Option<String>,
+    redis_cluster: Option<bool>,
+    partitions: Option<u32>,
     stream: Option<String>,
     group: Option<String>,
     consumer: Option<String>,
@@ -157,18 +169,23 @@ impl Config {
             .redis_url
             .or(file.redis_url)
             .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
-        redis::Client::open(redis_url.as_str()).map_err(|e| ConfigError::Invalid {
+        let redis = Target::parse(
+            &redis_url,
+            args.redis_cluster || file.redis_cluster.unwrap_or(false),
+        )
+        .map_err(|e| ConfigError::Invalid {
             name: "REDIS_URL",
-            reason: format!("{redis_url:?}: {e}"),
+            reason: e.to_string(),
         })?;
         let stream = args
             .stream
             .or(file.stream)
             .unwrap_or_else(|| shared::DEFAULT_STREAM.into());
-        let keyspace = Keyspace::new(&stream).map_err(|e| ConfigError::Invalid {
-            name: "stream",
-            reason: e.to_string(),
-        })?;
+        let partitions = Partitions::new(&stream, args.partitions.or(file.partitions).unwrap_or(1))
+            .map_err(|e| ConfigError::Invalid {
+                name: "stream/partitions",
+                reason: e.to_string(),
+            })?;
         let pricing_file = args.pricing.or(file.pricing);
         if let Some(path) = &pricing_file
             && !path.is_file()
@@ -213,8 +230,8 @@ impl Config {
         }
         Ok(Self {
             listen,
-            redis_url,
-            keyspace,
+            redis,
+            partitions,
             group: args
                 .group
                 .or(file.group)
@@ -296,7 +313,7 @@ mod tests {
         let c = Config::build(Args::default()).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8081");
         assert_eq!(c.group, "aggregator");
-        assert_eq!(c.keyspace.stream(), "meter:events");
+        assert_eq!(c.partitions.global().stream(), "meter:events");
         assert!(c.consumer.ends_with(&format!("-{}", std::process::id())));
     }
 

@@ -28,7 +28,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use shared::RedisConn;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -51,6 +51,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     EvictingRedis(#[from] shared::redis_policy::EvictingRedis),
+    #[error(transparent)]
+    Deployment(#[from] shared::deployment::DeploymentError),
     #[error("cannot load pricing: {0}")]
     Pricing(#[from] PricingError),
     #[error(
@@ -81,76 +83,86 @@ pub async fn run(
     tracing::info!(models = pricing.model_count(), "pricing loaded");
     let pricing = Arc::new(pricing);
 
-    // The consumer blocks in XREADGROUP, so it gets a connection of its own.
-    let mut consumer_conn = connect_redis(&config.redis_url).await?;
-    shared::redis_policy::check(&mut consumer_conn, config.allow_redis_eviction).await?;
-    let mut api_conn = connect_redis(&config.redis_url).await?;
-    let deployment =
-        control::dedupe_window(&mut api_conn, &config.keyspace, config.dedupe_window_secs)
+    let mut api_conn = connect_redis(&config.redis).await?;
+    shared::redis_policy::check(&mut api_conn, config.allow_redis_eviction).await?;
+    shared::deployment::check_partitions(&mut api_conn, &config.partitions).await?;
+    for keyspace in config.partitions.iter() {
+        let deployment = control::dedupe_window(&mut api_conn, keyspace, config.dedupe_window_secs)
             .await
             .map_err(|source| StartError::Redis {
-                url: config.redis_url.clone(),
+                url: config.redis.describe(),
                 source,
             })?;
-    if deployment != config.dedupe_window_secs {
-        return Err(StartError::DedupeWindow {
-            deployment,
-            configured: config.dedupe_window_secs,
-            ctl_key: config.keyspace.key(control::CTL),
-        });
+        if deployment != config.dedupe_window_secs {
+            return Err(StartError::DedupeWindow {
+                deployment,
+                configured: config.dedupe_window_secs,
+                ctl_key: keyspace.key(control::CTL),
+            });
+        }
     }
     // An explicit price file is the operator's word for the whole deployment; without one, an
     // aggregator applies what the deployment published (e.g. by a replay), else the bundled
     // snapshot.
     if let Some(text) = &text {
-        publish(&mut api_conn, &config.keyspace, &pricing, text).await;
+        publish(&mut api_conn, &config.partitions, &pricing, text).await;
     }
     let metrics = Arc::new(Metrics::default());
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let mut consumer = Consumer::new(
-        ConsumerConfig {
-            keyspace: config.keyspace.clone(),
-            group: config.group.clone(),
-            consumer: config.consumer.clone(),
-            batch_size: config.batch_size,
-            block: Duration::from_millis(500),
-            linger: config.linger,
-            claim_interval: Duration::from_secs(5),
-            claim_idle: config.claim_idle,
-            dedupe_window_secs: config.dedupe_window_secs,
-        },
-        consumer_conn,
-        control::Control::new(config.keyspace.clone(), pricing),
-        Arc::clone(&metrics),
-    );
-    if let Err(e) = consumer.ensure_group().await {
-        tracing::warn!(error = %e, "could not create the consumer group yet; will retry");
+    // One consumer per partition, each on a connection of its own: it blocks in XREADGROUP.
+    let mut tasks = Vec::new();
+    for keyspace in config.partitions.iter() {
+        let mut consumer = Consumer::new(
+            ConsumerConfig {
+                keyspace: keyspace.clone(),
+                group: config.group.clone(),
+                consumer: config.consumer.clone(),
+                batch_size: config.batch_size,
+                block: Duration::from_millis(500),
+                linger: config.linger,
+                claim_interval: Duration::from_secs(5),
+                claim_idle: config.claim_idle,
+                dedupe_window_secs: config.dedupe_window_secs,
+            },
+            connect_redis(&config.redis).await?,
+            control::Control::new(keyspace.clone(), Arc::clone(&pricing)),
+            Arc::clone(&metrics),
+        );
+        if let Err(e) = consumer.ensure_group().await {
+            tracing::warn!(error = %e, stream = keyspace.stream(), "could not create the consumer group yet; will retry");
+        }
+        tasks.push((tokio::spawn(consumer.run(stop_rx.clone())), "consumer"));
+        tasks.push((
+            tokio::spawn(retention::run(
+                api_conn.clone(),
+                keyspace.stream().to_owned(),
+                config.stream_retention,
+                config.trim_interval,
+                stop_rx.clone(),
+            )),
+            "stream trimmer",
+        ));
     }
-    let consumer = tokio::spawn(consumer.run(stop_rx.clone()));
-    let reloader = tokio::spawn(reload_on_hangup(
-        config.pricing_file.clone(),
-        api_conn.clone(),
-        config.keyspace.clone(),
-        stop_rx.clone(),
-    ));
-    let trimmer = tokio::spawn(retention::run(
-        api_conn.clone(),
-        config.keyspace.stream().to_owned(),
-        config.stream_retention,
-        config.trim_interval,
-        stop_rx,
+    tasks.push((
+        tokio::spawn(reload_on_hangup(
+            config.pricing_file.clone(),
+            api_conn.clone(),
+            config.partitions.clone(),
+            stop_rx.clone(),
+        )),
+        "pricing reloader",
     ));
 
     let cells = cache::CellReader::new(
-        &config.redis_url,
-        config.keyspace.clone(),
+        &config.redis,
+        config.partitions.clone(),
         api_conn.clone(),
         config.stats_cache_rows,
         Arc::clone(&metrics),
     )
     .map_err(|source| StartError::Redis {
-        url: config.redis_url.clone(),
+        url: config.redis.describe(),
         source,
     })?;
     let gateway = config
@@ -164,7 +176,7 @@ pub async fn run(
         conn: api_conn,
         cells: Arc::new(cells),
         admin_token_digest: config.admin_token.as_deref().map(api::token_digest),
-        keyspace: config.keyspace.clone(),
+        partitions: config.partitions.clone(),
         group: config.group.clone(),
         metrics,
     });
@@ -176,11 +188,7 @@ pub async fn run(
             let _ = stop_tx.send(true);
         })
         .await;
-    for (task, name) in [
-        (consumer, "consumer"),
-        (reloader, "pricing reloader"),
-        (trimmer, "stream trimmer"),
-    ] {
+    for (task, name) in tasks {
         if let Err(e) = task.await {
             tracing::error!(error = %e, task = name, "background task panicked");
         }
@@ -203,20 +211,20 @@ fn load_pricing(file: Option<&std::path::Path>) -> Result<(Pricing, Option<Strin
     }
 }
 
-async fn publish(
-    conn: &mut ConnectionManager,
-    keyspace: &shared::Keyspace,
-    p: &Pricing,
-    text: &str,
-) {
-    match control::publish_pricing(conn, keyspace, p, text).await {
-        Ok(true) => tracing::info!(
-            fingerprint = p.fingerprint(),
-            "pricing published to the deployment"
-        ),
-        Ok(false) => {}
-        // Consumers keep the prices in force; the operator sees why the new ones are not.
-        Err(e) => tracing::error!(error = %e, "cannot publish the pricing"),
+/// Publishes to every partition: each one's consumers check its own control state, so a
+/// commit script never reaches outside its slot.
+async fn publish(conn: &mut RedisConn, partitions: &shared::Partitions, p: &Pricing, text: &str) {
+    for keyspace in partitions.iter() {
+        match control::publish_pricing(conn, keyspace, p, text).await {
+            Ok(true) => tracing::info!(
+                fingerprint = p.fingerprint(),
+                stream = keyspace.stream(),
+                "pricing published to the deployment"
+            ),
+            Ok(false) => {}
+            // Consumers keep the prices in force; the operator sees why the new ones are not.
+            Err(e) => tracing::error!(error = %e, "cannot publish the pricing"),
+        }
     }
 }
 
@@ -225,8 +233,8 @@ async fn publish(
 /// load leaves the current prices in place.
 async fn reload_on_hangup(
     file: Option<std::path::PathBuf>,
-    mut conn: ConnectionManager,
-    keyspace: shared::Keyspace,
+    mut conn: RedisConn,
+    partitions: shared::Partitions,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -246,7 +254,7 @@ async fn reload_on_hangup(
                     fingerprint = fresh.fingerprint(),
                     "pricing reloaded"
                 );
-                publish(&mut conn, &keyspace, &fresh, &text).await;
+                publish(&mut conn, &partitions, &fresh, &text).await;
             }
             Ok((_, None)) => tracing::info!("no --pricing file to reload"),
             Err(e) => {
@@ -256,18 +264,14 @@ async fn reload_on_hangup(
     }
 }
 
-async fn connect_redis(url: &str) -> Result<ConnectionManager, StartError> {
-    let err = |source| StartError::Redis {
-        url: url.to_owned(),
-        source,
-    };
-    let client = redis::Client::open(url).map_err(err)?;
+async fn connect_redis(target: &shared::Target) -> Result<RedisConn, StartError> {
     // The response timeout must outlast the consumer's blocking read (500 ms).
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(5)))
-        .set_number_of_retries(1);
-    ConnectionManager::new_with_config(client, config)
+    let timeouts = shared::Timeouts::new(Duration::from_secs(2), Duration::from_secs(5));
+    target
+        .connect(timeouts)
         .await
-        .map_err(err)
+        .map_err(|source| StartError::Redis {
+            url: target.describe(),
+            source,
+        })
 }

@@ -27,8 +27,9 @@ impl Metrics {
         self.apply_micros_total.fetch_add(micros, Ordering::Relaxed);
     }
 
-    /// Renders counters plus the stream-side gauges read at scrape time.
-    pub fn render(&self, lag: Option<u64>, pending: Option<u64>) -> String {
+    /// Renders counters plus the stream-side gauges read at scrape time, one per partition.
+    pub fn render(&self, partitions: &[Gauges]) -> String {
+        let total = Gauges::total(partitions);
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, value: u64| {
             let _ = writeln!(
@@ -95,13 +96,13 @@ impl Metrics {
         for (name, help, value) in [
             (
                 "meter_consumer_lag",
-                "Stream entries not yet delivered to the group.",
-                lag,
+                "Stream entries not yet delivered to the group, over all partitions.",
+                total.lag,
             ),
             (
                 "meter_consumer_pending",
-                "Entries delivered but not yet committed.",
-                pending,
+                "Entries delivered but not yet committed, over all partitions.",
+                total.pending,
             ),
         ] {
             if let Some(value) = value {
@@ -111,6 +112,44 @@ impl Metrics {
                 );
             }
         }
+        for (name, help, value) in [
+            (
+                "meter_consumer_partition_lag",
+                "Stream entries of one partition not yet delivered to the group.",
+                (|g: &Gauges| g.lag) as fn(&Gauges) -> Option<u64>,
+            ),
+            (
+                "meter_consumer_partition_pending",
+                "Entries of one partition delivered but not yet committed.",
+                |g: &Gauges| g.pending,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (p, g) in partitions.iter().enumerate() {
+                if let Some(v) = value(g) {
+                    let _ = writeln!(out, "{name}{{partition=\"{p}\"}} {v}");
+                }
+            }
+        }
         out
+    }
+}
+
+/// One partition's consumer-group figures, read from Redis at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub lag: Option<u64>,
+    pub pending: Option<u64>,
+}
+
+impl Gauges {
+    /// Sums over partitions; unknown where no partition knows it.
+    pub fn total(partitions: &[Gauges]) -> Gauges {
+        let sum =
+            |f: fn(&Gauges) -> Option<u64>| partitions.iter().filter_map(f).reduce(|a, b| a + b);
+        Gauges {
+            lag: sum(|g| g.lag),
+            pending: sum(|g| g.pending),
+        }
     }
 }

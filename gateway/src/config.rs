@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
-use shared::Keyspace;
+use shared::{Partitions, Target};
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub redis_url: String,
-    pub keyspace: Keyspace,
+    /// One Redis node, or a cluster's seed nodes.
+    pub redis: Target,
+    /// The deployment's keyspaces: the global one and one per partition.
+    pub partitions: Partitions,
+    /// An event batch counts as published only once this many replicas have it (`WAIT`).
+    pub min_replicas: u32,
     /// `None` disables the admin API.
     pub admin_token: Option<String>,
     pub max_body_bytes: usize,
@@ -77,8 +81,19 @@ pub struct Args {
     pub config: Option<PathBuf>,
     #[arg(long, env = "GATEWAY_LISTEN")]
     pub listen: Option<String>,
+    /// One `redis://` or `rediss://` URL, or a comma-separated list of cluster seed nodes.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Treat a single Redis URL as a cluster seed node.
+    #[arg(long, env = "REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+    /// How many streams the events are spread over (default 1); the same in every process of
+    /// a deployment.
+    #[arg(long, env = "METER_PARTITIONS")]
+    pub partitions: Option<u32>,
+    /// Keep an event batch in the spool until this many replicas acknowledge it (default 0).
+    #[arg(long, env = "METER_MIN_REPLICAS")]
+    pub min_replicas: Option<u32>,
     #[arg(long, env = "METER_STREAM")]
     pub stream: Option<String>,
     /// Bearer token for /admin; unset disables the admin API.
@@ -138,6 +153,9 @@ pub struct Args {
 struct FileConfig {
     listen: Option<String>,
     redis_url: Option<String>,
+    redis_cluster: Option<bool>,
+    partitions: Option<u32>,
+    min_replicas: Option<u32>,
     stream: Option<String>,
     admin_token: Option<String>,
     max_body_bytes: Option<usize>,
@@ -179,15 +197,23 @@ impl Config {
             .redis_url
             .or(file.redis_url)
             .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
-        check_redis_url(&redis_url)?;
+        let redis = Target::parse(
+            &redis_url,
+            args.redis_cluster || file.redis_cluster.unwrap_or(false),
+        )
+        .map_err(|e| ConfigError::Invalid {
+            name: "REDIS_URL",
+            reason: e.to_string(),
+        })?;
         let stream = args
             .stream
             .or(file.stream)
             .unwrap_or_else(|| shared::DEFAULT_STREAM.into());
-        let keyspace = Keyspace::new(&stream).map_err(|e| ConfigError::Invalid {
-            name: "stream",
-            reason: e.to_string(),
-        })?;
+        let partitions = Partitions::new(&stream, args.partitions.or(file.partitions).unwrap_or(1))
+            .map_err(|e| ConfigError::Invalid {
+                name: "stream/partitions",
+                reason: e.to_string(),
+            })?;
         let admin_token = args
             .admin_token
             .or(file.admin_token)
@@ -215,8 +241,9 @@ impl Config {
         }
         Ok(Self {
             listen,
-            redis_url,
-            keyspace,
+            redis,
+            partitions,
+            min_replicas: args.min_replicas.or(file.min_replicas).unwrap_or(0),
             admin_token,
             max_body_bytes: args
                 .max_body_bytes
@@ -304,15 +331,6 @@ fn read_file(path: &PathBuf) -> Result<FileConfig, ConfigError> {
     })
 }
 
-fn check_redis_url(url: &str) -> Result<(), ConfigError> {
-    redis::Client::open(url)
-        .map(drop)
-        .map_err(|e| ConfigError::Invalid {
-            name: "REDIS_URL",
-            reason: format!("{url:?}: {e}"),
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,8 +339,8 @@ mod tests {
     fn defaults_follow_the_contract() {
         let config = Config::build(Args::default()).unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(config.redis_url, "redis://127.0.0.1:6379");
-        assert_eq!(config.keyspace.stream(), "meter:events");
+        assert_eq!(config.redis.describe(), "redis://127.0.0.1:6379");
+        assert_eq!(config.partitions.global().stream(), "meter:events");
         assert_eq!(config.admin_token, None);
     }
 
@@ -349,7 +367,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:9999");
-        assert_eq!(config.keyspace.stream(), "s:flag");
+        assert_eq!(config.partitions.global().stream(), "s:flag");
     }
 
     #[test]

@@ -49,7 +49,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use shared::RedisConn;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -69,6 +69,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     EvictingRedis(#[from] shared::redis_policy::EvictingRedis),
+    #[error(transparent)]
+    Deployment(#[from] shared::deployment::DeploymentError),
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
     #[error("cannot open the event spool: {0}")]
@@ -84,11 +86,16 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let conn = connect_redis(&config.redis_url, config.allow_redis_eviction).await?;
+    let mut conn = connect_redis(&config.redis, config.allow_redis_eviction).await?;
+    shared::deployment::check_partitions(&mut conn, &config.partitions).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Arc::new(metrics::Metrics::default());
 
-    let store = Store::new(conn.clone(), config.keyspace.clone(), Arc::clone(&metrics));
+    let store = Store::new(
+        conn.clone(),
+        config.partitions.global().clone(),
+        Arc::clone(&metrics),
+    );
     let spool = spool::Spool::open_with(
         &config.spool_dir,
         spool::SpoolOptions {
@@ -101,8 +108,9 @@ pub async fn run(
     }
     let (events, publisher) = publisher::channel(
         conn,
-        &config.keyspace,
+        &config.partitions,
         config.stream_maxlen,
+        config.min_replicas,
         spool,
         Arc::clone(&metrics),
     );
@@ -117,7 +125,7 @@ pub async fn run(
 
     let (limiter, keeper) = limiter::Limiter::new(
         store.connection(),
-        config.keyspace.clone(),
+        config.partitions.clone(),
         config.limits_on_redis_down,
         config.lease_ttl,
         config.spend_cache,
@@ -215,21 +223,20 @@ async fn unknown_route(
 }
 
 /// Connects, then refuses a Redis that may evict keys unless that is explicitly allowed.
-async fn connect_redis(url: &str, allow_eviction: bool) -> Result<ConnectionManager, StartError> {
-    let err = |source| StartError::Redis {
-        url: url.to_owned(),
-        source,
-    };
-    let client = redis::Client::open(url).map_err(err)?;
+async fn connect_redis(
+    target: &shared::Target,
+    allow_eviction: bool,
+) -> Result<RedisConn, StartError> {
     // Bounded timeouts: a stalled Redis must surface as an error the publisher retries, never
     // as a request that hangs.
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(1);
-    let mut conn = ConnectionManager::new_with_config(client, config)
+    let timeouts = shared::Timeouts::new(Duration::from_secs(2), Duration::from_secs(2));
+    let mut conn = target
+        .connect(timeouts)
         .await
-        .map_err(err)?;
+        .map_err(|source| StartError::Redis {
+            url: target.describe(),
+            source,
+        })?;
     shared::redis_policy::check(&mut conn, allow_eviction).await?;
     Ok(conn)
 }

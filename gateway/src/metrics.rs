@@ -113,6 +113,8 @@ pub struct Metrics {
     pub spool_bytes: Gauge,
     pub spool_skipped: Gauge,
     pub spool_fsyncs: Counter,
+    /// Event batches that landed but were not acknowledged by `--min-replicas` replicas in time.
+    pub replica_waits_failed: Counter,
     pub redis_round_trips: Counter,
     pub auth_served_stale: Counter,
     pub limits_failed_open: Counter,
@@ -218,6 +220,11 @@ impl Metrics {
                 "meter_gateway_events_spooled_total",
                 "Usage events written to the local spool.",
                 self.events_spooled.get(),
+            ),
+            (
+                "meter_gateway_replica_waits_failed_total",
+                "Event batches kept for a retry because fewer replicas than --min-replicas acknowledged them in time.",
+                self.replica_waits_failed.get(),
             ),
             (
                 "meter_gateway_spool_fsyncs_total",

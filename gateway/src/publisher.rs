@@ -24,8 +24,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use shared::{EVENT_FIELD, Keyspace, UsageEvent};
+use shared::RedisConn;
+use shared::{EVENT_FIELD, Partitions, UsageEvent};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -41,6 +41,10 @@ const SHUTDOWN_DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a batch's marker outlives its last write: as long as the stream keeps entries by
 /// default, beyond which a late copy could not be told from a new event anyway.
 const MARKER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long a batch waits for its replicas (`--min-replicas`) before it counts as failed. Below
+/// the connection's 2 s response timeout, so a slow acknowledgement is a retry, not a lost
+/// connection.
+const REPLICA_WAIT: Duration = Duration::from_millis(1_000);
 
 /// Adds one batch to the stream, skipping the events an earlier attempt at the same batch added.
 ///
@@ -94,13 +98,14 @@ impl Publisher {
 
 pub struct PublisherTask {
     rx: mpsc::UnboundedReceiver<UsageEvent>,
-    conn: ConnectionManager,
-    keyspace: Keyspace,
+    conn: RedisConn,
+    partitions: Partitions,
     maxlen: Option<u64>,
-    script: redis::Script,
-    /// The marker of the last batch whose reply was seen: that batch is never sent again, so the
-    /// next batch deletes it.
-    acked_marker: Option<String>,
+    /// `WAIT` for this many replicas after each write; 0: don't.
+    min_replicas: u32,
+    /// Per partition, the marker of the last batch whose reply was seen: that batch is never
+    /// sent again, so the partition's next batch deletes it.
+    acked_markers: Vec<Option<String>>,
     spool: Spool,
     /// Events that could be written neither to Redis nor to the spool (disk full): kept in
     /// memory and retried, never dropped. All newer than what the spool holds.
@@ -111,9 +116,10 @@ pub struct PublisherTask {
 }
 
 pub fn channel(
-    conn: ConnectionManager,
-    keyspace: &Keyspace,
+    conn: RedisConn,
+    partitions: &Partitions,
     maxlen: Option<u64>,
+    min_replicas: u32,
     spool: Spool,
     metrics: Arc<Metrics>,
 ) -> (Publisher, PublisherTask) {
@@ -121,10 +127,10 @@ pub fn channel(
     let mut task = PublisherTask {
         rx,
         conn,
-        keyspace: keyspace.clone(),
+        partitions: partitions.clone(),
         maxlen,
-        script: redis::Script::new(SCRIPT),
-        acked_marker: None,
+        min_replicas,
+        acked_markers: vec![None; partitions.count()],
         spool,
         stranded: Vec::new(),
         fsyncs_counted: 0,
@@ -178,33 +184,107 @@ impl PublisherTask {
         !self.spool.is_empty() || !self.stranded.is_empty()
     }
 
-    /// Writes one batch with [`SCRIPT`]. An error means the batch may or may not have landed;
-    /// sending it again, from the same first event, adds only what did not.
+    /// Writes one batch, one [`SCRIPT`] call per partition it has events of (in order within
+    /// each). An error means the batch may or may not have landed, in part or whole; sending it
+    /// again, from the same first event, adds only what did not: each partition's part starts
+    /// with the same event again, and its marker says how much of it landed.
     async fn xadd(&mut self, events: &[UsageEvent]) -> redis::RedisResult<()> {
-        let Some(first) = events.first() else {
+        if events.is_empty() {
             return Ok(());
-        };
-        let marker = self.keyspace.publish_marker(&first.id);
-        let mut invocation = self.script.key(self.keyspace.stream());
-        invocation.key(&marker);
-        if let Some(acked) = self.acked_marker.as_ref().filter(|m| **m != marker) {
-            invocation.key(acked);
         }
-        invocation
-            .arg(self.maxlen.unwrap_or(0))
-            .arg(MARKER_TTL.as_secs())
-            .arg(EVENT_FIELD);
+        let mut parts: Vec<Vec<&UsageEvent>> = vec![Vec::new(); self.partitions.count()];
         for event in events {
-            invocation.arg(shared::encode(event));
+            parts[self.partitions.of_key(event.key_id.as_deref())].push(event);
         }
-        self.metrics.redis_round_trips.inc();
-        let added: u64 = invocation.invoke_async(&mut self.conn).await?;
-        self.acked_marker = Some(marker);
-        self.metrics.events_published.add(added);
+        let mut landed = Vec::with_capacity(parts.len());
+        let mut failed = None;
+        for (p, part) in parts.iter().enumerate() {
+            if part.is_empty() {
+                continue;
+            }
+            // The other partitions go on: what they add now, a retry skips.
+            match self.xadd_part(p, part).await {
+                Ok(marker) => landed.push((p, marker)),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            // The batch will be sent again, so none of its markers may be deleted yet.
+            return Err(e);
+        }
+        for (p, marker) in landed {
+            self.acked_markers[p] = Some(marker);
+        }
         self.metrics
             .events_pending
             .set(self.metrics.events_pending.get() - events.len() as i64);
         Ok(())
+    }
+
+    /// Adds one partition's part of a batch; returns its marker.
+    async fn xadd_part(
+        &mut self,
+        partition: usize,
+        events: &[&UsageEvent],
+    ) -> redis::RedisResult<String> {
+        let keyspace = self.partitions.get(partition).clone();
+        let marker = keyspace.publish_marker(&events[0].id);
+        let acked = self.acked_markers[partition]
+            .as_ref()
+            .filter(|m| **m != marker);
+        // EVAL with the source rather than EVALSHA: a batch's payload dwarfs the script, and
+        // no reply can then be NOSCRIPT (a restarted or failed-over master has no scripts).
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(SCRIPT)
+            .arg(2 + usize::from(acked.is_some()))
+            .arg(keyspace.stream())
+            .arg(&marker);
+        if let Some(acked) = acked {
+            cmd.arg(acked);
+        }
+        cmd.arg(self.maxlen.unwrap_or(0))
+            .arg(MARKER_TTL.as_secs())
+            .arg(EVENT_FIELD);
+        for event in events {
+            cmd.arg(shared::encode(event));
+        }
+        self.metrics.redis_round_trips.inc();
+        let added = if self.min_replicas == 0 {
+            cmd.query_async(&mut self.conn).await?
+        } else {
+            self.add_replicated(cmd, keyspace.stream()).await?
+        };
+        self.metrics.events_published.add(added);
+        Ok(marker)
+    }
+
+    /// Runs the script and `WAIT` in one pipeline, so both reach the master that took the write
+    /// on the same connection; fewer replicas than required is an error like a lost reply: the
+    /// batch stays in the spool and is sent again (adding nothing twice) until enough have it.
+    async fn add_replicated(
+        &mut self,
+        script: redis::Cmd,
+        stream: &str,
+    ) -> redis::RedisResult<u64> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(script)
+            .cmd("WAIT")
+            .arg(self.min_replicas)
+            .arg(REPLICA_WAIT.as_millis() as u64);
+        let (added, replicas): (u64, u32) = pipe.query_async(&mut self.conn).await?;
+        if replicas < self.min_replicas {
+            self.metrics.replica_waits_failed.inc();
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "too few replicas acknowledged the events",
+                format!(
+                    "{replicas} of {} replica(s) of {stream}'s master within {} ms",
+                    self.min_replicas,
+                    REPLICA_WAIT.as_millis()
+                ),
+            )));
+        }
+        Ok(added)
     }
 
     /// Moves events from memory to the spool file, behind any stranded ones: those arrived
@@ -380,9 +460,9 @@ mod tests {
             format!("redis+unix://{}", self.dir.join("redis.sock").display())
         }
 
-        async fn connection(&self) -> ConnectionManager {
+        async fn connection(&self) -> RedisConn {
             let client = redis::Client::open(self.url()).unwrap();
-            ConnectionManager::new(client).await.unwrap()
+            RedisConn::Node(redis::aio::ConnectionManager::new(client).await.unwrap())
         }
     }
 
@@ -413,7 +493,7 @@ mod tests {
     }
 
     /// Ids of the events in `stream`, in stream order.
-    async fn stream_ids(conn: &mut ConnectionManager, stream: &str) -> Vec<String> {
+    async fn stream_ids(conn: &mut RedisConn, stream: &str) -> Vec<String> {
         type Entry = (String, Vec<(String, Vec<u8>)>);
         let entries: Vec<Entry> = redis::cmd("XRANGE")
             .arg(stream)
@@ -436,7 +516,7 @@ mod tests {
     #[tokio::test]
     async fn after_a_disk_full_episode_events_reach_redis_in_arrival_order() {
         let redis = TestRedis::start();
-        let keyspace = Keyspace::new("test:order").unwrap();
+        let keyspace = Partitions::new("test:order", 1).unwrap();
         let spool_dir = unique_dir("spool");
         let away = spool_dir.with_extension("away");
         // One record per segment: every append creates a file, so a directory that is gone
@@ -450,6 +530,7 @@ mod tests {
             redis.connection().await,
             &keyspace,
             None,
+            0,
             spool,
             Arc::default(),
         );
@@ -468,7 +549,7 @@ mod tests {
 
         let mut conn = redis.connection().await;
         assert_eq!(
-            stream_ids(&mut conn, keyspace.stream()).await,
+            stream_ids(&mut conn, keyspace.global().stream()).await,
             ids(&events(0..6)),
             "spooled events first, then the stranded ones, then the later ones"
         );
@@ -479,19 +560,20 @@ mod tests {
     async fn task_on(redis: &TestRedis, stream: &str, maxlen: Option<u64>) -> PublisherTask {
         let dir = redis.dir.join("spool");
         let spool = Spool::open_with(&dir, SpoolOptions::default()).unwrap();
-        let keyspace = Keyspace::new(stream).unwrap();
+        let keyspace = Partitions::new(stream, 1).unwrap();
         channel(
             redis.connection().await,
             &keyspace,
             maxlen,
+            0,
             spool,
             Arc::default(),
         )
         .1
     }
 
-    async fn marker_exists(conn: &mut ConnectionManager, stream: &str, first: u64) -> bool {
-        let key = Keyspace::new(stream)
+    async fn marker_exists(conn: &mut RedisConn, stream: &str, first: u64) -> bool {
+        let key = shared::Keyspace::new(stream)
             .unwrap()
             .publish_marker(&event(first).id);
         redis::cmd("EXISTS")
@@ -510,7 +592,7 @@ mod tests {
         task.xadd(&events(0..3)).await.unwrap();
         // As if the reply had not arrived: the batch goes back to the head of the backlog and is
         // sent again from the same first event, with more behind it.
-        task.acked_marker = None;
+        task.acked_markers = vec![None];
         task.xadd(&events(0..5)).await.unwrap();
         assert_eq!(
             stream_ids(&mut conn, "test:lost-reply").await,
@@ -527,7 +609,7 @@ mod tests {
         );
         let ttl: i64 = redis::cmd("TTL")
             .arg(
-                Keyspace::new("test:lost-reply")
+                shared::Keyspace::new("test:lost-reply")
                     .unwrap()
                     .publish_marker(&event(5).id),
             )

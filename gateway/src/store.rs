@@ -10,10 +10,10 @@
 //! internal types, derive serde.
 
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use shared::Keyspace;
+use shared::RedisConn;
 use std::sync::Arc;
 
 use crate::metrics::Metrics;
@@ -69,13 +69,13 @@ pub struct AccountRecord {
 
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keyspace: Keyspace,
     metrics: Arc<Metrics>,
 }
 
 impl Store {
-    pub fn new(conn: ConnectionManager, keyspace: Keyspace, metrics: Arc<Metrics>) -> Self {
+    pub fn new(conn: RedisConn, keyspace: Keyspace, metrics: Arc<Metrics>) -> Self {
         Self {
             conn,
             keyspace,
@@ -83,12 +83,12 @@ impl Store {
         }
     }
 
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 
     /// A connection for one round trip, counted for `/metrics`.
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> RedisConn {
         self.metrics.redis_round_trips.inc();
         self.conn.clone()
     }

@@ -7,10 +7,15 @@
 //! of Redis itself ([`redis_policy`]). Changing the event changes the wire contract
 //! (docs/events.md), so it is guarded by golden-bytes tests.
 
+pub mod connection;
+pub mod deployment;
 pub mod event;
 pub mod keyspace;
 pub mod redis_policy;
 pub mod spend_retention;
 
+pub use connection::{RedisConn, Target, TargetError, Timeouts};
 pub use event::{DecodeError, MAX_TOKENS, SCHEMA_VERSION, UsageEvent, decode, encode};
-pub use keyspace::{DEFAULT_STREAM, EVENT_FIELD, InvalidStreamName, Keyspace};
+pub use keyspace::{
+    DEFAULT_STREAM, EVENT_FIELD, InvalidPartitions, InvalidStreamName, Keyspace, Partitions,
+};

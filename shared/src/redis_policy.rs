@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use redis::aio::ConnectionLike;
+use crate::RedisConn;
 
 /// The one eviction policy that keeps every key until it expires or is deleted.
 pub const REQUIRED_POLICY: &str = "noeviction";
@@ -35,18 +35,31 @@ enum Finding {
     Unknown(String),
 }
 
-/// Checks the policy of the Redis behind `conn`: `Err` when it evicts and the operator did not
-/// allow it. A Redis that does not let us look is accepted with a warning: refusing to start
-/// there would make the gateway unusable on most managed offerings.
-pub async fn check(
-    conn: &mut impl ConnectionLike,
-    allow_eviction: bool,
-) -> Result<(), EvictingRedis> {
-    let reply = redis::cmd("CONFIG")
+/// Checks the policy of the Redis behind `conn` (on a cluster, of every master): `Err` when it
+/// evicts and the operator did not allow it. A Redis that does not let us look is accepted with
+/// a warning: refusing to start there would make the gateway unusable on most managed offerings.
+pub async fn check(conn: &mut RedisConn, allow_eviction: bool) -> Result<(), EvictingRedis> {
+    let cmd = redis::Cmd::new()
+        .arg("CONFIG")
         .arg("GET")
         .arg("maxmemory-policy")
-        .query_async::<HashMap<String, String>>(conn)
-        .await;
+        .to_owned();
+    let reply = match conn.query_each_master(&cmd).await {
+        Ok(replies) => replies
+            .into_iter()
+            .map(|v| match v {
+                redis::Value::ServerError(e) => Err(redis::RedisError::from(e)),
+                v => redis::from_redis_value::<HashMap<String, String>>(v).map_err(Into::into),
+            })
+            // The first master that does not qualify decides.
+            .min_by_key(|r| match judge_ref(r) {
+                Finding::Evicting(_) => 0,
+                Finding::Unknown(_) => 1,
+                Finding::NoEviction => 2,
+            })
+            .unwrap_or_else(|| Err((redis::ErrorKind::Io, "no master answered").into())),
+        Err(e) => Err(e),
+    };
     match judge(reply) {
         Finding::NoEviction => Ok(()),
         Finding::Unknown(why) => {
@@ -72,6 +85,10 @@ pub async fn check(
 }
 
 fn judge(reply: redis::RedisResult<HashMap<String, String>>) -> Finding {
+    judge_ref(&reply)
+}
+
+fn judge_ref(reply: &redis::RedisResult<HashMap<String, String>>) -> Finding {
     match reply {
         Ok(fields) => match fields.get("maxmemory-policy") {
             Some(policy) if policy.eq_ignore_ascii_case(REQUIRED_POLICY) => Finding::NoEviction,

@@ -102,6 +102,15 @@ impl Pipeline {
 
     /// The same on a given Redis, with the gateway's settings adjusted by `tweak`.
     pub async fn start_with(redis_url: &str, tweak: impl FnOnce(&mut gateway::Args)) -> Self {
+        Self::start_on(redis_url, tweak, |_| {}).await
+    }
+
+    /// The same, with the aggregator's settings adjusted too (a cluster's partitions, say).
+    pub async fn start_on(
+        redis_url: &str,
+        tweak: impl FnOnce(&mut gateway::Args),
+        tweak_aggregator: impl FnOnce(&mut aggregator::Args),
+    ) -> Self {
         let redis_url = redis_url.to_owned();
         let stream = unique_stream();
         let upstream = MockUpstream::spawn().await;
@@ -109,7 +118,7 @@ impl Pipeline {
 
         let (gateway, stop) = spawn_gateway(&redis_url, &stream, tweak).await;
         stops.push(stop);
-        let (aggregator, stop) = spawn_aggregator(&redis_url, &stream).await;
+        let (aggregator, stop) = spawn_aggregator_with(&redis_url, &stream, tweak_aggregator).await;
         stops.push(stop);
         let pipeline = Self {
             redis_url,

@@ -548,7 +548,9 @@ async fn status_reports_lag_pending_and_dead_letters() {
     .await;
     assert_eq!(
         status,
-        serde_json::json!({"lag": 0, "pending": 0, "dead_letters": 2})
+        serde_json::json!({"lag": 0, "pending": 0, "dead_letters": 2, "partitions": [
+            {"partition": 0, "stream": stream, "lag": 0, "pending": 0, "dead_letters": 2},
+        ]})
     );
     assert_eq!(
         sum_rows(&api.ok("/v1/usage").await["rows"])[0],

@@ -29,10 +29,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use rustc_hash::FxHashMap;
 use shared::Keyspace;
+use shared::RedisConn;
 
 use crate::replay::control;
 use crate::store::cell::{self, Cell};
@@ -449,7 +449,7 @@ impl Committer {
     /// changed; `conflicts` counts such retries.
     pub async fn commit(
         &mut self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         batch: &Batch<'_>,
         conflicts: &AtomicU64,
     ) -> Result<Outcome, CommitError> {
@@ -728,10 +728,7 @@ type Section<'a> = (&'a str, Option<i64>, BTreeMap<i64, Vec<&'a str>>);
 
 /// Sends a staged commit (apart from the committer, so it can run while the caller prepares
 /// the next batch), loading the script first if Redis does not have it (a restart, `SCRIPT FLUSH`).
-pub async fn send(
-    cmd: &redis::Cmd,
-    conn: &mut ConnectionManager,
-) -> redis::RedisResult<Vec<Value>> {
+pub async fn send(cmd: &redis::Cmd, conn: &mut RedisConn) -> redis::RedisResult<Vec<Value>> {
     match cmd.query_async(conn).await {
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             redis::cmd("SCRIPT")
@@ -747,7 +744,7 @@ pub async fn send(
 
 /// [`send`] on a task of its own, so that the commit goes on while the caller prepares the next
 /// batch (polled beside that CPU work, its reply would wait for it).
-pub async fn spawn_send(staged: Staged, mut conn: ConnectionManager) -> Sending {
+pub async fn spawn_send(staged: Staged, mut conn: RedisConn) -> Sending {
     Sending(
         crate::ingest::task::spawn_started(async move {
             let reply = send(&staged.cmd, &mut conn).await;

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::Value;
-use redis::aio::ConnectionManager;
+use shared::RedisConn;
 use shared::{EVENT_FIELD, Keyspace, UsageEvent};
 use tokio::sync::watch;
 
@@ -142,7 +142,7 @@ impl InShadow {
 
 pub struct Consumer {
     config: ConsumerConfig,
-    conn: ConnectionManager,
+    conn: RedisConn,
     control: Control,
     /// The state batches are priced under; reloaded when a commit finds it stale.
     state: Option<Snapshot>,
@@ -153,7 +153,7 @@ pub struct Consumer {
 impl Consumer {
     pub fn new(
         config: ConsumerConfig,
-        conn: ConnectionManager,
+        conn: RedisConn,
         control: Control,
         metrics: Arc<Metrics>,
     ) -> Self {

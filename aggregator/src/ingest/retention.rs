@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use redis::Value;
-use redis::aio::ConnectionManager;
+use shared::RedisConn;
 use tokio::sync::watch;
 
 /// A stream entry id, ordered as Redis orders them.
@@ -33,7 +33,7 @@ impl std::fmt::Display for EntryId {
 }
 
 pub async fn run(
-    mut conn: ConnectionManager,
+    mut conn: RedisConn,
     stream: String,
     retention: Duration,
     every: Duration,
@@ -54,7 +54,7 @@ pub async fn run(
 
 /// One trim; returns the number of entries removed.
 async fn trim_once(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     stream: &str,
     retention: Duration,
 ) -> redis::RedisResult<u64> {

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use redis::Value;
-use redis::aio::ConnectionManager;
+use shared::RedisConn;
 use shared::{EVENT_FIELD, MAX_TOKENS, UsageEvent};
 
 use crate::pricing::Usage;
@@ -76,7 +76,7 @@ pub(crate) fn arrival_ms(entry_id: &str) -> i64 {
 
 pub(crate) async fn read_entries(
     cmd: redis::Cmd,
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
 ) -> redis::RedisResult<Vec<Entry>> {
     let reply: Value = cmd.query_async(conn).await?;
     // Reply: [[stream, [entry, ...]]] or nil on timeout.

@@ -9,14 +9,14 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use redis::aio::ConnectionManager;
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use shared::Keyspace;
+use shared::Partitions;
+use shared::RedisConn;
 use subtle::ConstantTimeEq;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Gauges, Metrics};
 use crate::query::cache::CellReader;
 use crate::query::limits::{Gateway, GatewayError};
 use crate::query::plan::{Retention, plan};
@@ -26,9 +26,9 @@ use crate::store::stats::{DIMENSIONS, Totals};
 
 #[derive(Clone)]
 pub struct ApiState {
-    pub conn: ConnectionManager,
+    pub conn: RedisConn,
     pub cells: Arc<CellReader>,
-    pub keyspace: Keyspace,
+    pub partitions: Partitions,
     pub group: String,
     pub metrics: Arc<Metrics>,
     /// SHA-256 of `ADMIN_TOKEN`; `None`: the stats API is open.
@@ -166,7 +166,7 @@ pub(crate) async fn answer(
     let mut rows = Rows::default();
     let mut partials = partials.iter();
     for bucket in &plan.buckets {
-        for partial in partials.by_ref().take(bucket.cells.len()) {
+        for partial in partials.by_ref().take(bucket.cells.len() * cells.copies()) {
             rows.add(bucket.start, partial)?;
         }
     }
@@ -410,26 +410,42 @@ async fn latency(
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    let (lag, pending) = group_gauges(&state).await.unwrap_or((None, None));
+    let gauges = group_gauges(&state).await.unwrap_or_default();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(lag, pending),
+        state.metrics.render(&gauges),
     )
         .into_response()
 }
 
 /// `GET /v1/status`: how far behind the consumers are and how many entries were set aside, the
-/// dashboard's corner.
+/// dashboard's corner; totals over the partitions, and each partition's.
 async fn status(_: StatsAccess, State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let (lag, pending) = group_gauges(&state).await?;
+    let gauges = group_gauges(&state).await?;
     let mut conn = state.conn.clone();
-    let dead_letters: u64 = redis::cmd("XLEN")
-        .arg(state.keyspace.dead_letter_stream())
-        .query_async(&mut conn)
-        .await?;
-    Ok(Json(
-        json!({"lag": lag, "pending": pending, "dead_letters": dead_letters}),
-    ))
+    let mut partitions = Vec::with_capacity(gauges.len());
+    let mut dead_letters = 0;
+    for (p, (keyspace, g)) in state.partitions.iter().zip(&gauges).enumerate() {
+        let dead: u64 = redis::cmd("XLEN")
+            .arg(keyspace.dead_letter_stream())
+            .query_async(&mut conn)
+            .await?;
+        dead_letters += dead;
+        partitions.push(json!({
+            "partition": p,
+            "stream": keyspace.stream(),
+            "lag": g.lag,
+            "pending": g.pending,
+            "dead_letters": dead,
+        }));
+    }
+    let total = Gauges::total(&gauges);
+    Ok(Json(json!({
+        "lag": total.lag,
+        "pending": total.pending,
+        "dead_letters": dead_letters,
+        "partitions": partitions,
+    })))
 }
 
 /// `GET /v1/limits`: every key's usage against its limits, from the gateway's admin API, asked
@@ -446,24 +462,31 @@ async fn limits(
     Ok(Json(json!({"configured": true, "keys": keys})))
 }
 
-/// Lag and pending count of our group, from `XINFO GROUPS`.
-async fn group_gauges(state: &ApiState) -> redis::RedisResult<(Option<u64>, Option<u64>)> {
+/// Lag and pending count of our group on each partition, from `XINFO GROUPS`.
+async fn group_gauges(state: &ApiState) -> redis::RedisResult<Vec<Gauges>> {
     let mut conn = state.conn.clone();
-    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(state.keyspace.stream())
-        .query_async(&mut conn)
-        .await?;
-    let ours = groups.iter().find(|g| {
-        g.get("name")
-            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
-            .is_some_and(|name| name == state.group)
-    });
-    let number = |name: &str| {
-        ours.and_then(|g| g.get(name))
-            .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
-    };
-    Ok((number("lag"), number("pending")))
+    let mut out = Vec::with_capacity(state.partitions.count());
+    for keyspace in state.partitions.iter() {
+        let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(keyspace.stream())
+            .query_async(&mut conn)
+            .await?;
+        let ours = groups.iter().find(|g| {
+            g.get("name")
+                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                .is_some_and(|name| name == state.group)
+        });
+        let number = |name: &str| {
+            ours.and_then(|g| g.get(name))
+                .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+        };
+        out.push(Gauges {
+            lag: number("lag"),
+            pending: number("pending"),
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

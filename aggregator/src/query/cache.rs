@@ -21,16 +21,21 @@
 //!    generation are dropped).
 //!
 //! If a tracked connection cannot be had (a Redis without RESP3), reads go uncached through the
-//! shared connection.
+//! shared connection. So do they on a Redis Cluster, whose cells live on several masters while
+//! tracking is per connection to one node.
+//!
+//! With several partitions each cell exists once per partition; a read returns, for each cell
+//! asked for, the reductions of all its partitions' copies, which the caller adds like cells.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
-use shared::Keyspace;
+use shared::RedisConn;
+use shared::{Partitions, Target};
 
 use crate::metrics::Metrics;
 use crate::query::plan::Cell;
@@ -42,9 +47,10 @@ const CHUNK: usize = 32;
 const SPECS_PER_CELL: usize = 16;
 
 pub struct CellReader {
-    keyspace: Keyspace,
-    fallback: ConnectionManager,
-    client: redis::Client,
+    partitions: Partitions,
+    fallback: RedisConn,
+    /// For the tracked connection; `None` on a cluster.
+    client: Option<redis::Client>,
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     /// The tracked connection and its generation; replaced when it fails.
@@ -54,22 +60,26 @@ pub struct CellReader {
 impl CellReader {
     /// `max_rows` bounds the cache (rows of all cached reductions); 0 disables it.
     pub fn new(
-        redis_url: &str,
-        keyspace: Keyspace,
-        fallback: ConnectionManager,
+        target: &Target,
+        partitions: Partitions,
+        fallback: RedisConn,
         max_rows: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Self, redis::RedisError> {
-        let info = redis::IntoConnectionInfo::into_connection_info(redis_url)?;
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(redis::ProtocolVersion::RESP3);
-        let info = info.set_redis_settings(settings);
+        let client = if target.is_cluster() {
+            None
+        } else {
+            let info = redis::IntoConnectionInfo::into_connection_info(target.first_url())?;
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            Some(redis::Client::open(info.set_redis_settings(settings))?)
+        };
         Ok(Self {
-            keyspace,
+            partitions,
             fallback,
-            client: redis::Client::open(info)?,
+            client,
             cache: Arc::new(Cache {
                 state: Mutex::new(State::default()),
                 max_rows,
@@ -79,7 +89,24 @@ impl CellReader {
         })
     }
 
-    /// The reduction of each cell under `spec`, in the order of `cells`.
+    /// How many reductions [`Self::read`] returns per cell.
+    pub fn copies(&self) -> usize {
+        self.partitions.count()
+    }
+
+    /// Redis keys of `cells`: each cell's copy in every partition, cell by cell.
+    fn keys(&self, cells: &[Cell]) -> Vec<String> {
+        cells
+            .iter()
+            .flat_map(|c| {
+                let name = c.resolution.key(c.start);
+                self.partitions.iter().map(move |ks| ks.key(&name))
+            })
+            .collect()
+    }
+
+    /// The reduction of each cell under `spec`, in the order of `cells`: [`Self::copies`] per
+    /// cell, one per partition.
     pub async fn read(
         &self,
         cells: &[Cell],
@@ -99,11 +126,8 @@ impl CellReader {
             self.drop_connection(generation).await;
             return self.read_uncached(cells, spec).await;
         }
-        let keys: Vec<String> = cells
-            .iter()
-            .map(|c| self.keyspace.key(&c.resolution.key(c.start)))
-            .collect();
-        let mut out: Vec<Option<Arc<Partial>>> = vec![None; cells.len()];
+        let keys = self.keys(cells);
+        let mut out: Vec<Option<Arc<Partial>>> = vec![None; keys.len()];
         let mut misses = Vec::new();
         {
             let mut state = self.cache.lock();
@@ -122,11 +146,11 @@ impl CellReader {
         let counters = &self.metrics;
         counters
             .stats_cache_hits
-            .fetch_add(count(cells.len() - misses.len()), Ordering::Relaxed);
+            .fetch_add(count(keys.len() - misses.len()), Ordering::Relaxed);
         counters
             .stats_cache_misses
             .fetch_add(count(misses.len()), Ordering::Relaxed);
-        let fetched = fetch(&mut conn, &keys, &misses, spec).await;
+        let fetched = fetch(&mut conn, &keys, &misses, self.copies(), spec).await;
         self.settle(&keys, &misses, &fetched, spec, generation);
         let fetched = match fetched {
             Ok(fetched) => fetched,
@@ -185,7 +209,8 @@ impl CellReader {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let keys: Vec<String> = ids.iter().map(|id| self.keyspace.key_record(id)).collect();
+        let global = self.partitions.global();
+        let keys: Vec<String> = ids.iter().map(|id| global.key_record(id)).collect();
         let mut conn = self.fallback.clone();
         let records: Vec<Option<String>> =
             redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
@@ -209,18 +234,16 @@ impl CellReader {
         cells: &[Cell],
         spec: &GroupSpec,
     ) -> Result<Vec<Arc<Partial>>, redis::RedisError> {
-        let keys: Vec<String> = cells
-            .iter()
-            .map(|c| self.keyspace.key(&c.resolution.key(c.start)))
-            .collect();
+        let keys = self.keys(cells);
         let all: Vec<usize> = (0..keys.len()).collect();
         let mut conn = self.fallback.clone();
-        let fetched = fetch(&mut conn, &keys, &all, spec).await?;
+        let fetched = fetch(&mut conn, &keys, &all, self.copies(), spec).await?;
         Ok(fetched.into_iter().flatten().collect())
     }
 
     /// The current tracked connection, opening one (a new generation, empty cache) if needed.
     async fn tracked_connection(&self) -> Option<(MultiplexedConnection, u64)> {
+        let client = self.client.as_ref()?;
         let mut tracked = self.tracked.lock().await;
         if let Some((conn, generation)) = tracked.as_ref()
             && self.cache.lock().generation == *generation
@@ -236,8 +259,7 @@ impl CellReader {
                 generation,
             });
         let opened = async {
-            let mut conn = self
-                .client
+            let mut conn = client
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
             redis::cmd("CLIENT")
@@ -270,15 +292,21 @@ impl CellReader {
     }
 }
 
-/// `HGETALL` of `keys[i]` for each `i` in `which`, reduced; `None` for the others.
+/// `HGETALL` of `keys[i]` for each `i` in `which`, reduced; `None` for the others. Keys are
+/// cell by cell, one per partition (`copies`), and each pipeline reads one partition's, so it
+/// stays in one cluster slot.
 async fn fetch(
     conn: &mut (impl redis::aio::ConnectionLike + Send),
     keys: &[String],
     which: &[usize],
+    copies: usize,
     spec: &GroupSpec,
 ) -> Result<Vec<Option<Arc<Partial>>>, redis::RedisError> {
     let mut out: Vec<Option<Arc<Partial>>> = vec![None; keys.len()];
-    for chunk in which.chunks(CHUNK) {
+    let by_partition: Vec<Vec<usize>> = (0..copies)
+        .map(|p| which.iter().copied().filter(|i| i % copies == p).collect())
+        .collect();
+    for chunk in by_partition.iter().flat_map(|w| w.chunks(CHUNK)) {
         let mut pipe = redis::pipe();
         for &i in chunk {
             pipe.cmd("HGETALL").arg(&keys[i]);

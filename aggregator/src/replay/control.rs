@@ -15,9 +15,9 @@
 
 use std::sync::Arc;
 
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, ErrorKind, RedisError, RedisResult};
 use shared::Keyspace;
+use shared::RedisConn;
 
 use crate::pricing::Pricing;
 
@@ -112,7 +112,7 @@ impl Control {
         }
     }
 
-    pub async fn load(&mut self, conn: &mut ConnectionManager) -> RedisResult<Snapshot> {
+    pub async fn load(&mut self, conn: &mut RedisConn) -> RedisResult<Snapshot> {
         let ctl = self.keyspace.key(CTL);
         let (pv, rid, from, to, end): CtlFields = redis::cmd("HMGET")
             .arg(&ctl)
@@ -175,7 +175,7 @@ impl Control {
 /// The deployment's dedupe window in seconds: the one recorded in `ctl`, which `configured`
 /// becomes if none is recorded yet.
 pub async fn dedupe_window(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keyspace: &Keyspace,
     configured: i64,
 ) -> RedisResult<i64> {
@@ -193,7 +193,7 @@ pub async fn dedupe_window(
 /// Makes `text` (a LiteLLM price file, already validated) the pricing every aggregator of the
 /// deployment applies from its next batch on, unless it is in force already.
 pub async fn publish_pricing(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keyspace: &Keyspace,
     pricing: &Pricing,
     text: &str,

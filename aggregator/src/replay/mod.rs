@@ -30,10 +30,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamInfoGroupsReply, StreamPendingCountReply};
 use redis::{AsyncCommands, Script, Value};
-use shared::UsageEvent;
+use shared::RedisConn;
+use shared::{Keyspace, UsageEvent};
 
 use crate::Config;
 use crate::ingest::commit::{self, Batch, CommitError, Committer, Outcome, Seen, ShadowSeen};
@@ -77,6 +77,8 @@ pub enum ReplayError {
     #[error(transparent)]
     EvictingRedis(#[from] shared::redis_policy::EvictingRedis),
     #[error(transparent)]
+    Deployment(#[from] shared::deployment::DeploymentError),
+    #[error(transparent)]
     Commit(#[from] CommitError),
     #[error("replay {0} is already running")]
     Busy(i64),
@@ -110,6 +112,23 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// This partition's summary followed by `next`'s: the counts and changes of both.
+    fn and(mut self, next: Summary) -> Summary {
+        self.entries_read += next.entries_read;
+        self.events_applied += next.events_applied;
+        self.left_to_live += next.left_to_live;
+        self.duplicates += next.duplicates;
+        self.days = self.days.max(next.days);
+        self.switch_time += next.switch_time;
+        self.rid = self.rid.max(next.rid);
+        for (model, change) in next.models {
+            let sum = self.models.entry(model).or_default();
+            sum.before += change.before;
+            sum.after += change.after;
+        }
+        self
+    }
+
     pub fn total(&self) -> CostChange {
         self.models
             .values()
@@ -210,14 +229,45 @@ local pv = redis.call('HGET', KEYS[1], 'pv') or '0'
 return {'ok', tostring(new), pv, rend}
 "#;
 
-/// Runs a replay to the end; progress lines go to `progress`.
+/// Runs a replay to the end, over every partition in turn (each one live-safe by itself, so a
+/// query meanwhile sees each partition either before or after its switch, never half of one);
+/// progress lines go to `progress`.
 pub async fn run(
     config: &Config,
     args: ReplayArgs,
     progress: &mut impl Write,
 ) -> Result<Summary, ReplayError> {
     let started = Instant::now();
-    let keyspace = config.keyspace.clone();
+    // The switch is one script over every rebuilt day: allow it far longer than a command.
+    let timeouts = shared::Timeouts::new(Duration::from_secs(5), Duration::from_secs(300));
+    let mut conn = config.redis.connect(timeouts).await?;
+    shared::deployment::check_partitions(&mut conn, &config.partitions).await?;
+    let mut total: Option<Summary> = None;
+    for (p, keyspace) in config.partitions.iter().enumerate() {
+        if config.partitions.count() > 1 {
+            let _ = writeln!(progress, "replay: partition {p} ({})", keyspace.stream());
+        }
+        let summary = run_partition(config, &args, keyspace, conn.clone(), progress).await?;
+        total = Some(match total {
+            None => summary,
+            Some(so_far) => so_far.and(summary),
+        });
+    }
+    let mut total = total.ok_or(ReplayError::Abandoned)?;
+    total.elapsed = started.elapsed();
+    Ok(total)
+}
+
+/// The replay of one partition.
+async fn run_partition(
+    config: &Config,
+    args: &ReplayArgs,
+    keyspace: &Keyspace,
+    mut conn: RedisConn,
+    progress: &mut impl Write,
+) -> Result<Summary, ReplayError> {
+    let started = Instant::now();
+    let keyspace = keyspace.clone();
     let (pricing, text) = match &args.pricing {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|error| PricingError::Io {
@@ -228,16 +278,6 @@ pub async fn run(
         }
         None => (None, None),
     };
-    let client =
-        redis::Client::open(config.redis_url.as_str()).map_err(|e| ReplayError::Invalid {
-            name: "redis-url",
-            reason: e.to_string(),
-        })?;
-    // The switch is one script over every rebuilt day: allow it far longer than a command.
-    let conn_config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(300)));
-    let mut conn = ConnectionManager::new_with_config(client.clone(), conn_config.clone()).await?;
     // The replay writes the same TTL-carrying keys as the live consumers (seen-sets, spend).
     shared::redis_policy::check(&mut conn, config.allow_redis_eviction).await?;
 
@@ -313,7 +353,7 @@ pub async fn run(
 
     let (stop_lease, lease) = tokio::sync::oneshot::channel::<()>();
     let lease_task = tokio::spawn(renew_lease(
-        ConnectionManager::new_with_config(client, conn_config).await?,
+        conn.clone(),
         keyspace.key(&control::lease_key(rid)),
         lease,
     ));
@@ -327,7 +367,8 @@ pub async fn run(
             };
             rebuild(
                 config,
-                &args,
+                args,
+                &keyspace,
                 &mut conn,
                 target,
                 pricing.map(Arc::new),
@@ -407,7 +448,8 @@ fn read_from(from_ms: i64) -> i64 {
 async fn rebuild(
     config: &Config,
     args: &ReplayArgs,
-    conn: &mut ConnectionManager,
+    keyspace: &Keyspace,
+    conn: &mut RedisConn,
     target_replay: Target,
     pricing: Option<Arc<Pricing>>,
     progress: &mut impl Write,
@@ -418,7 +460,6 @@ async fn rebuild(
         end,
         window_secs,
     } = target_replay;
-    let keyspace = &config.keyspace;
     let stream = keyspace.stream();
     let mut control = Control::new(keyspace.clone(), Arc::new(Pricing::bundled()));
     let state = control.load(conn).await?;
@@ -541,7 +582,7 @@ struct Reader {
 struct ReadAhead(tokio::task::JoinHandle<(Reader, Result<Option<Raw>, ReplayError>)>);
 
 impl ReadAhead {
-    async fn start(mut reader: Reader, mut conn: ConnectionManager) -> Self {
+    async fn start(mut reader: Reader, mut conn: RedisConn) -> Self {
         Self(
             crate::ingest::task::spawn_started(async move {
                 let raw = reader.next(&mut conn).await;
@@ -561,7 +602,7 @@ impl ReadAhead {
 
 impl Reader {
     /// The next chunk as stored; `None` once the stream is read up to `end`.
-    async fn next(&mut self, conn: &mut ConnectionManager) -> Result<Option<Raw>, ReplayError> {
+    async fn next(&mut self, conn: &mut RedisConn) -> Result<Option<Raw>, ReplayError> {
         if self.done {
             return Ok(None);
         }
@@ -757,7 +798,7 @@ impl Shadow {
     /// refused for changed cells, or none yet).
     async fn finish(
         &mut self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         mut chunk: Chunk,
         mut outcome: Option<Outcome>,
         counts: &mut Counts,
@@ -816,7 +857,7 @@ fn report(progress: &mut impl Write, counts: &Counts, began: Instant, total: u64
 }
 
 async fn renew_lease(
-    mut conn: ConnectionManager,
+    mut conn: RedisConn,
     key: String,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
@@ -844,20 +885,12 @@ async fn renew_lease(
 
 /// Deletes keys matching `pattern`, except those starting with `keep` (when non-empty).
 async fn delete_matching(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     pattern: &str,
     keep: &str,
 ) -> redis::RedisResult<()> {
-    let mut keys: Vec<String> = Vec::new();
-    {
-        let mut iter: redis::AsyncIter<String> = conn.scan_match(pattern).await?;
-        while let Some(key) = iter.next_item().await {
-            let key = key?;
-            if keep.is_empty() || !key.starts_with(keep) {
-                keys.push(key);
-            }
-        }
-    }
+    let mut keys = conn.scan_slot(pattern).await?;
+    keys.retain(|key| keep.is_empty() || !key.starts_with(keep));
     for chunk in keys.chunks(500) {
         conn.del::<_, ()>(chunk).await?;
     }
@@ -865,10 +898,7 @@ async fn delete_matching(
 }
 
 /// A time (ms) at or after the newest entry trimmed away, if any was.
-async fn trimmed_until(
-    conn: &mut ConnectionManager,
-    stream: &str,
-) -> redis::RedisResult<Option<i64>> {
+async fn trimmed_until(conn: &mut RedisConn, stream: &str) -> redis::RedisResult<Option<i64>> {
     let info: redis::RedisResult<Value> = redis::cmd("XINFO")
         .arg("STREAM")
         .arg(stream)

@@ -14,9 +14,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use shared::Keyspace;
+use shared::RedisConn;
 
 use crate::pricing::Cost;
 use crate::replay::control;
@@ -121,7 +121,7 @@ pub struct Switched {
 /// Freezes commits, computes the changes to months and lifetime spend, and switches.
 /// `fingerprint`: of the replay's own pricing, empty when it kept the deployment's.
 pub async fn run(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keyspace: &Keyspace,
     rid: i64,
     (from_ms, to_ms): (i64, i64),
@@ -255,19 +255,16 @@ pub async fn run(
 
 /// Days in `[from, to)` with live cells, or rebuilt by the replay (listed in its `days`).
 async fn days_in_range(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keyspace: &Keyspace,
     shadow: &str,
     (from_ms, to_ms): (i64, i64),
 ) -> redis::RedisResult<Vec<i64>> {
     let mut days: BTreeSet<i64> = BTreeSet::new();
     let day_prefix = keyspace.key(&Resolution::Day.key_prefix());
-    {
-        let mut iter: redis::AsyncIter<String> = conn.scan_match(format!("{day_prefix}*")).await?;
-        while let Some(key) = iter.next_item().await {
-            if let Some(day) = key?.strip_prefix(&day_prefix).and_then(|d| d.parse().ok()) {
-                days.insert(day);
-            }
+    for key in conn.scan_slot(&format!("{day_prefix}*")).await? {
+        if let Some(day) = key.strip_prefix(&day_prefix).and_then(|d| d.parse().ok()) {
+            days.insert(day);
         }
     }
     let rebuilt: Vec<String> = conn.hkeys(keyspace.key(&format!("{shadow}days"))).await?;
@@ -279,10 +276,7 @@ async fn days_in_range(
 }
 
 /// The counters of every cell in a bucket hash.
-async fn read_cells(
-    conn: &mut ConnectionManager,
-    key: &str,
-) -> Result<Vec<(String, Totals)>, ReplayError> {
+async fn read_cells(conn: &mut RedisConn, key: &str) -> Result<Vec<(String, Totals)>, ReplayError> {
     let fields: Vec<(String, Vec<u8>)> = conn.hgetall(key).await?;
     fields
         .into_iter()

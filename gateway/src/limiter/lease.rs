@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use shared::RedisConn;
 use tokio::sync::mpsc;
 
 use super::wait;
@@ -108,7 +108,7 @@ struct Ledger {
 
 impl Keeper {
     pub fn new(
-        conn: ConnectionManager,
+        conn: RedisConn,
         lease_ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> (Arc<Self>, KeeperTask) {
@@ -161,7 +161,7 @@ impl Keeper {
 /// every request after a graceful shutdown began, and releases everything queued before it
 /// returns.
 pub struct KeeperTask {
-    conn: ConnectionManager,
+    conn: RedisConn,
     ledger: Arc<Ledger>,
     releases: mpsc::UnboundedReceiver<Release>,
     lease_ttl: Duration,
@@ -196,7 +196,7 @@ impl KeeperTask {
     /// could not keep up with thousands of short requests a second: leases of finished
     /// requests piled up in Redis and refused requests far below `max_concurrency`.
     async fn release(&mut self, batch: &mut Vec<Release>) {
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::with_capacity(batch.len());
         let mut freed: Vec<String> = Vec::new();
         for release in batch.drain(..) {
             let (id, key) = match release {
@@ -208,10 +208,11 @@ impl KeeperTask {
                 }
                 Release::QueueEntry(id, queue) => (id, queue),
             };
-            pipe.cmd("ZREM").arg(key).arg(id).ignore();
+            let cmd = redis::cmd("ZREM").arg(&key).arg(id).to_owned();
+            cmds.push((key, cmd));
         }
         self.metrics.redis_round_trips.inc();
-        if let Err(e) = pipe.query_async::<()>(&mut self.conn).await {
+        if let Err(e) = self.conn.run_ignored(cmds).await {
             // Leases expire by themselves within the lease TTL, queue entries at their deadline.
             tracing::warn!(error = %e, "releasing concurrency leases failed");
         }
@@ -233,21 +234,23 @@ impl KeeperTask {
             return;
         }
         let until = chrono::Utc::now().timestamp_millis() + self.lease_ttl.as_millis() as i64;
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::with_capacity(held.len() * 2);
         self.metrics.redis_round_trips.inc();
         for (id, key) in &held {
-            pipe.cmd("ZADD")
+            let renew = redis::cmd("ZADD")
                 .arg(key)
                 .arg("XX")
                 .arg(until)
                 .arg(id)
-                .ignore();
-            pipe.cmd("PEXPIRE")
+                .to_owned();
+            let keep = redis::cmd("PEXPIRE")
                 .arg(key)
                 .arg(self.lease_ttl.as_millis() as u64 * 2)
-                .ignore();
+                .to_owned();
+            cmds.push((key.clone(), renew));
+            cmds.push((key.clone(), keep));
         }
-        if let Err(e) = pipe.query_async::<()>(&mut self.conn).await {
+        if let Err(e) = self.conn.run_ignored(cmds).await {
             tracing::warn!(error = %e, leases = held.len(), "renewing concurrency leases failed");
         }
     }

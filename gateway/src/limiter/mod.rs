@@ -45,8 +45,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Script;
-use redis::aio::ConnectionManager;
-use shared::Keyspace;
+use shared::Partitions;
+use shared::RedisConn;
 use tokio::time::Instant;
 
 use crate::error::GatewayError;
@@ -78,8 +78,9 @@ pub struct Admission {
 }
 
 pub struct Limiter {
-    conn: ConnectionManager,
-    keyspace: Keyspace,
+    conn: RedisConn,
+    /// A key's limiter state lives in its partition, beside its spend counters.
+    partitions: Partitions,
     script: Script,
     policy: RedisDownPolicy,
     /// A lease not renewed for this long is free again.
@@ -148,8 +149,8 @@ impl Drop for Waiting<'_> {
 
 impl Limiter {
     pub fn new(
-        conn: ConnectionManager,
-        keyspace: Keyspace,
+        conn: RedisConn,
+        partitions: Partitions,
         policy: RedisDownPolicy,
         lease_ttl: Duration,
         spend_cache: Duration,
@@ -158,7 +159,7 @@ impl Limiter {
         let (keeper, task) = Keeper::new(conn.clone(), lease_ttl, Arc::clone(&metrics));
         let limiter = Self {
             conn,
-            keyspace,
+            partitions,
             script: Script::new(SCRIPT),
             policy,
             lease_ttl,
@@ -200,7 +201,7 @@ impl Limiter {
             .timestamp_millis()
             .saturating_add(i64::try_from(wait_ms).unwrap_or(i64::MAX / 4));
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
-        let lease_key = check::lease_key(&self.keyspace, &key.id);
+        let lease_key = check::lease_key(self.partitions.for_key(Some(&key.id)), &key.id);
         // In the room before the first attempt, so a release between that attempt and joining
         // cannot go unnoticed.
         let mut waiting = Waiting {
@@ -210,7 +211,7 @@ impl Limiter {
                 .join(&lease_key, wait_until_ms, request_id),
             limiter: self,
             request_id,
-            queue_key: check::queue_key(&self.keyspace, &key.id),
+            queue_key: check::queue_key(self.partitions.for_key(Some(&key.id)), &key.id),
             since: None,
             attempting: false,
             outcome: None,
@@ -290,9 +291,13 @@ impl Limiter {
             wait_until_ms,
             read_spend,
         };
-        let check = Check::new(&self.script, &self.keyspace, &attempt);
+        let check = Check::new(
+            &self.script,
+            self.partitions.for_key(Some(&attempt.key.id)),
+            &attempt,
+        );
         let pending = key.max_concurrency.map(|_| {
-            let lease_key = check::lease_key(&self.keyspace, &key.id);
+            let lease_key = check::lease_key(self.partitions.for_key(Some(&key.id)), &key.id);
             PendingLease::arm(&self.keeper, request_id, lease_key)
         });
         self.metrics.redis_round_trips.inc();
@@ -349,7 +354,7 @@ impl Limiter {
     ) -> Result<Vec<Vec<LimitUsage>>, GatewayError> {
         self.metrics.redis_round_trips.inc();
         let mut conn = self.conn.clone();
-        usage::read_usage(&mut conn, &self.keyspace, keys, now_ms).await
+        usage::read_usage(&mut conn, &self.partitions, keys, now_ms).await
     }
 
     fn redis_down(&self, e: redis::RedisError) -> Result<Admission, GatewayError> {

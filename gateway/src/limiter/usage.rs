@@ -6,8 +6,8 @@
 //! share the deployment's hash tag, so it runs unchanged on a cluster.
 
 use redis::Value;
-use redis::aio::ConnectionManager;
-use shared::Keyspace;
+use shared::RedisConn;
+use shared::{Keyspace, Partitions};
 
 use super::check::{bucket_width, lease_key, queue_key, spend_key, window_key};
 use crate::error::GatewayError;
@@ -53,27 +53,34 @@ enum Probe {
     Concurrency { max: u32 },
 }
 
-/// Reads the usage of every limit of `keys` in one round trip; one list per key, in order.
+/// Reads the usage of every limit of `keys`, one round trip per partition they live in (one
+/// with a single partition); one list per key, in order.
 pub async fn read_usage(
-    conn: &mut ConnectionManager,
-    keyspace: &Keyspace,
+    conn: &mut RedisConn,
+    partitions: &Partitions,
     keys: &[KeyRecord],
     now_ms: i64,
 ) -> Result<Vec<Vec<LimitUsage>>, GatewayError> {
-    let mut pipe = redis::pipe();
-    let probes: Vec<Vec<Probe>> = keys
-        .iter()
-        .map(|key| plan(&mut pipe, keyspace, key, now_ms))
-        .collect();
-    if probes.iter().all(Vec::is_empty) {
-        return Ok(probes.iter().map(|_| Vec::new()).collect());
+    let mut out: Vec<Vec<LimitUsage>> = keys.iter().map(|_| Vec::new()).collect();
+    for p in 0..partitions.count() {
+        let keyspace = partitions.get(p);
+        let mut pipe = redis::pipe();
+        let mut probes = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            if partitions.of_key(Some(&key.id)) == p {
+                probes.push((i, plan(&mut pipe, keyspace, key, now_ms)));
+            }
+        }
+        if probes.iter().all(|(_, p)| p.is_empty()) {
+            continue;
+        }
+        let replies: Vec<Value> = pipe.query_async(conn).await?;
+        let mut replies = replies.into_iter();
+        for (i, probes) in probes {
+            out[i] = read(probes, &mut replies, now_ms);
+        }
     }
-    let replies: Vec<Value> = pipe.query_async(conn).await?;
-    let mut replies = replies.into_iter();
-    Ok(probes
-        .into_iter()
-        .map(|probes| read(probes, &mut replies, now_ms))
-        .collect())
+    Ok(out)
 }
 
 fn plan(
