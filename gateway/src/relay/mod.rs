@@ -10,6 +10,7 @@ mod anthropic;
 mod openai;
 
 mod metered;
+pub mod socket;
 
 #[cfg(test)]
 mod fuzz;
@@ -90,7 +91,7 @@ pub async fn forward(
             if !failed_over {
                 let want = Want {
                     provider,
-                    model: out.model,
+                    model: Some(out.model),
                     session: out.session,
                     exclude: Some(&account.record.id),
                 };

@@ -1,0 +1,331 @@
+//! A Responses socket once upgraded: client and upstream relayed message by message, each
+//! `response.create` admitted (key, model, limits) before it goes upstream, and each response
+//! metered by its [`Turn`].
+//!
+//! One response is in flight at a time, as OpenAI's socket runs them: a second
+//! `response.create` before the terminal event of the first is refused with an `error` event.
+//! Close frames pass through with their code; a side that goes away without one closes the
+//! other with 1011. During a graceful shutdown the socket closes (1001) once no response is in
+//! flight.
+
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
+use axum::http::StatusCode;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{self, protocol::CloseFrame as UpstreamCloseFrame};
+
+use super::turn::Turn;
+use super::upstream::Upstream;
+use crate::accounts::Lease;
+use crate::auth::KeyCache;
+use crate::error::GatewayError;
+use crate::limiter::LeaseGuard;
+use crate::provider::{Endpoint, Provider};
+use crate::state::AppState;
+use crate::usage::{Call, Usage};
+
+/// What the session needs beyond its two sockets.
+pub(crate) struct Session {
+    pub state: AppState,
+    /// The account's in-flight slot, held for the socket's life.
+    pub lease: Lease,
+    /// The client's secret, to re-check its key at each response: a key disabled or expired
+    /// while its socket is open stops at the next `response.create`.
+    pub secret: String,
+}
+
+/// The parts of a client event the gateway reads; everything passes on as sent.
+#[derive(Deserialize)]
+struct ClientEvent {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    model: Option<String>,
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+pub(crate) async fn run(session: Session, mut client: WebSocket, mut upstream: Upstream) {
+    let mut shutdown = session.state.shutdown.clone();
+    let mut stopping = *shutdown.borrow();
+    let mut turn: Option<Turn> = None;
+    let mut deadline = Instant::now();
+    loop {
+        if stopping && turn.is_none() {
+            close_client(
+                &mut client,
+                close_code::AWAY,
+                "the gateway is shutting down",
+            )
+            .await;
+            let _ = upstream.close(None).await;
+            return;
+        }
+        let flow = tokio::select! {
+            message = client.recv() => {
+                on_client(&session, message, &mut client, &mut upstream, &mut turn, &mut deadline).await
+            }
+            message = upstream.next() => {
+                on_upstream(&session, message, &mut client, &mut turn, &mut deadline).await
+            }
+            () = tokio::time::sleep_until(deadline), if turn.is_some() => {
+                tracing::warn!(account = %session.lease.account.record.id, "upstream socket went quiet during a response");
+                if let Some(mut turn) = turn.take() {
+                    turn.cut(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
+                }
+                let _ = send_event(&mut client, &GatewayError::UpstreamTimeout).await;
+                close_client(&mut client, close_code::ERROR, "upstream timed out").await;
+                let _ = upstream.close(None).await;
+                Flow::Stop
+            }
+            changed = shutdown.changed(), if !stopping => {
+                stopping = changed.is_err() || *shutdown.borrow();
+                Flow::Continue
+            }
+        };
+        if let Flow::Stop = flow {
+            return;
+        }
+    }
+}
+
+async fn on_client(
+    session: &Session,
+    message: Option<Result<Message, axum::Error>>,
+    client: &mut WebSocket,
+    upstream: &mut Upstream,
+    turn: &mut Option<Turn>,
+    deadline: &mut Instant,
+) -> Flow {
+    let message = match message {
+        Some(Ok(message)) => message,
+        // Gone without a close frame: the response in flight (if any) is billed as seen.
+        None | Some(Err(_)) => {
+            turn.take();
+            let _ = upstream.close(None).await;
+            return Flow::Stop;
+        }
+    };
+    let forward = match message {
+        Message::Text(text) => {
+            let event: Option<ClientEvent> = serde_json::from_str(&text).ok();
+            if event.as_ref().and_then(|e| e.kind.as_deref()) == Some("response.create") {
+                let model = event.and_then(|e| e.model);
+                match admit(session, model, turn.is_some()).await {
+                    Ok(admitted) => {
+                        *turn = Some(admitted.into_turn(session));
+                        *deadline =
+                            Instant::now() + session.state.config.upstream_first_byte_timeout;
+                    }
+                    Err(err) => {
+                        return match send_event(client, &err).await {
+                            Ok(()) => Flow::Continue,
+                            Err(()) => {
+                                let _ = upstream.close(None).await;
+                                Flow::Stop
+                            }
+                        };
+                    }
+                }
+            }
+            match tungstenite::Utf8Bytes::try_from(Bytes::from(text)) {
+                Ok(text) => tungstenite::Message::Text(text),
+                Err(_) => return Flow::Continue,
+            }
+        }
+        Message::Binary(bytes) => tungstenite::Message::Binary(bytes),
+        Message::Close(frame) => {
+            turn.take();
+            let frame = frame.map(|f| UpstreamCloseFrame {
+                code: f.code.into(),
+                reason: tungstenite::Utf8Bytes::from(f.reason.as_str()),
+            });
+            let _ = upstream.close(frame).await;
+            return Flow::Stop;
+        }
+        // Each side answers its own pings.
+        Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
+    };
+    if let Err(e) = upstream.send(forward).await {
+        tracing::warn!(error = %e, account = %session.lease.account.record.id, "sending to the upstream socket failed");
+        if let Some(mut turn) = turn.take() {
+            turn.cut(StatusCode::BAD_GATEWAY, "upstream_unreachable");
+        }
+        close_client(client, close_code::ERROR, "upstream connection lost").await;
+        return Flow::Stop;
+    }
+    Flow::Continue
+}
+
+async fn on_upstream(
+    session: &Session,
+    message: Option<Result<tungstenite::Message, tungstenite::Error>>,
+    client: &mut WebSocket,
+    turn: &mut Option<Turn>,
+    deadline: &mut Instant,
+) -> Flow {
+    let message = match message {
+        Some(Ok(message)) => message,
+        None | Some(Err(_)) => {
+            if let Some(Err(e)) = &message {
+                tracing::warn!(error = %e, account = %session.lease.account.record.id, "upstream socket failed");
+            }
+            if let Some(mut turn) = turn.take() {
+                turn.cut(StatusCode::BAD_GATEWAY, "upstream_unreachable");
+            }
+            close_client(client, close_code::ERROR, "upstream connection lost").await;
+            return Flow::Stop;
+        }
+    };
+    let forward = match message {
+        tungstenite::Message::Text(text) => {
+            if let Some(current) = turn.as_mut() {
+                *deadline = Instant::now() + session.state.config.upstream_idle_timeout;
+                if let Some(status) = current.observe(&text) {
+                    turn.take();
+                    rest_after(session, status).await;
+                }
+            }
+            match Utf8Bytes::try_from(Bytes::from(text)) {
+                Ok(text) => Message::Text(text),
+                Err(_) => return Flow::Continue,
+            }
+        }
+        tungstenite::Message::Binary(bytes) => Message::Binary(bytes),
+        tungstenite::Message::Close(frame) => {
+            if let Some(mut turn) = turn.take() {
+                turn.cut(StatusCode::BAD_GATEWAY, "upstream_unreachable");
+            }
+            let frame = frame.map(|f| CloseFrame {
+                code: f.code.into(),
+                reason: Utf8Bytes::from(f.reason.as_str()),
+            });
+            let _ = client.send(Message::Close(frame)).await;
+            return Flow::Stop;
+        }
+        tungstenite::Message::Ping(_)
+        | tungstenite::Message::Pong(_)
+        | tungstenite::Message::Frame(_) => return Flow::Continue,
+    };
+    if client.send(forward).await.is_err() {
+        // The client is gone: a response still in flight is billed as seen when dropped.
+        turn.take();
+        return Flow::Stop;
+    }
+    Flow::Continue
+}
+
+/// An upstream error status that rests an account over HTTP rests it here too, for the
+/// requests that pick an account next; this socket stays where it is.
+async fn rest_after(session: &Session, status: StatusCode) {
+    if super::super::rests_account(status) {
+        let state = &session.state;
+        let now = super::super::now_ms();
+        state.metrics.cooldown(&session.lease.account.record.id);
+        state
+            .accounts
+            .cool_down(&session.lease.account, state.config.default_cooldown, now)
+            .await;
+    }
+}
+
+/// A `response.create` admitted: its call and its concurrency slot.
+struct Admitted {
+    call: Call,
+    concurrency: Option<LeaseGuard>,
+}
+
+impl Admitted {
+    fn into_turn(self, session: &Session) -> Turn {
+        Turn::start(
+            self.call,
+            self.concurrency,
+            Arc::clone(&session.state.metrics),
+        )
+    }
+}
+
+/// The checks of a `POST /v1/responses`, per response: the key (still valid), the model (named,
+/// allowed for the key, served by the socket's account), then the limits. A refusal is
+/// published here, as the refused request's one event.
+async fn admit(
+    session: &Session,
+    model: Option<String>,
+    busy: bool,
+) -> Result<Admitted, GatewayError> {
+    let state = &session.state;
+    let mut call = Call::start(Endpoint::Responses, state.events.clone());
+    call.stream = true;
+    call.account_id = Some(session.lease.account.record.id.clone());
+    call.requested_model = model.clone();
+    match check(state.keys.as_ref(), session, &mut call, model, busy).await {
+        Ok(concurrency) => Ok(Admitted { call, concurrency }),
+        Err(err) => {
+            if let GatewayError::Store(e) = &err {
+                tracing::error!(error = %e, "store unavailable while admitting a socket response");
+            }
+            let status = err.status().as_u16();
+            call.publish(status, &Usage::default(), Some(err.kind()));
+            state
+                .metrics
+                .request_done(Endpoint::Responses.as_str(), status);
+            Err(err)
+        }
+    }
+}
+
+async fn check(
+    keys: &KeyCache,
+    session: &Session,
+    call: &mut Call,
+    model: Option<String>,
+    busy: bool,
+) -> Result<Option<LeaseGuard>, GatewayError> {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let key = keys.authenticate(Some(&session.secret), now_ms).await?;
+    call.key_id = Some(key.id.clone());
+    if busy {
+        return Err(GatewayError::InvalidRequest(
+            "a response is already in progress on this socket; send the next response.create after its terminal event".into(),
+        ));
+    }
+    let model = model
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| GatewayError::InvalidRequest("model: field required".into()))?;
+    if let Some(allowed) = &key.models
+        && !allowed.contains(&model)
+    {
+        return Err(GatewayError::ModelNotAllowed(model));
+    }
+    let account = &session.lease.account;
+    if !account.serves(Provider::OpenAi, Some(&model)) {
+        return Err(GatewayError::NoAccount {
+            provider: Provider::OpenAi,
+            model,
+        });
+    }
+    let admission = session.state.limiter.admit(&key, &call.id()).await?;
+    Ok(admission.lease)
+}
+
+async fn send_event(client: &mut WebSocket, err: &GatewayError) -> Result<(), ()> {
+    let text = err.socket_event().to_string();
+    client
+        .send(Message::Text(Utf8Bytes::from(text)))
+        .await
+        .map_err(|_| ())
+}
+
+async fn close_client(client: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let _ = client.send(Message::Close(Some(frame))).await;
+}
