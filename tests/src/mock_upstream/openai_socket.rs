@@ -75,6 +75,9 @@ async fn serve(state: MockState, mut socket: WebSocket) {
                 continue;
             }
         };
+        let kind = body.get("type").and_then(Value::as_str).unwrap_or("(none)");
+        let model = body.get("model").and_then(Value::as_str).unwrap_or("");
+        tracing::info!(event = kind, model, "mock upstream socket event");
         state.log.push(ReceivedRequest {
             method: "WS".to_owned(),
             path: "/v1/responses".to_owned(),
