@@ -71,18 +71,12 @@ pub async fn open(
             }
         };
         if let Some(rest) = rest {
-            let now = super::now_ms();
-            state.metrics.cooldown(&account.record.id);
-            state.accounts.cool_down(&account, rest, now).await;
-            if !failed_over
-                && let Ok(next) = state
-                    .accounts
-                    .pick(&any_model(session, Some(&account.record.id)), now)
-                && next.account.cooling_until(now).is_none()
+            let want = any_model(session, Some(&account.record.id));
+            let again = (!failed_over).then_some(&want);
+            if let Some(next) =
+                super::rest_and_fail_over(state, &mut call, &account, rest, again).await
             {
-                tracing::info!(from = %account.record.id, to = %next.account.record.id, "failing over to another account");
                 failed_over = true;
-                call.account_id = Some(next.account.record.id.clone());
                 lease = next;
                 continue;
             }

@@ -51,38 +51,38 @@ enum Flow {
     Stop,
 }
 
-pub(crate) async fn run(session: Session, mut client: WebSocket, mut upstream: Upstream) {
+/// The two sockets and the response in flight between them.
+struct Relay {
+    session: Session,
+    client: WebSocket,
+    upstream: Upstream,
+    turn: Option<Turn>,
+    /// When the response in flight times out, unless an upstream event comes first.
+    deadline: Instant,
+}
+
+pub(crate) async fn run(session: Session, client: WebSocket, upstream: Upstream) {
     let mut shutdown = session.state.shutdown.clone();
     let mut stopping = *shutdown.borrow();
-    let mut turn: Option<Turn> = None;
-    let mut deadline = Instant::now();
+    let mut relay = Relay {
+        session,
+        client,
+        upstream,
+        turn: None,
+        deadline: Instant::now(),
+    };
     loop {
-        if stopping && turn.is_none() {
-            close_client(
-                &mut client,
-                close_code::AWAY,
-                "the gateway is shutting down",
-            )
-            .await;
-            let _ = upstream.close(None).await;
+        if stopping && relay.turn.is_none() {
+            relay
+                .close_both(close_code::AWAY, "the gateway is shutting down")
+                .await;
             return;
         }
         let flow = tokio::select! {
-            message = client.recv() => {
-                on_client(&session, message, &mut client, &mut upstream, &mut turn, &mut deadline).await
-            }
-            message = upstream.next() => {
-                on_upstream(&session, message, &mut client, &mut turn, &mut deadline).await
-            }
-            () = tokio::time::sleep_until(deadline), if turn.is_some() => {
-                tracing::warn!(account = %session.lease.account.record.id, "upstream socket went quiet during a response");
-                if let Some(mut turn) = turn.take() {
-                    turn.cut(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
-                }
-                let _ = send_event(&mut client, &GatewayError::UpstreamTimeout).await;
-                close_client(&mut client, close_code::ERROR, "upstream timed out").await;
-                let _ = upstream.close(None).await;
-                Flow::Stop
+            message = relay.client.recv() => relay.on_client(message).await,
+            message = relay.upstream.next() => relay.on_upstream(message).await,
+            () = tokio::time::sleep_until(relay.deadline), if relay.turn.is_some() => {
+                relay.timed_out().await
             }
             changed = shutdown.changed(), if !stopping => {
                 stopping = changed.is_err() || *shutdown.borrow();
@@ -95,130 +95,149 @@ pub(crate) async fn run(session: Session, mut client: WebSocket, mut upstream: U
     }
 }
 
-async fn on_client(
-    session: &Session,
-    message: Option<Result<Message, axum::Error>>,
-    client: &mut WebSocket,
-    upstream: &mut Upstream,
-    turn: &mut Option<Turn>,
-    deadline: &mut Instant,
-) -> Flow {
-    let message = match message {
-        Some(Ok(message)) => message,
-        // Gone without a close frame: the response in flight (if any) is billed as seen.
-        None | Some(Err(_)) => {
-            turn.take();
-            let _ = upstream.close(None).await;
-            return Flow::Stop;
-        }
-    };
-    let forward = match message {
-        Message::Text(text) => {
-            let event: Option<ClientEvent> = serde_json::from_str(&text).ok();
-            if event.as_ref().and_then(|e| e.kind.as_deref()) == Some("response.create") {
-                let model = event.and_then(|e| e.model);
-                match admit(session, model, turn.is_some()).await {
-                    Ok(admitted) => {
-                        *turn = Some(admitted.into_turn(session));
-                        *deadline =
-                            Instant::now() + session.state.config.upstream_first_byte_timeout;
-                    }
-                    Err(err) => {
-                        return match send_event(client, &err).await {
-                            Ok(()) => Flow::Continue,
-                            Err(()) => {
-                                let _ = upstream.close(None).await;
-                                Flow::Stop
+impl Relay {
+    fn account(&self) -> &str {
+        &self.session.lease.account.record.id
+    }
+
+    async fn on_client(&mut self, message: Option<Result<Message, axum::Error>>) -> Flow {
+        let message = match message {
+            Some(Ok(message)) => message,
+            // Gone without a close frame: the response in flight (if any) is billed as seen.
+            None | Some(Err(_)) => {
+                self.turn.take();
+                let _ = self.upstream.close(None).await;
+                return Flow::Stop;
+            }
+        };
+        let forward = match message {
+            Message::Text(text) => {
+                let event: Option<ClientEvent> = serde_json::from_str(&text).ok();
+                if event.as_ref().and_then(|e| e.kind.as_deref()) == Some("response.create") {
+                    let model = event.and_then(|e| e.model);
+                    match admit(&self.session, model, self.turn.is_some()).await {
+                        Ok(admitted) => {
+                            self.turn = Some(admitted.into_turn(&self.session));
+                            self.deadline = Instant::now()
+                                + self.session.state.config.upstream_first_byte_timeout;
+                        }
+                        Err(err) => {
+                            if send_event(&mut self.client, &err).await.is_ok() {
+                                return Flow::Continue;
                             }
-                        };
+                            let _ = self.upstream.close(None).await;
+                            return Flow::Stop;
+                        }
                     }
                 }
+                match tungstenite::Utf8Bytes::try_from(Bytes::from(text)) {
+                    Ok(text) => tungstenite::Message::Text(text),
+                    Err(_) => return Flow::Continue,
+                }
             }
-            match tungstenite::Utf8Bytes::try_from(Bytes::from(text)) {
-                Ok(text) => tungstenite::Message::Text(text),
-                Err(_) => return Flow::Continue,
+            Message::Binary(bytes) => tungstenite::Message::Binary(bytes),
+            Message::Close(frame) => {
+                self.turn.take();
+                let frame = frame.map(|f| UpstreamCloseFrame {
+                    code: f.code.into(),
+                    reason: tungstenite::Utf8Bytes::from(f.reason.as_str()),
+                });
+                let _ = self.upstream.close(frame).await;
+                return Flow::Stop;
             }
-        }
-        Message::Binary(bytes) => tungstenite::Message::Binary(bytes),
-        Message::Close(frame) => {
-            turn.take();
-            let frame = frame.map(|f| UpstreamCloseFrame {
-                code: f.code.into(),
-                reason: tungstenite::Utf8Bytes::from(f.reason.as_str()),
-            });
-            let _ = upstream.close(frame).await;
+            // Each side answers its own pings.
+            Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
+        };
+        if let Err(e) = self.upstream.send(forward).await {
+            tracing::warn!(error = %e, account = %self.account(), "sending to the upstream socket failed");
+            self.upstream_lost().await;
             return Flow::Stop;
         }
-        // Each side answers its own pings.
-        Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
-    };
-    if let Err(e) = upstream.send(forward).await {
-        tracing::warn!(error = %e, account = %session.lease.account.record.id, "sending to the upstream socket failed");
-        if let Some(mut turn) = turn.take() {
+        Flow::Continue
+    }
+
+    async fn on_upstream(
+        &mut self,
+        message: Option<Result<tungstenite::Message, tungstenite::Error>>,
+    ) -> Flow {
+        let message = match message {
+            Some(Ok(message)) => message,
+            None | Some(Err(_)) => {
+                if let Some(Err(e)) = &message {
+                    tracing::warn!(error = %e, account = %self.account(), "upstream socket failed");
+                }
+                self.upstream_lost().await;
+                return Flow::Stop;
+            }
+        };
+        let forward = match message {
+            tungstenite::Message::Text(text) => {
+                if let Some(turn) = self.turn.as_mut() {
+                    self.deadline =
+                        Instant::now() + self.session.state.config.upstream_idle_timeout;
+                    if let Some(status) = turn.observe(&text) {
+                        self.turn.take();
+                        rest_after(&self.session, status).await;
+                    }
+                }
+                match Utf8Bytes::try_from(Bytes::from(text)) {
+                    Ok(text) => Message::Text(text),
+                    Err(_) => return Flow::Continue,
+                }
+            }
+            tungstenite::Message::Binary(bytes) => Message::Binary(bytes),
+            tungstenite::Message::Close(frame) => {
+                if let Some(mut turn) = self.turn.take() {
+                    turn.cut(StatusCode::BAD_GATEWAY, "upstream_unreachable");
+                }
+                let frame = frame.map(|f| CloseFrame {
+                    code: f.code.into(),
+                    reason: Utf8Bytes::from(f.reason.as_str()),
+                });
+                let _ = self.client.send(Message::Close(frame)).await;
+                return Flow::Stop;
+            }
+            tungstenite::Message::Ping(_)
+            | tungstenite::Message::Pong(_)
+            | tungstenite::Message::Frame(_) => return Flow::Continue,
+        };
+        if self.client.send(forward).await.is_err() {
+            // The client is gone: a response still in flight is billed as seen when dropped.
+            self.turn.take();
+            return Flow::Stop;
+        }
+        Flow::Continue
+    }
+
+    /// The upstream went away without a close frame (or could not be written to).
+    async fn upstream_lost(&mut self) {
+        if let Some(mut turn) = self.turn.take() {
             turn.cut(StatusCode::BAD_GATEWAY, "upstream_unreachable");
         }
-        close_client(client, close_code::ERROR, "upstream connection lost").await;
-        return Flow::Stop;
+        close_client(
+            &mut self.client,
+            close_code::ERROR,
+            "upstream connection lost",
+        )
+        .await;
     }
-    Flow::Continue
-}
 
-async fn on_upstream(
-    session: &Session,
-    message: Option<Result<tungstenite::Message, tungstenite::Error>>,
-    client: &mut WebSocket,
-    turn: &mut Option<Turn>,
-    deadline: &mut Instant,
-) -> Flow {
-    let message = match message {
-        Some(Ok(message)) => message,
-        None | Some(Err(_)) => {
-            if let Some(Err(e)) = &message {
-                tracing::warn!(error = %e, account = %session.lease.account.record.id, "upstream socket failed");
-            }
-            if let Some(mut turn) = turn.take() {
-                turn.cut(StatusCode::BAD_GATEWAY, "upstream_unreachable");
-            }
-            close_client(client, close_code::ERROR, "upstream connection lost").await;
-            return Flow::Stop;
+    /// No upstream event in time: the upstream socket's state is unknown, so both close.
+    async fn timed_out(&mut self) -> Flow {
+        tracing::warn!(account = %self.account(), "upstream socket went quiet during a response");
+        if let Some(mut turn) = self.turn.take() {
+            turn.cut(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
         }
-    };
-    let forward = match message {
-        tungstenite::Message::Text(text) => {
-            if let Some(current) = turn.as_mut() {
-                *deadline = Instant::now() + session.state.config.upstream_idle_timeout;
-                if let Some(status) = current.observe(&text) {
-                    turn.take();
-                    rest_after(session, status).await;
-                }
-            }
-            match Utf8Bytes::try_from(Bytes::from(text)) {
-                Ok(text) => Message::Text(text),
-                Err(_) => return Flow::Continue,
-            }
-        }
-        tungstenite::Message::Binary(bytes) => Message::Binary(bytes),
-        tungstenite::Message::Close(frame) => {
-            if let Some(mut turn) = turn.take() {
-                turn.cut(StatusCode::BAD_GATEWAY, "upstream_unreachable");
-            }
-            let frame = frame.map(|f| CloseFrame {
-                code: f.code.into(),
-                reason: Utf8Bytes::from(f.reason.as_str()),
-            });
-            let _ = client.send(Message::Close(frame)).await;
-            return Flow::Stop;
-        }
-        tungstenite::Message::Ping(_)
-        | tungstenite::Message::Pong(_)
-        | tungstenite::Message::Frame(_) => return Flow::Continue,
-    };
-    if client.send(forward).await.is_err() {
-        // The client is gone: a response still in flight is billed as seen when dropped.
-        turn.take();
-        return Flow::Stop;
+        let _ = send_event(&mut self.client, &GatewayError::UpstreamTimeout).await;
+        self.close_both(close_code::ERROR, "upstream timed out")
+            .await;
+        Flow::Stop
     }
-    Flow::Continue
+
+    async fn close_both(&mut self, code: u16, reason: &'static str) {
+        close_client(&mut self.client, code, reason).await;
+        let _ = self.upstream.close(None).await;
+    }
 }
 
 /// An upstream error status that rests an account over HTTP rests it here too, for the
