@@ -4,11 +4,13 @@
 //! with their codes; a bad key gets the HTTP error before the upgrade.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tests::harness::{Pipeline, eventually, redis_url};
+use tests::harness::{Pipeline, eventually, redis_url, refusing_port, spawn_gateway_joinable};
+use tests::mock_upstream::{MockConfig, MockUpstream};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -21,7 +23,11 @@ type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn connect(p: &Pipeline, secret: &str) -> Result<Socket, Error> {
-    let mut request = format!("ws://{}/v1/responses", p.gateway)
+    connect_to(p.gateway, secret).await
+}
+
+async fn connect_to(gateway: SocketAddr, secret: &str) -> Result<Socket, Error> {
+    let mut request = format!("ws://{gateway}/v1/responses")
         .into_client_request()
         .unwrap();
     let headers = request.headers_mut();
@@ -449,5 +455,112 @@ async fn a_response_that_goes_quiet_times_out_and_closes_the_socket() {
     assert_eq!(
         (events[0].status, events[0].error.as_deref()),
         (504, Some("upstream_timeout"))
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_refusing_the_upgrade_is_failed_over_or_its_answer_reaches_the_client() {
+    // The preferred account's upstream refuses connections: it rests, the next one serves.
+    let p = Pipeline::start().await;
+    let (port, _refusing) = refusing_port();
+    let dead = format!("http://127.0.0.1:{port}");
+    p.add_account_at("openai", &dead, json!({"name": "dead", "priority": 0}))
+        .await;
+    let healthy = p
+        .add_account_at(
+            "openai",
+            &p.upstream.base_url(),
+            json!({"name": "healthy", "priority": 1}),
+        )
+        .await;
+    let (_, secret) = p.add_key(json!({"name": "k"})).await;
+    let mut socket = connect(&p, &secret).await.unwrap();
+    create(&mut socket, json!({"model": "gpt-5-codex", "input": "hi"})).await;
+    assert_eq!(
+        response(&mut socket).await.last().unwrap()["type"],
+        "response.completed"
+    );
+    let events = p.wait_for_events(1).await;
+    assert_eq!(events[0].account_id.as_deref(), Some(healthy.as_str()));
+
+    // An upstream that answers the upgrade with an error: the client gets that answer.
+    let p = Pipeline::start().await;
+    let strict = MockUpstream::spawn_with(MockConfig {
+        api_key: Some("sk-another-key".into()),
+    })
+    .await;
+    p.add_account_at("openai", &strict.base_url(), json!({}))
+        .await;
+    let (_, secret) = p.add_key(json!({"name": "k"})).await;
+    let Err(Error::Http(answer)) = connect(&p, &secret).await else {
+        panic!("the upstream's refusal must reach the client");
+    };
+    assert_eq!(answer.status(), 401);
+    let body: Value = serde_json::from_slice(answer.body().as_deref().unwrap()).unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Incorrect API key"),
+        "{body}"
+    );
+    assert!(answer.headers().contains_key("x-request-id"));
+    let events = p.wait_for_events(1).await;
+    assert_eq!(
+        (events[0].status, events[0].error.as_deref()),
+        (401, Some("upstream_unauthorized"))
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_shutting_down_closes_its_sockets_once_their_response_is_done() {
+    let p = Pipeline::start().await;
+    p.add_account("openai").await;
+    let (_, secret) = p.add_key(json!({"name": "k"})).await;
+    // A replica of its own, whose shutdown the test starts and awaits.
+    let (gateway, stop, done) = spawn_gateway_joinable(&p.redis_url, &p.stream, |_| {}).await;
+    eventually(WAIT, || async {
+        let ready = p
+            .http
+            .get(format!("http://{gateway}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        (ready.status() == 200).then_some(())
+    })
+    .await;
+
+    let mut idle = connect_to(gateway, &secret).await.unwrap();
+    let mut busy = connect_to(gateway, &secret).await.unwrap();
+    create(
+        &mut busy,
+        json!({"model": "gpt-5-codex", "input": "hi",
+               "mock": {"chunk_delay_ms": 100, "input_tokens": 5, "output_tokens": 8}}),
+    )
+    .await;
+    assert_eq!(next(&mut busy).await.unwrap()["type"], "response.created");
+
+    stop.send(()).unwrap();
+    // The idle socket closes as "going away"; the busy one finishes its response first.
+    let close = next(&mut idle).await.unwrap_err().expect("a close frame");
+    assert_eq!(u16::from(close.code), 1001);
+    let rest = response(&mut busy).await;
+    assert_eq!(rest.last().unwrap()["type"], "response.completed");
+    let close = next(&mut busy).await.unwrap_err().expect("a close frame");
+    assert_eq!(u16::from(close.code), 1001);
+    tokio::time::timeout(WAIT, done)
+        .await
+        .expect("the gateway finished its shutdown once its sockets closed")
+        .unwrap();
+
+    let events = p.wait_for_events(1).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (
+            events[0].status,
+            events[0].input_tokens,
+            events[0].output_tokens
+        ),
+        (200, 5, 8)
     );
 }
