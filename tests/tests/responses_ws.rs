@@ -564,3 +564,58 @@ async fn a_gateway_shutting_down_closes_its_sockets_once_their_response_is_done(
         (200, 5, 8)
     );
 }
+
+#[tokio::test]
+async fn a_key_deleted_while_its_socket_is_open_is_refused_at_the_next_response() {
+    let p = Pipeline::start().await;
+    p.add_account("openai").await;
+    let (key, secret) = p
+        .add_key(json!({"name": "k", "models": ["gpt-5-codex"]}))
+        .await;
+    let mut socket = connect(&p, &secret).await.unwrap();
+
+    // A model the key may not use is refused like the POST, and the socket goes on.
+    create(&mut socket, json!({"model": "gpt-9", "input": "hi"})).await;
+    let refusal = next(&mut socket).await.unwrap();
+    assert_eq!(
+        (
+            refusal["status"].as_u64(),
+            refusal["error"]["code"].as_str()
+        ),
+        (Some(403), Some("model_not_allowed"))
+    );
+    create(&mut socket, json!({"model": "gpt-5-codex", "input": "hi"})).await;
+    assert_eq!(
+        response(&mut socket).await.last().unwrap()["type"],
+        "response.completed"
+    );
+
+    let (status, _) = p
+        .admin(reqwest::Method::DELETE, &format!("/admin/keys/{key}"), None)
+        .await;
+    assert_eq!(status, 200);
+    create(&mut socket, json!({"model": "gpt-5-codex", "input": "hi"})).await;
+    let refusal = next(&mut socket).await.unwrap();
+    assert_eq!(
+        (
+            refusal["status"].as_u64(),
+            refusal["error"]["code"].as_str()
+        ),
+        (Some(401), Some("invalid_api_key"))
+    );
+    assert_eq!(refusal["headers"]["x-should-retry"], "false");
+
+    let events = p.wait_for_events(3).await;
+    let statuses: Vec<_> = events
+        .iter()
+        .map(|e| (e.status, e.error.as_deref()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (403, Some("forbidden")),
+            (200, None),
+            (401, Some("unauthorized"))
+        ]
+    );
+}

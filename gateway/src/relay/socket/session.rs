@@ -2,8 +2,9 @@
 //! `response.create` admitted (key, model, limits) before it goes upstream, and each response
 //! metered by its [`Turn`].
 //!
-//! One response is in flight at a time, as OpenAI's socket runs them: a second
-//! `response.create` before the terminal event of the first is refused with an `error` event.
+//! One response is in flight at a time, as on OpenAI's socket, whose clients (Codex, the SDKs)
+//! wait for a terminal event before the next `response.create`: one sent earlier is refused with
+//! an `error` event, since its events could not be told apart from the first one's.
 //! Close frames pass through with their code; a side that goes away without one closes the
 //! other with 1011. During a graceful shutdown the socket closes (1001) once no response is in
 //! flight.
