@@ -475,23 +475,21 @@ async fn a_range_replay_reprices_only_its_days() {
             file.to_str().unwrap(),
         ],
     );
-    let cost = |e: &UsageEvent| {
-        if (from..to).contains(&e.ts) {
-            doubled_cost(e)
-        } else {
-            hand_cost(e)
+    // Events in the range at the doubled prices, the others still at the list prices.
+    let repriced = |doubled: fn(&UsageEvent) -> Decimal, listed: fn(&UsageEvent) -> Decimal| {
+        move |e: &UsageEvent| {
+            if (from..to).contains(&e.ts) {
+                doubled(e)
+            } else {
+                listed(e)
+            }
         }
     };
+    let cost = repriced(doubled_cost, hand_cost);
     let want: Decimal = all.iter().map(cost).sum();
     // Cache savings are recomputed with the prices too, in the range only; months, which the
     // switch computes from day differences, included.
-    let saved = |e: &UsageEvent| {
-        if (from..to).contains(&e.ts) {
-            doubled_savings(e)
-        } else {
-            hand_savings(e)
-        }
-    };
+    let saved = repriced(doubled_savings, hand_savings);
     let want_saved: Decimal = all.iter().map(saved).sum();
     assert_ne!(want_saved, all.iter().map(hand_savings).sum::<Decimal>());
     for cells in ["st:h:*", "st:d:*", "st:M:*"] {
