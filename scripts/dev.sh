@@ -164,10 +164,13 @@ Then see their usage and exact cost:
   curl -s -H 'authorization: Bearer $ADMIN_TOKEN' 'http://$AGGREGATOR/v1/usage?group_by=key,model'
   $USAGE_CMD
 
-Point Claude Code or the OpenAI SDKs / Codex CLI at it (the mock answers here; add real
+Point Claude Code, Codex CLI or the OpenAI SDKs at it (the mock answers here; add real
 accounts via /admin/accounts):
   ANTHROPIC_BASE_URL=http://$GATEWAY ANTHROPIC_API_KEY=$KEY claude
-  OPENAI_BASE_URL=http://$GATEWAY/v1 OPENAI_API_KEY=$KEY codex
+  printf '%s' $KEY | codex login --with-api-key
+  codex -c openai_base_url='"http://$GATEWAY/v1"'
+  OPENAI_BASE_URL=http://$GATEWAY/v1 OPENAI_API_KEY=$KEY python3 your_sdk_script.py
+(Codex ignores OPENAI_BASE_URL: its base URL is the openai_base_url setting.)
 
 Ctrl-C (or kill -INT $$) stops everything.
 INFO

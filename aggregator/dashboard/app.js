@@ -304,7 +304,7 @@ function setText(id, text, value) {
 
 // ---- totals --------------------------------------------------------------------------------
 
-const ZERO = { requests: 0, errors: 0, input_tokens: 0, output_tokens: 0, cache_creation_input_tokens: 0, cache_read_input_tokens: 0, cost_usd: '0' };
+const ZERO = { requests: 0, errors: 0, input_tokens: 0, output_tokens: 0, cache_creation_input_tokens: 0, cache_read_input_tokens: 0, cost_usd: '0', cache_savings_usd: '0' };
 
 function renderTotals(answer) {
   const t = answer.rows[0] || ZERO;
@@ -318,6 +318,7 @@ function renderTotals(answer) {
   setText('total-cache-write', int(t.cache_creation_input_tokens), t.cache_creation_input_tokens);
   setText('total-cache-read', int(t.cache_read_input_tokens), t.cache_read_input_tokens);
   setText('total-cache-share', pct(t.cache_read_input_tokens, allInput(t)));
+  setText('total-cache-savings', usd(t.cache_savings_usd), t.cache_savings_usd);
 }
 
 // ---- charts --------------------------------------------------------------------------------
@@ -510,6 +511,7 @@ const COLUMNS = [
   { id: 'cost', title: 'cost', value: (r) => Number(r.cost_usd), text: usd },
   { id: 'errors', title: 'error rate', value: (r) => (r.requests ? r.errors / r.requests : 0), text: (v, r) => pct(r.errors, r.requests) },
   { id: 'cache', title: 'input from cache', value: (r) => (allInput(r) ? r.cache_read_input_tokens / allInput(r) : 0), text: (v, r) => pct(r.cache_read_input_tokens, allInput(r)) },
+  { id: 'savings', title: 'saved by cache', value: (r) => Number(r.cache_savings_usd), text: usd },
 ];
 
 function renderTable(id, rows, label, dim) {

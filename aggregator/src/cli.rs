@@ -229,6 +229,7 @@ pub fn usage_columns() -> Vec<Column> {
         ("cache_creation_input_tokens", "cache_write"),
         ("cache_read_input_tokens", "cache_read"),
         ("cost_usd", "cost_usd"),
+        ("cache_savings_usd", "cache_savings_usd"),
         ("unpriced_requests", "unpriced"),
     ]
     .into_iter()
@@ -348,10 +349,10 @@ mod tests {
             "rows": [
                 {"model": "claude-sonnet-4-5", "requests": 12, "errors": 1, "input_tokens": 100,
                  "output_tokens": 5, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                 "cost_usd": "0.000375", "unpriced_requests": 0},
+                 "cost_usd": "0.000375", "cache_savings_usd": "0", "unpriced_requests": 0},
                 {"model": "gpt-4o", "requests": 3, "errors": 0, "input_tokens": 7,
                  "output_tokens": 2000, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 9,
-                 "cost_usd": "0.02", "unpriced_requests": 0}
+                 "cost_usd": "0.02", "cache_savings_usd": "0.00001125", "unpriced_requests": 0}
             ]
         });
         let text = table(
@@ -377,7 +378,10 @@ mod tests {
             lines[4].starts_with("total                    15       1"),
             "{text}"
         );
-        assert!(lines[4].ends_with("0.020375         0"), "{text}");
+        assert!(
+            lines[4].ends_with("0.020375         0.00001125         0"),
+            "{text}"
+        );
         let widths: Vec<usize> = lines[1..].iter().map(|l| l.len()).collect();
         assert!(widths.iter().all(|w| *w == widths[0]), "{text}");
     }
@@ -390,7 +394,7 @@ mod tests {
                 {"provider": "openai", "model": "gpt-4o", "key": "key_1", "key_name": "alice",
                  "requests": 1, "errors": 0, "input_tokens": 1, "output_tokens": 1,
                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                 "cost_usd": "0.1", "unpriced_requests": 0}
+                 "cost_usd": "0.1", "cache_savings_usd": "0", "unpriced_requests": 0}
             ]
         });
         let text = table(

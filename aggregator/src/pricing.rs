@@ -25,6 +25,18 @@ use serde_json::{Map, Value};
 pub use cost::Cost;
 use cost::{Excess, parse_decimal};
 
+/// What pricing one event gives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Charge {
+    pub cost: Cost,
+    /// What the event's cache reads would have cost at the input rate, less what they cost at
+    /// the cache-read rate: both rates as resolved for its cost (tier, prompt size), so the two
+    /// figures never disagree about which prices applied. Zero when the entry has no cache-read
+    /// rate of its own (reads are then charged as input), and never negative: a read rate above
+    /// the input rate saved nothing rather than cost extra.
+    pub cache_savings: Cost,
+}
+
 /// What pricing needs from an event.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage<'a> {
@@ -121,8 +133,8 @@ impl Pricing {
     }
 
     /// `None` means the model is unknown or has no token rates: the caller counts the event as
-    /// unpriced and uses zero.
-    pub fn price(&self, usage: &Usage) -> Option<Cost> {
+    /// unpriced and uses zero for its cost and its savings.
+    pub fn price(&self, usage: &Usage) -> Option<Charge> {
         self.lookup(usage.model).map(|model| model.price(usage))
     }
 
@@ -286,7 +298,7 @@ impl Model {
         Some(Model { ladders })
     }
 
-    fn price(&self, usage: &Usage) -> Cost {
+    fn price(&self, usage: &Usage) -> Charge {
         let prompt = usage
             .input_tokens
             .saturating_add(usage.cache_creation_input_tokens)
@@ -315,8 +327,16 @@ impl Model {
         ]
         .into_iter()
         .fold(0u128, u128::saturating_add);
-        Cost::from_atto(i128::try_from(atto).unwrap_or(i128::MAX))
+        let saved_per_read = input.unwrap_or(0).saturating_sub(read.unwrap_or(0));
+        Charge {
+            cost: atto_cost(atto),
+            cache_savings: atto_cost(term(usage.cache_read_input_tokens, Some(saved_per_read))),
+        }
     }
+}
+
+fn atto_cost(atto: u128) -> Cost {
+    Cost::from_atto(i128::try_from(atto).unwrap_or(i128::MAX))
 }
 
 /// A `u64` times a `u64` always fits in a `u128`; only the sum of five can saturate.
@@ -494,7 +514,7 @@ mod tests {
 
     #[track_caller]
     fn check(pricing: &Pricing, usage: Usage<'_>, want: &str) {
-        let got = pricing.price(&usage).map(|cost| cost.to_string());
+        let got = pricing.price(&usage).map(|charge| charge.cost.to_string());
         assert_eq!(got.as_deref(), Some(want), "{usage:?}");
     }
 
@@ -506,6 +526,14 @@ mod tests {
             ..Usage::default()
         };
         assert_eq!(pricing.price(&usage), None, "{model:?} should be unpriced");
+    }
+
+    #[track_caller]
+    fn check_savings(pricing: &Pricing, usage: Usage<'_>, want: &str) {
+        let got = pricing
+            .price(&usage)
+            .map(|charge| charge.cache_savings.to_string());
+        assert_eq!(got.as_deref(), Some(want), "{usage:?}");
     }
 
     const ALL_FIVE: &str = r#"{"m": {
@@ -529,6 +557,97 @@ mod tests {
         // 1000*0.000001 + 100*0.000002 + 30*0.000003 + 20*0.000004 + 2000*0.0000005
         // = 0.001 + 0.0002 + 0.00009 + 0.00008 + 0.001
         check(&pricing(ALL_FIVE), usage, "0.00237");
+    }
+
+    #[test]
+    fn cache_savings_are_reads_at_the_input_rate_less_the_read_rate() {
+        let usage = Usage {
+            model: "m",
+            input_tokens: 1_000,
+            output_tokens: 100,
+            cache_creation_input_tokens: 50,
+            cache_read_input_tokens: 2_000,
+            ..Usage::default()
+        };
+        // 2000 * (0.000001 - 0.0000005); other tokens save nothing.
+        check_savings(&pricing(ALL_FIVE), usage, "0.001");
+        let no_reads = Usage {
+            cache_read_input_tokens: 0,
+            ..usage
+        };
+        check_savings(&pricing(ALL_FIVE), no_reads, "0");
+    }
+
+    #[test]
+    fn a_model_without_a_cache_read_rate_saves_nothing() {
+        // Its reads are charged at the input rate, so they cost what uncached input would.
+        let p =
+            pricing(r#"{"m": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06}}"#);
+        let usage = Usage {
+            model: "m",
+            cache_read_input_tokens: 1_000,
+            ..Usage::default()
+        };
+        check(&p, usage, "0.001");
+        check_savings(&p, usage, "0");
+    }
+
+    #[test]
+    fn savings_use_the_rates_the_cost_resolved_for_tier_and_prompt() {
+        let p = pricing(
+            r#"{"m": {"input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06,
+                      "input_cost_per_token_priority": 2e-06,
+                      "input_cost_per_token_above_200k_tokens": 4e-06,
+                      "cache_read_input_token_cost": 1e-07,
+                      "cache_read_input_token_cost_priority": 5e-07,
+                      "cache_read_input_token_cost_above_200k_tokens": 1e-06}}"#,
+        );
+        let at = |cache_read_input_tokens, service_tier| Usage {
+            model: "m",
+            service_tier,
+            input_tokens: 100_000,
+            cache_read_input_tokens,
+            ..Usage::default()
+        };
+        // P = 110,000: 10000 * (0.000001 - 0.0000001)
+        check_savings(&p, at(10_000, None), "0.009");
+        // 10000 * (0.000002 - 0.0000005)
+        check_savings(&p, at(10_000, Some("priority")), "0.015");
+        // P = 250,000 > 200k, the reads counting towards it: 150000 * (0.000004 - 0.000001)
+        check_savings(&p, at(150_000, None), "0.45");
+        // Priority has no long-context rates of its own, so `_priority` wins for both:
+        // 150000 * (0.000002 - 0.0000005)
+        check_savings(&p, at(150_000, Some("priority")), "0.225");
+    }
+
+    #[test]
+    fn a_read_rate_above_the_input_rate_saves_nothing_rather_than_a_negative_amount() {
+        let p = pricing(
+            r#"{"m": {"input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06,
+                      "cache_read_input_token_cost": 2e-06},
+                "reads-only": {"output_cost_per_token": 1e-06,
+                               "cache_read_input_token_cost": 1e-07}}"#,
+        );
+        let usage = |model| Usage {
+            model,
+            cache_read_input_tokens: 1_000,
+            ..Usage::default()
+        };
+        check(&p, usage("m"), "0.002");
+        check_savings(&p, usage("m"), "0");
+        // No input rate: uncached input would have cost nothing, so reads saved nothing.
+        check(&p, usage("reads-only"), "0.0001");
+        check_savings(&p, usage("reads-only"), "0");
+    }
+
+    #[test]
+    fn an_unpriced_model_has_no_savings_either() {
+        let usage = Usage {
+            model: "unknown",
+            cache_read_input_tokens: 1_000,
+            ..Usage::default()
+        };
+        assert_eq!(pricing(ALL_FIVE).price(&usage), None);
     }
 
     #[test]
@@ -1188,6 +1307,28 @@ mod tests {
             gpt_5("gpt-5.6", 280_000, Some("priority")),
             "5.112",
         );
+    }
+
+    #[test]
+    fn bundled_cache_savings_follow_each_models_rates() {
+        let bundled = Pricing::bundled();
+        // claude-sonnet-4-5: 50000 * (0.000003 - 0.0000003)
+        check_savings(&bundled, sonnet("claude-sonnet-4-5", 0), "0.135");
+        // gpt-4o: 4000 * (0.0000025 - 0.00000125); priority 4000 * (0.00000425 - 0.000002125)
+        check_savings(&bundled, gpt_4o("gpt-4o", None), "0.005");
+        check_savings(&bundled, gpt_4o("gpt-4o", Some("priority")), "0.0085");
+        // Bedrock Sonnet above 200k: 60000 * (0.000006 - 0.0000006)
+        let long = Usage {
+            model: BEDROCK_SONNET,
+            input_tokens: 150_000,
+            cache_read_input_tokens: 60_000,
+            ..Usage::default()
+        };
+        check_savings(&bundled, long, "0.324");
+        // gpt-5.4 flex above 272k: 20000 * (0.0000025 - 0.00000025)
+        check_savings(&bundled, gpt_5("gpt-5.4", 280_000, Some("flex")), "0.045");
+        // gpt-4 lists no cache-read rate: its reads are input, and save nothing.
+        check_savings(&bundled, gpt_4o("gpt-4", None), "0");
     }
 
     #[test]

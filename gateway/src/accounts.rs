@@ -57,13 +57,15 @@ impl Account {
         self.urls[endpoint as usize].as_ref()
     }
 
-    fn serves(&self, provider: Provider, model: &str) -> bool {
+    /// `model` `None`: any model (a Responses socket is opened before its first model is known).
+    pub fn serves(&self, provider: Provider, model: Option<&str>) -> bool {
         self.provider == provider
-            && self
-                .record
-                .models
-                .as_ref()
-                .is_none_or(|models| models.iter().any(|m| m == model))
+            && model.is_none_or(|model| {
+                self.record
+                    .models
+                    .as_ref()
+                    .is_none_or(|models| models.iter().any(|m| m == model))
+            })
     }
 
     fn has_capacity(&self) -> bool {
@@ -97,7 +99,8 @@ impl Drop for Lease {
 /// What a request needs from an account.
 pub struct Want<'a> {
     pub provider: Provider,
-    pub model: &'a str,
+    /// `None`: an account for any model of the provider.
+    pub model: Option<&'a str>,
     pub session: Option<&'a str>,
     /// Accounts already tried for this request.
     pub exclude: Option<&'a str>,
@@ -163,7 +166,7 @@ impl Accounts {
         let snapshot = self.snapshot();
         let best = choose(&snapshot, want, now_ms).ok_or_else(|| GatewayError::NoAccount {
             provider: want.provider,
-            model: want.model.to_owned(),
+            model: want.model.unwrap_or_default().to_owned(),
         })?;
         best.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Lease {
@@ -285,7 +288,7 @@ mod tests {
     fn want<'a>(session: Option<&'a str>, exclude: Option<&'a str>) -> Want<'a> {
         Want {
             provider: Provider::Anthropic,
-            model: "m",
+            model: Some("m"),
             session,
             exclude,
         }

@@ -140,6 +140,45 @@ impl GatewayError {
         }
     }
 
+    /// The `error` object of an OpenAI error body.
+    fn openai_error(&self, message: String) -> serde_json::Value {
+        let (kind, code) = self.openai_type_and_code();
+        json!({"message": message, "type": kind, "param": null, "code": code})
+    }
+
+    /// The error as an `error` event on a Responses WebSocket: the HTTP answer's status, body
+    /// and retry headers, in the wrapped shape OpenAI's socket uses (Codex reads `status` and
+    /// `headers` as it would an HTTP error's), so a refused `response.create` reads like the
+    /// refused `POST` and the socket stays open.
+    pub fn socket_event(&self) -> serde_json::Value {
+        let mut headers = serde_json::Map::new();
+        match self {
+            Self::RateLimited {
+                retry_after_secs, ..
+            }
+            | Self::QuotaExceeded {
+                retry_after_secs, ..
+            } => match retry_after_secs {
+                Some(secs) => {
+                    headers.insert("retry-after".into(), json!(secs.to_string()));
+                }
+                None => {
+                    headers.insert("x-should-retry".into(), json!("false"));
+                }
+            },
+            Self::MissingKey | Self::InvalidKey | Self::ExpiredKey => {
+                headers.insert("x-should-retry".into(), json!("false"));
+            }
+            _ => {}
+        }
+        json!({
+            "type": "error",
+            "status": self.status().as_u16(),
+            "error": self.openai_error(self.public_message()),
+            "headers": headers,
+        })
+    }
+
     /// Renders the error in `provider`'s shape.
     pub fn into_response_for(self, provider: Provider) -> Response {
         let status = self.status();
@@ -158,10 +197,7 @@ impl GatewayError {
                 "type": "error",
                 "error": {"type": self.anthropic_type(), "message": message},
             }),
-            Provider::OpenAi => {
-                let (kind, code) = self.openai_type_and_code();
-                json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
-            }
+            Provider::OpenAi => json!({ "error": self.openai_error(message) }),
         };
         let mut response = (status, Json(body)).into_response();
         match retry_after {

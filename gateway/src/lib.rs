@@ -157,6 +157,7 @@ pub async fn run(
         store,
         accounts,
         events,
+        shutdown: stop_rx,
     });
 
     let app = router(state);
@@ -195,7 +196,10 @@ fn router(state: AppState) -> Router {
         .route("/v1/messages", post(proxy::messages))
         .route("/v1/messages/count_tokens", post(proxy::count_tokens))
         .route("/v1/chat/completions", post(proxy::chat_completions))
-        .route("/v1/responses", post(proxy::responses))
+        .route(
+            "/v1/responses",
+            post(proxy::responses).get(proxy::responses_socket),
+        )
         .route("/v1/models", get(proxy::models))
         .merge(admin::router(state.clone()))
         .route("/healthz", get(healthz))

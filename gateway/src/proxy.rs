@@ -3,6 +3,7 @@
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -39,6 +40,43 @@ pub async fn chat_completions(
 
 pub async fn responses(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     handle(state, Endpoint::Responses, headers, body).await
+}
+
+/// `GET /v1/responses`: the Responses API's WebSocket mode. The key is checked before the
+/// upgrade, so a bad one gets the HTTP error (and its event) the `POST` would get; the socket
+/// is then relayed to one account for its life, each response on it metered and limited as a
+/// request of its own (`relay::socket`).
+pub async fn responses_socket(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let mut in_flight = InFlight::enter(&state.metrics, Endpoint::Responses);
+    let mut call = Call::start(Endpoint::Responses, state.events.clone());
+    call.stream = true;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let secret = presented_secret(&headers).map(str::to_owned);
+    let response = match state.keys.authenticate(secret.as_deref(), now_ms).await {
+        Err(err) => relay::reject(call, err),
+        Ok(key) => {
+            call.key_id = Some(key.id.clone());
+            match (upgrade, secret) {
+                (Ok(upgrade), Some(secret)) => {
+                    let upgrade = upgrade.max_message_size(state.config.max_body_bytes);
+                    relay::socket::open(&state, call, &headers, secret, upgrade).await
+                }
+                // Authenticated, so there was a secret; a plain GET is no request of the API.
+                (Err(_), _) | (_, None) => relay::reject(
+                    call,
+                    GatewayError::InvalidRequest(
+                        "GET /v1/responses is the WebSocket mode: send a WebSocket upgrade, or POST a request".into(),
+                    ),
+                ),
+            }
+        }
+    };
+    in_flight.answered(response.status().as_u16());
+    response
 }
 
 async fn handle(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
@@ -186,7 +224,7 @@ async fn admit(
 
     let want = Want {
         provider: call.endpoint.provider(),
-        model: &model,
+        model: Some(&model),
         session: session.as_deref(),
         exclude: None,
     };

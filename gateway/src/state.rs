@@ -25,6 +25,9 @@ pub struct Shared {
     pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub limiter: Arc<Limiter>,
+    /// Turns true when a graceful shutdown begins. Upgraded sockets are not tracked by the
+    /// server's drain, so they watch this to close once their response in flight is done.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {

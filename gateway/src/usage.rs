@@ -77,6 +77,12 @@ impl Call {
         }
     }
 
+    /// The request became a Responses WebSocket: the upgrade is no response of its own, and
+    /// each response on the socket is metered as a call of its own (`relay::socket`).
+    pub fn became_socket(mut self) {
+        self.published = true;
+    }
+
     /// Publishes the request's event, finished now; only the first call publishes.
     pub fn publish(&mut self, status: u16, usage: &Usage, error: Option<&str>) {
         if !self.published {

@@ -38,17 +38,30 @@ pub fn list_price(model: &str) -> Option<[&'static str; 5]> {
     }
 }
 
+fn usd(text: &str) -> Decimal {
+    Decimal::from_str(text).unwrap()
+}
+
 /// docs/pricing.md for the models above (below every long-context tier); unknown models cost 0.
 pub fn hand_cost(e: &UsageEvent) -> Decimal {
     let Some(r) = list_price(&e.model) else {
         return Decimal::ZERO;
     };
-    let d = |s: &str| Decimal::from_str(s).unwrap();
-    Decimal::from(e.input_tokens) * d(r[0])
-        + Decimal::from(e.output_tokens) * d(r[1])
-        + Decimal::from(e.cache_creation_input_tokens - e.cache_creation_1h_input_tokens) * d(r[2])
-        + Decimal::from(e.cache_creation_1h_input_tokens) * d(r[3])
-        + Decimal::from(e.cache_read_input_tokens) * d(r[4])
+    Decimal::from(e.input_tokens) * usd(r[0])
+        + Decimal::from(e.output_tokens) * usd(r[1])
+        + Decimal::from(e.cache_creation_input_tokens - e.cache_creation_1h_input_tokens)
+            * usd(r[2])
+        + Decimal::from(e.cache_creation_1h_input_tokens) * usd(r[3])
+        + Decimal::from(e.cache_read_input_tokens) * usd(r[4])
+}
+
+/// What the event's cache reads saved (docs/pricing.md, cache savings) for the models above:
+/// the reads at the input price less at the cache-read price; unknown models save 0.
+pub fn hand_savings(e: &UsageEvent) -> Decimal {
+    let Some(r) = list_price(&e.model) else {
+        return Decimal::ZERO;
+    };
+    Decimal::from(e.cache_read_input_tokens) * (usd(r[0]) - usd(r[4]))
 }
 
 /// A deterministic pseudo-random sequence, so a failure can be reproduced.

@@ -61,6 +61,40 @@ fn dollars(cost: &str) -> String {
     format!("${}.{:02}", format_count((cents / 100) as u64), cents % 100)
 }
 
+/// The page's format for an amount this test expects to be nothing or at least a dollar.
+fn money(amount: &str) -> String {
+    let value = amount.parse::<Decimal>().unwrap();
+    if value.is_zero() {
+        return "$0.00".to_owned();
+    }
+    assert!(value >= Decimal::ONE, "{amount}: below a dollar");
+    dollars(amount)
+}
+
+/// The column of the top keys and models tables that shows what cache reads saved.
+const SAVINGS_COLUMN: usize = 7;
+
+/// Each row of a top table against the API's row of the same group: the money its cache reads
+/// saved, as the page formats it.
+async fn check_savings_column(browser: &Browser, table: &str, dim: &str, api: &Value) {
+    assert_eq!(
+        browser
+            .attribute(
+                &format!("#{table} th:nth-child({SAVINGS_COLUMN})"),
+                "data-col"
+            )
+            .await
+            .unwrap(),
+        "savings"
+    );
+    for row in api["rows"].as_array().unwrap() {
+        let value = row[dim].as_str().unwrap();
+        let saved = row["cache_savings_usd"].as_str().unwrap();
+        let cell = format!("#{table} tr[data-value='{value}'] td:nth-child({SAVINGS_COLUMN})");
+        browser.wait_for_text(&cell, |t| t == money(saved)).await;
+    }
+}
+
 async fn usage(http: &reqwest::Client, aggregator: &str, query: &str) -> Value {
     let response = http
         .get(format!("{aggregator}/v1/usage?{query}"))
@@ -95,6 +129,19 @@ async fn check_totals(browser: &Browser, http: &reqwest::Client, aggregator: &st
     assert_eq!(
         browser.text("#total-cost").await.unwrap(),
         dollars(row["cost_usd"].as_str().unwrap())
+    );
+    // What cache reads saved: the API's exact figure behind the card, shown as money.
+    let saved = row["cache_savings_usd"].as_str().unwrap();
+    assert_eq!(
+        browser
+            .attribute("#total-cache-savings", "data-value")
+            .await
+            .unwrap(),
+        saved
+    );
+    assert_eq!(
+        browser.text("#total-cache-savings").await.unwrap(),
+        money(saved)
     );
     let tokens = [
         "input_tokens",
@@ -300,6 +347,22 @@ async fn the_dashboard_shows_the_apis_figures_and_follows_its_controls() {
     browser
         .wait_for_text("#chart-latency", |t| t.contains("claude-sonnet-4-5 p99"))
         .await;
+    // The cache view by model and by key: what each saved, from the API's grouped rows. GPT-4o
+    // read nothing from cache here, so bob saved nothing.
+    let from = chrono::DateTime::from_timestamp_millis(Utc::now().timestamp_millis() - DAY)
+        .unwrap()
+        .to_rfc3339();
+    for (table, dim) in [("top-models", "model"), ("top-keys", "key")] {
+        let api = usage(
+            &http,
+            &aggregator,
+            &format!("from={}&group_by={dim}", urlencode(&from)),
+        )
+        .await;
+        check_savings_column(&browser, table, dim, &api).await;
+    }
+    let bob_saved = format!("#top-keys tr[data-value='{bob}'] td:nth-child({SAVINGS_COLUMN})");
+    assert_eq!(browser.text(&bob_saved).await.unwrap(), "$0.00");
 
     // The tables sort by any column: by cost, most first; requests, twice, fewest first.
     let first_key = "#top-keys tbody tr:first-child td:first-child";
@@ -333,6 +396,7 @@ async fn the_dashboard_shows_the_apis_figures_and_follows_its_controls() {
     browser
         .wait_for_text("#total-requests", |t| t == "250")
         .await;
+    assert_eq!(browser.text("#total-cache-savings").await.unwrap(), "$0.00");
     browser
         .wait_for_text("#top-models", |t| !t.contains("claude"))
         .await;

@@ -13,7 +13,7 @@ use aggregator::cell::Cell;
 use redis::AsyncCommands;
 use rust_decimal::Decimal;
 use shared::UsageEvent;
-use tests::fixtures::{Lcg, hand_cost};
+use tests::fixtures::{Lcg, hand_cost, hand_savings};
 use tests::harness::{
     eventually, free_port, redis_url, spawn_aggregator, spawn_aggregator_with, unique_stream,
 };
@@ -36,6 +36,14 @@ const DOUBLED: &str = r#"{
 fn doubled_cost(e: &UsageEvent) -> Decimal {
     match e.model.as_str() {
         "claude-sonnet-4-5" | "gpt-4o" => hand_cost(e) * Decimal::from(2),
+        _ => Decimal::ZERO,
+    }
+}
+
+/// What cache reads saved under [`DOUBLED`]: both rates doubled, so twice the saving.
+fn doubled_savings(e: &UsageEvent) -> Decimal {
+    match e.model.as_str() {
+        "claude-sonnet-4-5" | "gpt-4o" => hand_savings(e) * Decimal::from(2),
         _ => Decimal::ZERO,
     }
 }
@@ -196,16 +204,12 @@ async fn stored_cost(
     stream: &str,
     pattern: &str,
 ) -> Decimal {
+    if pattern.starts_with("st:") {
+        return stored_in_cells(conn, stream, pattern, |t| t.cost).await;
+    }
     let keys: Vec<String> = conn.keys(keyspace(stream).key(pattern)).await.unwrap();
     let mut atto: i128 = 0;
     for key in keys {
-        if pattern.starts_with("st:") {
-            let cells: BTreeMap<String, Vec<u8>> = conn.hgetall(&key).await.unwrap();
-            for value in cells.values() {
-                atto += Cell::decode(value).unwrap().totals.cost.atto();
-            }
-            continue;
-        }
         let fields: BTreeMap<String, i64> = conn.hgetall(&key).await.unwrap();
         for (field, v) in fields {
             if field == "ch" {
@@ -213,6 +217,24 @@ async fn stored_cost(
             } else if field == "cl" {
                 atto += i128::from(v);
             }
+        }
+    }
+    Decimal::from_i128_with_scale(atto, 18)
+}
+
+/// Sum of one money figure of the stats cells in the hashes matching `pattern`, in USD.
+async fn stored_in_cells(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    pattern: &str,
+    figure: fn(&aggregator::Totals) -> aggregator::pricing::Cost,
+) -> Decimal {
+    let keys: Vec<String> = conn.keys(keyspace(stream).key(pattern)).await.unwrap();
+    let mut atto: i128 = 0;
+    for key in keys {
+        let cells: BTreeMap<String, Vec<u8>> = conn.hgetall(&key).await.unwrap();
+        for value in cells.values() {
+            atto += figure(&Cell::decode(value).unwrap().totals).atto();
         }
     }
     Decimal::from_i128_with_scale(atto, 18)
@@ -334,11 +356,18 @@ async fn replay_under_live_load_reprices_everything_exactly_once() {
     // every key's lifetime spend.
     let want: Decimal = all.iter().map(doubled_cost).sum();
     assert!(want > Decimal::ZERO);
+    let want_saved: Decimal = all.iter().map(doubled_savings).sum();
+    assert!(want_saved > Decimal::ZERO);
     for cells in ["st:h:*", "st:d:*", "st:M:*"] {
         assert_eq!(
             stored_cost(&mut conn, &stream, cells).await,
             want,
             "{cells}"
+        );
+        assert_eq!(
+            stored_in_cells(&mut conn, &stream, cells, |t| t.cache_savings).await,
+            want_saved,
+            "cache savings in {cells}"
         );
     }
     for key in ["key_a", "key_b"] {
@@ -368,6 +397,10 @@ async fn replay_under_live_load_reprices_everything_exactly_once() {
     assert_eq!(
         Decimal::from_str(row["cost_usd"].as_str().unwrap()).unwrap(),
         want
+    );
+    assert_eq!(
+        Decimal::from_str(row["cache_savings_usd"].as_str().unwrap()).unwrap(),
+        want_saved
     );
     let input: u64 = all.iter().map(|e| e.input_tokens).sum();
     assert_eq!(row["input_tokens"].as_u64().unwrap(), input);
@@ -442,19 +475,33 @@ async fn a_range_replay_reprices_only_its_days() {
             file.to_str().unwrap(),
         ],
     );
-    let cost = |e: &UsageEvent| {
-        if (from..to).contains(&e.ts) {
-            doubled_cost(e)
-        } else {
-            hand_cost(e)
+    // Events in the range at the doubled prices, the others still at the list prices.
+    let repriced = |doubled: fn(&UsageEvent) -> Decimal, listed: fn(&UsageEvent) -> Decimal| {
+        move |e: &UsageEvent| {
+            if (from..to).contains(&e.ts) {
+                doubled(e)
+            } else {
+                listed(e)
+            }
         }
     };
+    let cost = repriced(doubled_cost, hand_cost);
     let want: Decimal = all.iter().map(cost).sum();
+    // Cache savings are recomputed with the prices too, in the range only; months, which the
+    // switch computes from day differences, included.
+    let saved = repriced(doubled_savings, hand_savings);
+    let want_saved: Decimal = all.iter().map(saved).sum();
+    assert_ne!(want_saved, all.iter().map(hand_savings).sum::<Decimal>());
     for cells in ["st:h:*", "st:d:*", "st:M:*"] {
         assert_eq!(
             stored_cost(&mut conn, &stream, cells).await,
             want,
             "{cells}"
+        );
+        assert_eq!(
+            stored_in_cells(&mut conn, &stream, cells, |t| t.cache_savings).await,
+            want_saved,
+            "cache savings in {cells}"
         );
     }
     let key_a: Decimal = all

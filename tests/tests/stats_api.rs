@@ -1,6 +1,7 @@
 //! The stats API's parameters (docs/stats-api.md) over real sockets: every bucket and time zone
 //! against an independent computation over the events, conservation across groupings (§7.1),
-//! every parameter error, the admin token, the cache's freshness and `aggregator usage`.
+//! exact cache savings per group, every parameter error, the admin token, the cache's freshness
+//! and `aggregator usage`.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::collections::BTreeMap;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 use serde_json::Value;
 use shared::UsageEvent;
-use tests::fixtures::{Lcg, hand_cost};
+use tests::fixtures::{Lcg, hand_cost, hand_savings};
 use tests::harness::{
     eventually, redis_url, spawn_aggregator, spawn_aggregator_with, unique_stream,
 };
@@ -164,18 +165,23 @@ fn number(v: &Value) -> Decimal {
     }
 }
 
-const FIELDS: [&str; 6] = [
+const FIELDS: [&str; 7] = [
     "requests",
     "errors",
     "input_tokens",
     "output_tokens",
     "cache_read_input_tokens",
     "cost_usd",
+    "cache_savings_usd",
 ];
 
+/// The fields from here on are money, which the contract holds to 1e-9 USD against our hand
+/// computation (the price file's rates are binary floats); the counts before are exact.
+const MONEY: usize = 5;
+
 /// The independent figures of a set of events, in the order of [`FIELDS`].
-fn figures<'a>(events: impl Iterator<Item = &'a UsageEvent>) -> [Decimal; 6] {
-    let mut out = [Decimal::ZERO; 6];
+fn figures<'a>(events: impl Iterator<Item = &'a UsageEvent>) -> [Decimal; 7] {
+    let mut out = [Decimal::ZERO; 7];
     for e in events {
         out[0] += Decimal::ONE;
         out[1] += Decimal::from(u8::from(e.status >= 400));
@@ -183,16 +189,32 @@ fn figures<'a>(events: impl Iterator<Item = &'a UsageEvent>) -> [Decimal; 6] {
         out[3] += Decimal::from(e.output_tokens);
         out[4] += Decimal::from(e.cache_read_input_tokens);
         out[5] += hand_cost(e);
+        out[6] += hand_savings(e);
     }
     out
 }
 
-fn row_figures(row: &Value) -> [Decimal; 6] {
+/// Counts exactly, money within 1e-9 USD.
+#[track_caller]
+fn assert_figures(got: &[Decimal; 7], want: &[Decimal; 7], what: &str) {
+    assert_eq!(got[..MONEY], want[..MONEY], "{what}");
+    for (field, (got, want)) in FIELDS[MONEY..]
+        .iter()
+        .zip(got[MONEY..].iter().zip(&want[MONEY..]))
+    {
+        assert!(
+            (got - want).abs() <= Decimal::from_str("0.000000001").unwrap(),
+            "{what} {field}: {got} vs {want}"
+        );
+    }
+}
+
+fn row_figures(row: &Value) -> [Decimal; 7] {
     FIELDS.map(|f| number(&row[f]))
 }
 
-fn sum_rows(rows: &Value) -> [Decimal; 6] {
-    let mut out = [Decimal::ZERO; 6];
+fn sum_rows(rows: &Value) -> [Decimal; 7] {
+    let mut out = [Decimal::ZERO; 7];
     for row in rows.as_array().unwrap() {
         for (o, v) in out.iter_mut().zip(row_figures(row)) {
             *o += v;
@@ -213,21 +235,20 @@ fn check_buckets(all: &[UsageEvent], answer: &Value, bucket_of: impl Fn(i64) -> 
     for e in all.iter().filter(|e| (from..to).contains(&e.ts)) {
         want.entry(bucket_of(e.ts)).or_default().push(e);
     }
-    let got: BTreeMap<i64, [Decimal; 6]> = answer["rows"]
+    let got: BTreeMap<i64, [Decimal; 7]> = answer["rows"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| (ms(r["bucket_start"].as_str().unwrap()), row_figures(r)))
         .collect();
-    let want: BTreeMap<i64, [Decimal; 6]> = want
+    let want: BTreeMap<i64, [Decimal; 7]> = want
         .into_iter()
         .map(|(k, v)| (k, figures(v.into_iter())))
         .collect();
     assert_eq!(got.len(), want.len(), "bucket count");
     for ((gk, gv), (wk, wv)) in got.iter().zip(&want) {
         assert_eq!(gk, wk);
-        assert_eq!(gv[..5], wv[..5], "bucket {gk}");
-        assert!((gv[5] - wv[5]).abs() <= Decimal::from_str("0.000000001").unwrap());
+        assert_figures(gv, wv, &format!("bucket {gk}"));
     }
 }
 
@@ -264,8 +285,11 @@ async fn every_bucket_and_time_zone_matches_an_independent_computation() {
     assert_eq!(everything["from"], "1970-01-01T00:00:00Z");
     let totals = sum_rows(&everything["rows"]);
     let want = figures(all.iter());
-    assert_eq!(totals[..5], want[..5]);
-    assert!((totals[5] - want[5]).abs() <= Decimal::from_str("0.000000001").unwrap());
+    assert!(
+        want[6] > Decimal::ZERO,
+        "cache reads of priced models saved something"
+    );
+    assert_figures(&totals, &want, "everything");
 
     // Conservation: every grouping sums to the same totals.
     for group_by in [
@@ -405,6 +429,113 @@ async fn every_bucket_and_time_zone_matches_an_independent_computation() {
                 assert!(mantissa.len() <= 4, "{field} {label}: {got}");
             }
         }
+    }
+}
+
+/// Events with known cache savings at the bundled prices, one per case of docs/pricing.md's
+/// cache savings: a model's own read rate, a service tier's, a long-context one, a model without
+/// a read rate (reads charged as input: nothing saved), an unpriced model, a refused request.
+fn savings_cases(now: i64) -> Vec<UsageEvent> {
+    let mut rng = Lcg(5);
+    let mut events = Vec::new();
+    let mut add = |key: Option<&str>, model: &str, tier: Option<&str>, input, reads, status| {
+        let i = events.len();
+        events.push(UsageEvent {
+            id: format!("saved-{i}"),
+            key_id: key.map(str::to_owned),
+            account_id: (status < 400).then(|| "acct_0".to_owned()),
+            model: model.to_owned(),
+            service_tier: tier.map(str::to_owned),
+            status,
+            input_tokens: input,
+            output_tokens: 0,
+            cache_read_input_tokens: reads,
+            ..event(i, now - 5 * MINUTE, &mut rng)
+        });
+    };
+    // 50000 * (0.000003 - 0.0000003) = 0.135
+    add(Some("key_a"), "claude-sonnet-4-5", None, 1_000, 50_000, 200);
+    // 4000 * (0.0000025 - 0.00000125) = 0.005
+    add(Some("key_a"), "gpt-4o", None, 500, 4_000, 200);
+    // priority: 4000 * (0.00000425 - 0.000002125) = 0.0085
+    add(Some("key_b"), "gpt-4o", Some("priority"), 500, 4_000, 200);
+    // Bedrock Sonnet, P = 210,000 > 200k: 60000 * (0.000006 - 0.0000006) = 0.324
+    let bedrock = "anthropic.claude-sonnet-4-5-20250929-v1:0";
+    add(Some("key_b"), bedrock, None, 150_000, 60_000, 200);
+    // gpt-4 has no cache-read rate: its 10,000 reads cost 10000 * 0.00003 = 0.3, save 0.
+    add(Some("key_b"), "gpt-4", None, 0, 10_000, 200);
+    add(Some("key_a"), "no-such-model", None, 100, 10_000, 200);
+    add(None, "claude-sonnet-4-5", None, 0, 0, 401);
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_savings_are_exact_for_each_group_and_in_total() {
+    let stream = unique_stream();
+    let now = chrono::Utc::now().timestamp_millis();
+    publish(&stream, &savings_cases(now)).await;
+    let (addr, _stop) = spawn_aggregator(redis_url(), &stream).await;
+    let api = Api {
+        http: reqwest::Client::new(),
+        addr,
+    };
+    wait_applied(&stream).await;
+    let range = format!("from={}&to={}", now - HOUR, now + MINUTE);
+    let saved = |answer: &Value, dim: &str| -> BTreeMap<String, String> {
+        answer["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let group = r[dim].as_str().unwrap_or("(none)").to_owned();
+                (group, r["cache_savings_usd"].as_str().unwrap().to_owned())
+            })
+            .collect()
+    };
+
+    let total = api.ok(&format!("/v1/usage?{range}")).await;
+    assert_eq!(total["rows"][0]["cache_savings_usd"], "0.4725");
+    assert_eq!(total["rows"][0]["requests"], 7);
+
+    let by_model = api.ok(&format!("/v1/usage?{range}&group_by=model")).await;
+    let want: BTreeMap<String, String> = [
+        ("anthropic.claude-sonnet-4-5-20250929-v1:0", "0.324"),
+        ("claude-sonnet-4-5", "0.135"),
+        ("gpt-4", "0"),
+        ("gpt-4o", "0.0135"),
+        ("no-such-model", "0"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(saved(&by_model, "model"), want);
+    // gpt-4's reads were charged as input: priced, not saved on.
+    let gpt_4 = by_model["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["model"] == "gpt-4")
+        .unwrap();
+    assert_eq!(gpt_4["cost_usd"], "0.3");
+
+    let by_key = api.ok(&format!("/v1/usage?{range}&group_by=key")).await;
+    let want: BTreeMap<String, String> = [("(none)", "0"), ("key_a", "0.14"), ("key_b", "0.3325")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert_eq!(saved(&by_key, "key"), want);
+
+    // Conservation, exactly: the finest grouping and every bucket add up to the total.
+    for query in [
+        "group_by=key,model,account,provider,endpoint,status",
+        "bucket=minute&group_by=model",
+    ] {
+        let rows = api.ok(&format!("/v1/usage?{range}&{query}")).await;
+        assert_eq!(
+            sum_rows(&rows["rows"])[6],
+            Decimal::from_str("0.4725").unwrap(),
+            "{query}"
+        );
     }
 }
 
@@ -707,6 +838,10 @@ async fn the_usage_command_prints_what_the_api_answers() {
     let table = run(&[]);
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[1].starts_with("bucket_start"), "{table}");
+    assert!(
+        lines[1].contains("cost_usd  cache_savings_usd  unpriced"),
+        "{table}"
+    );
     assert_eq!(
         lines.len(),
         2 + http["rows"].as_array().unwrap().len() + 1,

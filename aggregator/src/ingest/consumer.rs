@@ -506,9 +506,9 @@ impl Consumer {
         let mut delta = Delta::default();
         let mut unpriced = 0;
         for (_, event) in events {
-            let cost = state.pricing.price(&usage_of(event));
-            unpriced += usize::from(cost.is_none() && event.account_id.is_some());
-            delta.add(event, cost, now_ms);
+            let charge = state.pricing.price(&usage_of(event));
+            unpriced += usize::from(charge.is_none() && event.account_id.is_some());
+            delta.add(event, charge, now_ms);
         }
         let mut cells = delta.cell_writes("");
         let mut increments = delta.increments(now_ms);

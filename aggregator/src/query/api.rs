@@ -344,6 +344,7 @@ impl Serialize for Row<'_> {
                     map.serialize_entry(name, &n)?;
                 }
                 map.serialize_entry("cost_usd", &t.cost.to_string())?;
+                map.serialize_entry("cache_savings_usd", &t.cache_savings.to_string())?;
             }
             RowBody::Latency(sketches) => {
                 let quantiles = &self.answer.query.quantiles;

@@ -12,14 +12,19 @@
 //! Layout (a forever contract, like the sketch bin index):
 //!
 //! ```text
-//! stamp: 8 bytes | format: 1 byte (= 1)
+//! stamp: 8 bytes | format: 1 byte (= 2)
 //! varints (LEB128, zigzag): requests errors input output cache_creation cache_creation_1h
 //!                           cache_read unpriced cost_attodollars(i128)
+//!                           cache_savings_attodollars(i128)
 //! latency bins: count, then (bin − previous bin, count) ascending
 //! ttft bins:    the same
 //! ```
 //!
 //! Cost is one exact i128 of attodollars: sums are done here, not by Redis, so no 64-bit split.
+//! Format 1 is the same without the cache savings; cells written before they were counted are
+//! still read, as having saved 0, and are written back as format 2 when next changed. Only
+//! format 2 is written, so every aggregator of a deployment must be able to read it (upgrade them
+//! together).
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +34,9 @@ use crate::store::stats::Totals;
 
 /// Length of the stamp that starts every value; the commit script compares exactly this prefix.
 pub const STAMP_LEN: usize = 8;
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
+/// Cells written before cache savings were counted.
+const FORMAT_WITHOUT_SAVINGS: u8 = 1;
 
 /// Sketch bins with a nonzero count, ascending: (bin, count). A sorted vector rather than a
 /// map, because cells are cloned, merged and encoded far more often than searched.
@@ -169,7 +176,7 @@ impl Cell {
         Reader::new(bytes)?.totals()
     }
 
-    /// Every figure by name (`r`, `e`, `i`, `o`, `cc`, `c1`, `cr`, `u`, `cost` in
+    /// Every figure by name (`r`, `e`, `i`, `o`, `cc`, `c1`, `cr`, `u`, `cost` and `saved` in
     /// attodollars, `l<bin>`, `t<bin>`), zeros left out: a stable view for comparisons.
     pub fn figures(&self) -> Vec<(String, i128)> {
         let t = &self.totals;
@@ -186,7 +193,10 @@ impl Cell {
         counters
             .into_iter()
             .map(|(name, n)| (name.to_owned(), i128::from(n)))
-            .chain(std::iter::once(("cost".to_owned(), t.cost.atto())))
+            .chain([
+                ("cost".to_owned(), t.cost.atto()),
+                ("saved".to_owned(), t.cache_savings.atto()),
+            ])
             .chain(
                 self.latency
                     .iter()
@@ -218,6 +228,7 @@ fn header(out: &mut Vec<u8>, t: &Totals, stamp: [u8; STAMP_LEN]) {
         put(out, zigzag(i128::from(n)));
     }
     put(out, zigzag(t.cost.atto()));
+    put(out, zigzag(t.cache_savings.atto()));
 }
 
 /// Writes sorted `bins`: their count, then (step from the previous bin, count) pairs.
@@ -288,12 +299,20 @@ fn put(out: &mut Vec<u8>, mut n: u128) {
 
 struct Reader<'a> {
     rest: &'a [u8],
+    with_savings: bool,
 }
 
 impl<'a> Reader<'a> {
     fn new(bytes: &'a [u8]) -> Option<Self> {
         match bytes.get(STAMP_LEN..)?.split_first() {
-            Some((&FORMAT, rest)) => Some(Self { rest }),
+            Some((&FORMAT, rest)) => Some(Self {
+                rest,
+                with_savings: true,
+            }),
+            Some((&FORMAT_WITHOUT_SAVINGS, rest)) => Some(Self {
+                rest,
+                with_savings: false,
+            }),
             _ => None,
         }
     }
@@ -326,6 +345,11 @@ impl<'a> Reader<'a> {
             cache_read_input_tokens: self.signed()?,
             unpriced_requests: self.signed()?,
             cost: Cost::from_atto(unzigzag(self.next()?)),
+            cache_savings: if self.with_savings {
+                Cost::from_atto(unzigzag(self.next()?))
+            } else {
+                Cost::ZERO
+            },
         })
     }
 
@@ -363,6 +387,7 @@ mod tests {
                 cache_creation_1h_input_tokens: 2,
                 cache_read_input_tokens: 48_000,
                 cost: Cost::from_atto(123_456_789_012_345_678_901_234),
+                cache_savings: Cost::from_atto(98_765_432_109_876_543_210),
                 unpriced_requests: 0,
             },
             latency: vec![(0, 1), (17, 2), (900, 5)],
@@ -409,12 +434,14 @@ mod tests {
     }
 
     #[test]
-    fn garbage_and_old_formats_are_refused() {
+    fn garbage_and_unknown_formats_are_refused() {
         assert_eq!(Cell::decode(b""), None);
         assert_eq!(Cell::decode(b"12345678"), None);
-        let mut bytes = sample().encode(new_stamp());
-        bytes[STAMP_LEN] = 2;
-        assert_eq!(Cell::decode(&bytes), None);
+        for unknown in [0, 3] {
+            let mut bytes = sample().encode(new_stamp());
+            bytes[STAMP_LEN] = unknown;
+            assert_eq!(Cell::decode(&bytes), None, "format {unknown}");
+        }
         let mut bytes = sample().encode(new_stamp());
         bytes.push(0);
         assert_eq!(Cell::decode(&bytes), None, "trailing bytes");
@@ -423,10 +450,48 @@ mod tests {
     }
 
     #[test]
+    fn a_cell_stored_before_cache_savings_were_counted_reads_as_saving_nothing() {
+        // A format-1 value as such a cell holds it: one request of 10 input, 2 output and 300
+        // cache-read tokens costing 5 attodollars, one latency bin (3), no TTFT bins.
+        let stamp = [7u8; STAMP_LEN];
+        let mut bytes = stamp.to_vec();
+        bytes.extend_from_slice(&[1, 2, 0, 20, 4, 0, 0, 0xd8, 0x04, 0, 10, 1, 3, 1, 0]);
+        let want = Cell {
+            totals: Totals {
+                requests: 1,
+                input_tokens: 10,
+                output_tokens: 2,
+                cache_read_input_tokens: 300,
+                cost: Cost::from_atto(5),
+                ..Totals::default()
+            },
+            latency: vec![(3, 1)],
+            ttft: vec![],
+        };
+        assert_eq!(Cell::decode(&bytes), Some(want.clone()));
+        assert_eq!(Cell::decode_totals(&bytes), Some(want.totals));
+        // Changed, it is written in the current format, savings and all.
+        let mut cell = want;
+        cell.add(&Cell {
+            totals: Totals {
+                cache_savings: Cost::from_atto(9),
+                ..Totals::default()
+            },
+            ..Cell::default()
+        });
+        let rewritten = cell.encode(stamp);
+        assert_eq!(rewritten[STAMP_LEN], FORMAT);
+        assert_eq!(Cell::decode(&rewritten), Some(cell));
+        // Truncated inside the counters it is refused, as any value is.
+        assert_eq!(Cell::decode(&bytes[..STAMP_LEN + 8]), None);
+    }
+
+    #[test]
     fn figures_name_what_is_nonzero() {
         let figures = sample().figures();
         assert!(figures.contains(&("r".into(), 3)));
         assert!(figures.contains(&("l900".into(), 5)));
+        assert!(figures.contains(&("saved".into(), 98_765_432_109_876_543_210)));
         assert!(!figures.iter().any(|(name, _)| name == "u"));
     }
 
@@ -440,6 +505,7 @@ mod tests {
         fn any_cell_round_trips(
             counts in proptest::array::uniform8(any::<i64>()),
             cost in any::<i128>(),
+            saved in any::<i128>(),
             latency in proptest::collection::btree_map(any::<u32>(), 1..u64::MAX, 0..20),
             more in proptest::collection::btree_map(any::<u32>(), 1..u64::MAX, 0..20),
         ) {
@@ -456,6 +522,7 @@ mod tests {
                     cache_read_input_tokens: counts[6],
                     unpriced_requests: counts[7],
                     cost: Cost::from_atto(cost),
+                    cache_savings: Cost::from_atto(saved),
                 },
                 ttft: latency.clone(),
                 latency,

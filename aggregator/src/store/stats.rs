@@ -16,7 +16,7 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 use shared::UsageEvent;
 
-use crate::pricing::Cost;
+use crate::pricing::{Charge, Cost};
 use crate::store::cell::{self, Cell};
 use crate::store::rollup::Resolution;
 use crate::store::sketch;
@@ -75,6 +75,8 @@ pub struct Totals {
     pub cache_creation_1h_input_tokens: i64,
     pub cache_read_input_tokens: i64,
     pub cost: Cost,
+    /// What the cache reads saved against the input rate (`pricing::Charge`).
+    pub cache_savings: Cost,
     pub unpriced_requests: i64,
 }
 
@@ -83,7 +85,7 @@ fn tokens(n: u64) -> i64 {
 }
 
 impl Totals {
-    pub fn of(event: &UsageEvent, cost: Option<Cost>) -> Self {
+    pub fn of(event: &UsageEvent, charge: Option<Charge>) -> Self {
         Self {
             requests: 1,
             errors: i64::from(event.status >= 400),
@@ -92,10 +94,11 @@ impl Totals {
             cache_creation_input_tokens: tokens(event.cache_creation_input_tokens),
             cache_creation_1h_input_tokens: tokens(event.cache_creation_1h_input_tokens),
             cache_read_input_tokens: tokens(event.cache_read_input_tokens),
-            cost: cost.unwrap_or(Cost::ZERO),
+            cost: charge.map_or(Cost::ZERO, |c| c.cost),
+            cache_savings: charge.map_or(Cost::ZERO, |c| c.cache_savings),
             // A request refused before an upstream was chosen bought nothing: no price is
             // missing for it.
-            unpriced_requests: i64::from(cost.is_none() && event.account_id.is_some()),
+            unpriced_requests: i64::from(charge.is_none() && event.account_id.is_some()),
         }
     }
 
@@ -108,6 +111,7 @@ impl Totals {
         self.cache_creation_1h_input_tokens += other.cache_creation_1h_input_tokens;
         self.cache_read_input_tokens += other.cache_read_input_tokens;
         self.cost += other.cost;
+        self.cache_savings += other.cache_savings;
         self.unpriced_requests += other.unpriced_requests;
     }
 
@@ -121,6 +125,7 @@ impl Totals {
         self.cache_creation_1h_input_tokens -= other.cache_creation_1h_input_tokens;
         self.cache_read_input_tokens -= other.cache_read_input_tokens;
         self.cost = self.cost - other.cost;
+        self.cache_savings = self.cache_savings - other.cache_savings;
         self.unpriced_requests -= other.unpriced_requests;
     }
 
@@ -176,11 +181,11 @@ pub struct BucketWrite {
 impl Delta {
     /// Adds an event to its minute's cell. Every resolution whose bucket for it is still
     /// retained at `now_ms` gets it ([`Delta::cells`]); a batch has one `now_ms` for all events.
-    pub fn add(&mut self, event: &UsageEvent, cost: Option<Cost>, now_ms: i64) {
+    pub fn add(&mut self, event: &UsageEvent, charge: Option<Charge>, now_ms: i64) {
         debug_assert!(self.minutes.is_empty() || self.now_ms == now_ms);
-        self.spend.add(event, cost);
+        self.spend.add(event, charge.map(|c| c.cost));
         let tuple = self.intern(event);
-        let totals = Totals::of(event, cost);
+        let totals = Totals::of(event, charge);
         let cell = self
             .minutes
             .entry((Resolution::Minute.start_of(event.ts), tuple))
@@ -392,16 +397,20 @@ mod tests {
     #[test]
     fn events_of_one_cell_are_summed_and_read_back() {
         let mut delta = Delta::default();
-        let cost = Cost::from_atto(3_000_000_007);
-        delta.add(&event(HOUR_MS + 5, "m", 200, 10), Some(cost), NOW);
-        delta.add(&event(HOUR_MS + 9, "m", 500, 5), Some(cost), NOW);
-        delta.add(&event(HOUR_MS + 9, "m", 200, 4), Some(cost), NOW);
+        let charge = Charge {
+            cost: Cost::from_atto(3_000_000_007),
+            cache_savings: Cost::from_atto(1_000_000_003),
+        };
+        delta.add(&event(HOUR_MS + 5, "m", 200, 10), Some(charge), NOW);
+        delta.add(&event(HOUR_MS + 9, "m", 500, 5), Some(charge), NOW);
+        delta.add(&event(HOUR_MS + 9, "m", 200, 4), Some(charge), NOW);
         delta.add(&event(2 * HOUR_MS, "m", 200, 1), None, NOW);
         let cells = hours(&delta);
         assert_eq!(cells.len(), 3, "two statuses in hour 1, one cell in hour 2");
         let first = &cells[&(HOUR_MS, Dims::of(&event(0, "m", 200, 0)))];
         assert_eq!((first.totals.requests, first.totals.input_tokens), (2, 14));
         assert_eq!(first.totals.cost, Cost::from_atto(6_000_000_014));
+        assert_eq!(first.totals.cache_savings, Cost::from_atto(2_000_000_006));
         assert_eq!(first.latency, [(sketch::bin_of(10), 2)]);
         let with_error = &cells[&(HOUR_MS, Dims::of(&event(0, "m", 500, 0)))];
         assert_eq!(
@@ -410,8 +419,12 @@ mod tests {
         );
         let unpriced = &cells[&(2 * HOUR_MS, Dims::of(&event(0, "m", 200, 0)))];
         assert_eq!(
-            (unpriced.totals.unpriced_requests, unpriced.totals.cost),
-            (1, Cost::ZERO)
+            (
+                unpriced.totals.unpriced_requests,
+                unpriced.totals.cost,
+                unpriced.totals.cache_savings
+            ),
+            (1, Cost::ZERO, Cost::ZERO)
         );
     }
 
@@ -520,9 +533,17 @@ mod tests {
     fn large_costs_stay_exact() {
         let mut delta = Delta::default();
         let cost = Cost::from_atto(123_456_789_012_345_678_901_234);
-        delta.add(&event(0, "m", 200, 1), Some(cost), NOW);
-        delta.add(&event(1, "m", 200, 1), Some(cost), NOW);
+        let charge = Charge {
+            cost,
+            cache_savings: cost,
+        };
+        delta.add(&event(0, "m", 200, 1), Some(charge), NOW);
+        delta.add(&event(1, "m", 200, 1), Some(charge), NOW);
         let cells = hours(&delta);
-        assert_eq!(cells.values().next().unwrap().totals.cost, cost + cost);
+        let totals = cells.values().next().unwrap().totals;
+        assert_eq!(
+            (totals.cost, totals.cache_savings),
+            (cost + cost, cost + cost)
+        );
     }
 }

@@ -10,6 +10,7 @@ mod anthropic;
 mod openai;
 
 mod metered;
+pub mod socket;
 
 #[cfg(test)]
 mod fuzz;
@@ -84,25 +85,17 @@ pub async fn forward(
             Err(_) => Some(state.config.default_cooldown),
         };
         if let Some(rest) = rest {
-            let now = now_ms();
-            state.metrics.cooldown(&account.record.id);
-            state.accounts.cool_down(&account, rest, now).await;
-            if !failed_over {
-                let want = Want {
-                    provider,
-                    model: out.model,
-                    session: out.session,
-                    exclude: Some(&account.record.id),
-                };
-                if let Ok(next) = state.accounts.pick(&want, now)
-                    && next.account.cooling_until(now).is_none()
-                {
-                    tracing::info!(from = %account.record.id, to = %next.account.record.id, "failing over to another account");
-                    failed_over = true;
-                    call.account_id = Some(next.account.record.id.clone());
-                    lease = next;
-                    continue;
-                }
+            let want = Want {
+                provider,
+                model: Some(out.model),
+                session: out.session,
+                exclude: Some(&account.record.id),
+            };
+            let again = (!failed_over).then_some(&want);
+            if let Some(next) = rest_and_fail_over(state, &mut call, &account, rest, again).await {
+                failed_over = true;
+                lease = next;
+                continue;
             }
         }
         return match attempt {
@@ -127,6 +120,28 @@ pub async fn forward(
             }
         };
     }
+}
+
+/// Rests `account` after a failed attempt and, when `another` is given (the request has not
+/// failed over yet), takes the account it names if that one is not resting too.
+async fn rest_and_fail_over(
+    state: &AppState,
+    call: &mut Call,
+    account: &Account,
+    rest: Duration,
+    another: Option<&Want<'_>>,
+) -> Option<Lease> {
+    let now = now_ms();
+    state.metrics.cooldown(&account.record.id);
+    state.accounts.cool_down(account, rest, now).await;
+    let next = state
+        .accounts
+        .pick(another?, now)
+        .ok()
+        .filter(|next| next.account.cooling_until(now).is_none())?;
+    tracing::info!(from = %account.record.id, to = %next.account.record.id, "failing over to another account");
+    call.account_id = Some(next.account.record.id.clone());
+    Some(next)
 }
 
 fn now_ms() -> i64 {

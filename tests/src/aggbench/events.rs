@@ -386,7 +386,7 @@ impl Generator {
                 errors: u64::from(event.status >= 400),
                 input_tokens: event.input_tokens,
                 output_tokens: event.output_tokens,
-                cost: cost.unwrap_or(Cost::ZERO),
+                cost: cost.map_or(Cost::ZERO, |charge| charge.cost),
                 unpriced: u64::from(cost.is_none()),
             });
         *expected.by_status.entry(event.status).or_default() += 1;

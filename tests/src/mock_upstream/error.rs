@@ -100,6 +100,23 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The error as OpenAI's Responses socket sends it: an `error` event wrapping the HTTP
+    /// answer's status, body and headers; the socket stays open.
+    pub(super) fn socket_event(&self) -> Value {
+        let mut headers = serde_json::Map::new();
+        if let Some(seconds) = self.retry_after {
+            headers.insert("retry-after".to_owned(), json!(seconds.to_string()));
+        }
+        json!({
+            "type": "error",
+            "status": self.status.as_u16(),
+            "error": self.body()["error"],
+            "headers": headers,
+        })
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();

@@ -3,7 +3,8 @@
 //!
 //! - `POST /v1/messages`, `POST /v1/messages/count_tokens` (Anthropic Messages),
 //! - `POST /v1/chat/completions` (OpenAI Chat Completions),
-//! - `POST /v1/responses` (OpenAI Responses),
+//! - `POST /v1/responses` (OpenAI Responses), and `GET /v1/responses` upgraded to its
+//!   WebSocket mode (`response.create` in, the stream's events out, one response at a time),
 //! - `GET /v1/models` (in the caller's dialect).
 //!
 //! Each response is scripted by an optional `"mock"` object in the request body (token counts,
@@ -22,6 +23,7 @@ mod ids;
 mod models;
 mod openai_chat;
 mod openai_responses;
+mod openai_socket;
 mod provider;
 mod scenario;
 mod sse;
@@ -65,7 +67,8 @@ pub struct MockConfig {
     pub api_key: Option<String>,
 }
 
-/// One request as the mock received it.
+/// One request as the mock received it; a message on a Responses socket is logged as method
+/// `WS` with no headers (the upgrade that opened the socket is logged as its `GET`).
 #[derive(Clone, Debug)]
 pub struct ReceivedRequest {
     pub method: String,
@@ -176,6 +179,8 @@ pub async fn run(
 #[derive(Clone)]
 struct MockState {
     config: Arc<MockConfig>,
+    /// Socket messages are logged by their handler, not by the HTTP `record` layer.
+    log: RequestLog,
     closing: watch::Sender<bool>,
 }
 
@@ -199,6 +204,7 @@ fn build(config: MockConfig) -> (Router, RequestLog, watch::Sender<bool>) {
     let (closing, _) = watch::channel(false);
     let state = MockState {
         config: Arc::new(config),
+        log: log.clone(),
         closing: closing.clone(),
     };
     let router = Router::new()

@@ -18,7 +18,10 @@ use super::scenario::{Dialect, Reply, Scenario, Terminal, text_chunks};
 use super::sse::{self, Frame, Pacing};
 
 pub(super) fn routes() -> Router<MockState> {
-    Router::new().route("/v1/responses", post(create))
+    Router::new().route(
+        "/v1/responses",
+        post(create).get(super::openai_socket::upgrade),
+    )
 }
 
 async fn create(
@@ -46,7 +49,7 @@ enum Phase {
     Done,
 }
 
-struct ResponseObject {
+pub(super) struct ResponseObject {
     id: String,
     created_at: i64,
     reply: Reply,
@@ -63,7 +66,7 @@ struct ResponseObject {
 }
 
 impl ResponseObject {
-    fn new(scenario: &Scenario, request: &Value) -> ResponseObject {
+    pub(super) fn new(scenario: &Scenario, request: &Value) -> ResponseObject {
         let reply = scenario.reply(request, Dialect::OpenAiResponses);
         let terminal = scenario.responses_terminal.unwrap_or(if reply.truncated {
             Terminal::Incomplete
@@ -86,7 +89,7 @@ impl ResponseObject {
         }
     }
 
-    fn stream(&self, scenario: &Scenario) -> Vec<Frame> {
+    pub(super) fn stream(&self, scenario: &Scenario) -> Vec<Frame> {
         let in_progress = self.snapshot(Phase::InProgress);
         let mut events = vec![
             ("response.created", json!({ "response": in_progress })),
@@ -156,6 +159,32 @@ impl ResponseObject {
                 Frame::named(name, data)
             })
             .collect()
+    }
+
+    /// A socket's warm-up (`"generate": false`): the request is read and its state kept for a
+    /// continuation, nothing is generated. The events of a response with no output, whose usage
+    /// counts only the input.
+    pub(super) fn warmup(&self) -> Vec<Frame> {
+        let mut done = self.snapshot(Phase::Done);
+        done["output"] = json!([]);
+        let input = self.reply.usage.input + self.reply.usage.cache_read;
+        done["usage"]["output_tokens"] = json!(0);
+        done["usage"]["output_tokens_details"]["reasoning_tokens"] = json!(0);
+        done["usage"]["total_tokens"] = json!(input);
+        let in_progress = self.snapshot(Phase::InProgress);
+        [
+            ("response.created", in_progress),
+            ("response.completed", done),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(sequence_number, (name, response))| {
+            Frame::named(
+                name,
+                json!({ "type": name, "sequence_number": sequence_number, "response": response }),
+            )
+        })
+        .collect()
     }
 
     /// The response object as `response.created` (in progress) or the terminal event and the
@@ -325,6 +354,20 @@ mod tests {
             events.last().unwrap().1["response"]["usage"]["output_tokens"],
             8
         );
+    }
+
+    #[test]
+    fn a_warmup_reports_its_input_and_no_output() {
+        let (_, object) = object(json!({"input_tokens": 100, "cache_read": 20}));
+        let frames = object.warmup();
+        let events = events(&frames);
+        let names: Vec<_> = events.iter().map(|(name, _)| *name).collect();
+        assert_eq!(names, ["response.created", "response.completed"]);
+        let done = &events[1].1["response"];
+        assert_eq!(done["output"], json!([]));
+        assert_eq!(done["usage"]["input_tokens"], 120);
+        assert_eq!(done["usage"]["output_tokens"], 0);
+        assert_eq!(done["usage"]["total_tokens"], 120);
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub(crate) struct Scenario {
     pub delta_cache_read: Option<u64>,
     pub final_chunk_with_choices: bool,
     pub responses_terminal: Option<Terminal>,
+    /// Responses WebSocket mode: with `cut_after_events`, close the socket with this code
+    /// (e.g. 1011) instead of dropping the connection without a close frame.
+    pub close_code: Option<u16>,
 }
 
 /// A provider-shaped error to return instead of a completion.
@@ -271,8 +274,9 @@ mod tests {
             "chunk_delay_ms": 4, "error": {"status": 429, "retry_after": 7, "message": "slow"},
             "hang": false, "cut_after_events": 3, "omit_terminator": true, "malformed_sse": true,
             "delta_usage_full": true, "delta_input_tokens": 9, "final_chunk_with_choices": true,
-            "responses_terminal": "incomplete"
+            "responses_terminal": "incomplete", "close_code": 1011
         }));
+        assert_eq!(s.close_code, Some(1011));
         assert_eq!(s.cache_write, Some(7));
         assert_eq!(
             s.error.as_ref().map(|e| (e.status, e.retry_after)),
