@@ -379,6 +379,33 @@ pub async fn spawn_aggregator_with(
     (addr, tx)
 }
 
+/// Waits until the gateway at `addr` answers `/readyz` with 200 (its Redis is reachable).
+pub async fn wait_ready(http: &reqwest::Client, addr: SocketAddr) {
+    eventually(Duration::from_secs(20), || async {
+        let r = http
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+}
+
+/// The value of an unlabelled counter or gauge in the `/metrics` of the server at `addr`.
+pub async fn metric(http: &reqwest::Client, addr: SocketAddr, name: &str) -> Option<u64> {
+    let text = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Polls `probe` until it returns `Some`, or panics after `deadline`.
 pub async fn eventually<T, F, Fut>(deadline: Duration, mut probe: F) -> T
 where

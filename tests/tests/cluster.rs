@@ -16,7 +16,8 @@ use shared::UsageEvent;
 use tests::cluster::RedisCluster;
 use tests::fixtures::hand_cost;
 use tests::harness::{
-    Pipeline, eventually, redis_url, spawn_aggregator_with, spawn_gateway, unique_stream,
+    Pipeline, eventually, metric, redis_url, spawn_aggregator_with, spawn_gateway, unique_stream,
+    wait_ready,
 };
 use tests::process::binary;
 use tokio::sync::oneshot;
@@ -51,16 +52,7 @@ impl Deployment {
             a.consumer = Some("second".into());
         })
         .await;
-        eventually(Duration::from_secs(20), || async {
-            let r = p
-                .http
-                .get(format!("http://{second_gateway}/readyz"))
-                .send()
-                .await
-                .ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await;
+        wait_ready(&p.http, second_gateway).await;
         Self {
             p,
             second_gateway,
@@ -203,22 +195,6 @@ async fn keys(d: &Deployment, n: usize) -> Vec<String> {
         i += 1;
     }
     secrets
-}
-
-/// A counter of a gateway's `/metrics`.
-async fn counter(d: &Deployment, gateway: SocketAddr, name: &str) -> u64 {
-    let text =
-        d.p.http
-            .get(format!("http://{gateway}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,7 +382,7 @@ async fn a_master_killed_under_load_loses_no_event_and_changes_no_figure() {
             "meter_gateway_limits_failed_open_total",
             "meter_gateway_events_published_total",
         ] {
-            let n = counter(&d, gateway, name).await;
+            let n = metric(&d.p.http, gateway, name).await.unwrap_or(0);
             eprintln!("{gateway} {name} {n}");
             held_back += n;
         }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use tests::harness::{Pipeline, eventually, spawn_gateway};
+use tests::harness::{Pipeline, eventually, spawn_gateway, wait_ready};
 
 fn message(stream: bool, extra: Value) -> Value {
     json!({"model": "claude-haiku-4-5", "max_tokens": 5, "stream": stream, "messages": [], "mock": extra})
@@ -100,16 +100,7 @@ async fn two_replicas_together_admit_exactly_the_limit() {
         p.gateway_url("/v1/messages"),
         format!("http://{second}/v1/messages"),
     ];
-    eventually(Duration::from_secs(5), || async {
-        let r = p
-            .http
-            .get(format!("http://{second}/readyz"))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    wait_ready(&p.http, second).await;
     let statuses = join_all((0..40).map(|i| {
         let request = p
             .http
@@ -502,16 +493,7 @@ async fn waiters_are_served_in_arrival_order_across_two_replicas() {
         .add_key(json!({"name": "queue", "max_concurrency": 1, "concurrency_wait_ms": 10000}))
         .await;
     let (second_gateway, _stop) = spawn_gateway(&p.redis_url, &p.stream, |_| {}).await;
-    eventually(Duration::from_secs(5), || async {
-        let r = p
-            .http
-            .get(format!("http://{second_gateway}/readyz"))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    wait_ready(&p.http, second_gateway).await;
     let send = |addr: std::net::SocketAddr, body: Value| {
         p.http
             .post(format!("http://{addr}/v1/messages"))

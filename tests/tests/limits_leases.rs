@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
-use tests::harness::{Pipeline, RedisServer, eventually, redis_url, spawn_gateway_joinable};
+use tests::harness::{
+    Pipeline, RedisServer, eventually, redis_url, spawn_gateway_joinable, wait_ready,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -104,15 +106,7 @@ async fn spawn_replica(
 ) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
     let (addr, tx, done) = spawn_gateway_joinable(redis_url, stream, tweak).await;
     let http = reqwest::Client::new();
-    eventually(Duration::from_secs(10), || async {
-        let r = http
-            .get(format!("http://{addr}/readyz"))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    wait_ready(&http, addr).await;
     (addr, tx, done)
 }
 

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tests::harness::{Pipeline, eventually, redis_url, refusing_port, spawn_gateway_joinable};
+use tests::harness::{
+    Pipeline, eventually, redis_url, refusing_port, spawn_gateway_joinable, wait_ready,
+};
 use tests::mock_upstream::{MockConfig, MockUpstream};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -519,16 +521,7 @@ async fn a_gateway_shutting_down_closes_its_sockets_once_their_response_is_done(
     let (_, secret) = p.add_key(json!({"name": "k"})).await;
     // A replica of its own, whose shutdown the test starts and awaits.
     let (gateway, stop, done) = spawn_gateway_joinable(&p.redis_url, &p.stream, |_| {}).await;
-    eventually(WAIT, || async {
-        let ready = p
-            .http
-            .get(format!("http://{gateway}/readyz"))
-            .send()
-            .await
-            .ok()?;
-        (ready.status() == 200).then_some(())
-    })
-    .await;
+    wait_ready(&p.http, gateway).await;
 
     let mut idle = connect_to(gateway, &secret).await.unwrap();
     let mut busy = connect_to(gateway, &secret).await.unwrap();

@@ -130,17 +130,8 @@ impl Api {
     }
 
     async fn metric(&self, name: &str) -> u64 {
-        let text = self
-            .http
-            .get(format!("http://{}/metrics", self.addr))
-            .send()
+        tests::harness::metric(&self.http, self.addr, name)
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap()
     }
 
