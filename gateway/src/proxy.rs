@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -17,37 +17,56 @@ use crate::relay::{self, Outbound};
 use crate::state::AppState;
 use crate::usage::{CLIENT_CLOSED, Call};
 
-pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    handle(state, Endpoint::Messages, headers, body).await
+pub async fn messages(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(state, Endpoint::Messages, &uri, headers, body).await
 }
 
 pub async fn count_tokens(
     State(state): State<AppState>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(state, Endpoint::CountTokens, headers, body).await
+    handle(state, Endpoint::CountTokens, &uri, headers, body).await
 }
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(state, Endpoint::ChatCompletions, headers, body).await
+    handle(state, Endpoint::ChatCompletions, &uri, headers, body).await
 }
 
-pub async fn responses(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    handle(state, Endpoint::Responses, headers, body).await
+pub async fn responses(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(state, Endpoint::Responses, &uri, headers, body).await
 }
 
-async fn handle(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+async fn handle(
+    state: AppState,
+    endpoint: Endpoint,
+    uri: &Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let mut in_flight = InFlight::enter(&state.metrics, endpoint);
     let mut call = Call::start(endpoint, state.events.clone());
     let response = match admit(&state, &mut call, &headers, body).await {
         Ok(admitted) => {
             let out = Outbound {
                 client_headers: &headers,
+                query: uri.query(),
                 body: admitted.body,
                 model: &admitted.model,
                 session: admitted.session.as_deref(),
