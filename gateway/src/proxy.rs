@@ -1,5 +1,7 @@
 //! The client routes: admit (authenticate, read, check), then hand over to the relay.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -162,7 +164,7 @@ async fn admit(
             chrono::Utc::now().timestamp_millis(),
         )
         .await?;
-    call.key_id = Some(key.id.clone());
+    call.key = Some(Arc::clone(&key));
 
     let body = read_body(headers, body, &state.config).await?;
     let meta: RequestMeta = serde_json::from_slice(&body)
