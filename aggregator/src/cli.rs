@@ -33,7 +33,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Prints usage and cost from the stats in Redis, as a table or as the `/v1/usage` JSON.
-    Usage(QueryArgs),
+    Usage(UsageArgs),
     /// Prints latency and time-to-first-token quantiles from the stats in Redis, as a table or
     /// as the `/v1/latency` JSON.
     Latency(LatencyArgs),
@@ -76,6 +76,16 @@ pub struct QueryArgs {
     /// Print the API's JSON document, exactly as the HTTP route answers it, instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct UsageArgs {
+    #[command(flatten)]
+    pub query: QueryArgs,
+    /// Only rows with requests whose model had no price (`unpriced=true`); with
+    /// `--group-by model`, the models used without a price.
+    #[arg(long)]
+    pub unpriced: bool,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -123,10 +133,14 @@ pub enum UsageError {
 /// Runs `aggregator usage`; the output goes to `out`.
 pub async fn usage(
     config: &Config,
-    args: &QueryArgs,
+    args: &UsageArgs,
     out: &mut impl std::io::Write,
 ) -> Result<(), UsageError> {
-    query(config, Kind::Usage, &args.params(), args.json, out).await
+    let mut params = args.query.params();
+    if args.unpriced {
+        params.insert("unpriced".to_owned(), "true".to_owned());
+    }
+    query(config, Kind::Usage, &params, args.query.json, out).await
 }
 
 /// Runs `aggregator latency`; the output goes to `out`.

@@ -145,6 +145,11 @@ pub struct Args {
     /// log shippers. Flag and environment only: logging starts before the file is read.
     #[arg(long, env = "METER_LOG_FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
+    /// `true` (default): one `info` line per client request, target `meter::access`, whatever
+    /// `RUST_LOG`'s level (unless it names `meter::access` itself); `false`: none. Flag and
+    /// environment only, like `--log-format`.
+    #[arg(long, env = "METER_ACCESS_LOG")]
+    pub access_log: Option<bool>,
 }
 
 /// The same settings as a TOML file spells them.

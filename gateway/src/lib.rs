@@ -19,6 +19,7 @@ mod auth;
 mod limiter;
 mod spend;
 
+mod access_log;
 mod proxy;
 mod relay;
 mod sse;
@@ -53,6 +54,7 @@ use shared::RedisConn;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub use access_log::log_filter;
 pub use config::{Args, Config, ConfigError};
 
 use accounts::Accounts;

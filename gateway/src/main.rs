@@ -18,7 +18,7 @@ async fn main() {
 async fn run() -> anyhow::Result<()> {
     use clap::Parser;
     let args = gateway::Args::parse();
-    init_logs(args.log_format.as_deref());
+    init_logs(args.log_format.as_deref(), args.access_log.unwrap_or(true));
     let config = gateway::Config::build(args)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -50,13 +50,11 @@ async fn shutdown_signal() {
 
 /// Logs go to stderr: as JSON lines for log shippers (`--log-format json`), else as text,
 /// coloured only on a terminal so that files get plain text.
-fn init_logs(format: Option<&str>) {
+fn init_logs(format: Option<&str>, access_log: bool) {
+    let rust_log = std::env::var("RUST_LOG").ok();
     let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        );
+        .with_env_filter(gateway::log_filter(rust_log.as_deref(), access_log));
     match format {
         Some("json") => logs.json().init(),
         _ => logs.with_ansi(std::io::stderr().is_terminal()).init(),

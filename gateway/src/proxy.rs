@@ -1,10 +1,12 @@
 //! The client routes: admit (authenticate, read, check), then hand over to the relay.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -18,28 +20,40 @@ use crate::relay::{self, Outbound};
 use crate::state::AppState;
 use crate::usage::{CLIENT_CLOSED, Call};
 
-pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    handle(state, Endpoint::Messages, headers, body).await
+pub async fn messages(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(state, Endpoint::Messages, &uri, headers, body).await
 }
 
 pub async fn count_tokens(
     State(state): State<AppState>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(state, Endpoint::CountTokens, headers, body).await
+    handle(state, Endpoint::CountTokens, &uri, headers, body).await
 }
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(state, Endpoint::ChatCompletions, headers, body).await
+    handle(state, Endpoint::ChatCompletions, &uri, headers, body).await
 }
 
-pub async fn responses(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    handle(state, Endpoint::Responses, headers, body).await
+pub async fn responses(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(state, Endpoint::Responses, &uri, headers, body).await
 }
 
 /// `GET /v1/responses`: the Responses API's WebSocket mode. The key is checked before the
@@ -59,7 +73,8 @@ pub async fn responses_socket(
     let response = match state.keys.authenticate(secret.as_deref(), now_ms).await {
         Err(err) => relay::reject(call, err),
         Ok(key) => {
-            call.key_id = Some(key.id.clone());
+            call.key = Some(Arc::clone(&key));
+            call.method = "GET";
             match (upgrade, secret) {
                 (Ok(upgrade), Some(secret)) => {
                     let upgrade = upgrade.max_message_size(state.config.max_body_bytes);
@@ -79,13 +94,20 @@ pub async fn responses_socket(
     response
 }
 
-async fn handle(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+async fn handle(
+    state: AppState,
+    endpoint: Endpoint,
+    uri: &Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let mut in_flight = InFlight::enter(&state.metrics, endpoint);
     let mut call = Call::start(endpoint, state.events.clone());
     let response = match admit(&state, &mut call, &headers, body).await {
         Ok(admitted) => {
             let out = Outbound {
                 client_headers: &headers,
+                query: uri.query(),
                 body: admitted.body,
                 model: &admitted.model,
                 session: admitted.session.as_deref(),
@@ -181,7 +203,7 @@ async fn admit(
             chrono::Utc::now().timestamp_millis(),
         )
         .await?;
-    call.key_id = Some(key.id.clone());
+    call.key = Some(Arc::clone(&key));
 
     let body = read_body(headers, body, &state.config).await?;
     let meta: RequestMeta = serde_json::from_slice(&body)

@@ -1,11 +1,13 @@
 //! What one client request consumed, gathered while it is served, and the usage event it becomes.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use shared::{SCHEMA_VERSION, UsageEvent};
 
 use crate::provider::Endpoint;
 use crate::publisher::Publisher;
+use crate::store::KeyRecord;
 
 /// The status an event records when the client went away before any answer reached it (the
 /// convention nginx started: no HTTP status was ever sent).
@@ -25,16 +27,20 @@ pub struct Usage {
 }
 
 /// One request in flight: what is known about it so far, and the duty to publish its one usage
-/// event. [`Call::publish`] discharges the duty; a call dropped before that (hyper drops the
-/// handler when the client hangs up, at whatever await it was) publishes a
-/// `client_disconnected` event from `Drop`, so no path out of a request goes unmetered.
+/// event and log its access-log line. [`Call::publish`] discharges the duty; a call dropped
+/// before that (hyper drops the handler when the client hangs up, at whatever await it was)
+/// publishes a `client_disconnected` event from `Drop`, so no path out of a request goes
+/// unmetered.
 #[derive(Debug)]
 pub struct Call {
     id: uuid::Uuid,
     ts_ms: i64,
     started: Instant,
     pub endpoint: Endpoint,
-    pub key_id: Option<String>,
+    /// The client's HTTP method, for the access log (`POST` on every relay route).
+    pub method: &'static str,
+    /// The authenticated key: its id goes into the event, its name into the access log.
+    pub key: Option<Arc<KeyRecord>>,
     pub account_id: Option<String>,
     /// The model the client asked for; the upstream's report wins when there is one.
     pub requested_model: Option<String>,
@@ -51,7 +57,8 @@ impl Call {
             ts_ms: chrono::Utc::now().timestamp_millis(),
             started: Instant::now(),
             endpoint,
-            key_id: None,
+            method: "POST",
+            key: None,
             account_id: None,
             requested_model: None,
             stream: false,
@@ -83,11 +90,17 @@ impl Call {
         self.published = true;
     }
 
-    /// Publishes the request's event, finished now; only the first call publishes.
+    /// Publishes the request's event, finished now, and logs its access-log line; only the
+    /// first call publishes.
     pub fn publish(&mut self, status: u16, usage: &Usage, error: Option<&str>) {
         if !self.published {
             self.published = true;
-            self.events.publish(self.event(status, usage, error));
+            let event = self.event(status, usage, error);
+            // The gateway's routes are the upstream's paths.
+            let path = self.endpoint.upstream_path();
+            let key_name = self.key.as_ref().map(|key| key.name.as_str());
+            crate::access_log::log(self.method, path, key_name, &event);
+            self.events.publish(event);
         }
     }
 
@@ -103,7 +116,7 @@ impl Call {
             v: SCHEMA_VERSION,
             id: self.id.to_string(),
             ts: self.ts_ms,
-            key_id: self.key_id.clone(),
+            key_id: self.key.as_ref().map(|key| key.id.clone()),
             account_id: self.account_id.clone(),
             provider: self.endpoint.provider().as_str().to_owned(),
             endpoint: self.endpoint.as_str().to_owned(),
@@ -205,7 +218,9 @@ mod tests {
         assert!(rx.try_recv().is_err(), "published once, not again on drop");
 
         let mut call = Call::start(Endpoint::ChatCompletions, events);
-        call.key_id = Some("k1".into());
+        let key = serde_json::json!({"id": "k1", "name": "alice", "hash": "", "prefix": "",
+            "created_at_ms": 0});
+        call.key = Some(Arc::new(serde_json::from_value(key).unwrap()));
         drop(call);
         let left = rx.try_recv().unwrap();
         assert_eq!(

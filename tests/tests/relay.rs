@@ -241,6 +241,157 @@ async fn count_tokens_is_relayed_without_usage_and_models_lists_the_allowed_ones
     assert_eq!(ids, ["claude-haiku-4-5", "claude-sonnet-4-5"]);
 }
 
+/// docs/gateway-api.md, "Headers and the query string": what a client sends reaches the
+/// upstream, except its connection's own headers, its credentials and cookies, and what the
+/// gateway sets itself.
+#[tokio::test]
+async fn client_headers_and_the_query_string_reach_the_upstream_but_credentials_and_cookies_do_not()
+{
+    let p = Pipeline::start().await;
+    p.add_account("anthropic").await;
+    p.add_account("openai").await;
+    let (_, secret) = p.add_key(json!({"name": "cli"})).await;
+    // Sent on both routes; none of these may reach the upstream.
+    let withheld = [
+        ("cookie", "session=cookie-secret"),
+        ("proxy-authorization", "Basic cHJveHktc2VjcmV0"),
+        ("api-key", "azure-secret"),
+        ("connection", "keep-alive, x-hop-secret"),
+        ("x-hop-secret", "named-by-connection"),
+        ("accept-encoding", "gzip, br"),
+        ("content-type", "text/plain"),
+    ];
+    let send = |path: &str, credential: (&str, String), passed: &[(&str, &str)], body: Value| {
+        let mut request = p
+            .http
+            .post(p.gateway_url(path))
+            .header(credential.0, credential.1)
+            .body(body.to_string());
+        for (name, value) in withheld.iter().chain(passed) {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+
+    // Anthropic: the gateway key in x-api-key, and another credential in authorization (as
+    // Claude Code sends with ANTHROPIC_AUTH_TOKEN set as well).
+    let anthropic_passed = [
+        ("user-agent", "claude-cli/2.1.0 (external, cli)"),
+        ("x-stainless-lang", "js"),
+        ("x-stainless-retry-count", "0"),
+        ("anthropic-beta", "claude-code-20250219"),
+        ("anthropic-version", "2023-06-01"),
+        ("x-app", "cli"),
+    ];
+    let response = send(
+        "/v1/messages?beta=true",
+        ("x-api-key", secret.clone()),
+        &anthropic_passed,
+        json!({"model": "claude-haiku-4-5", "max_tokens": 5,
+               "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = p
+        .http
+        .post(p.gateway_url("/v1/messages?beta=true"))
+        .header("x-api-key", &secret)
+        .bearer_auth("sk-ant-oat-client-secret")
+        .json(
+            &json!({"model": "claude-haiku-4-5", "max_tokens": 5, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.text().await.unwrap().contains("message_stop"));
+
+    // OpenAI: the gateway key as the bearer token; Codex's headers.
+    let openai_passed = [
+        ("user-agent", "codex_cli_rs/0.171.0"),
+        ("originator", "codex_cli_rs"),
+        ("session-id", "0199a0c4-7c1e-7b42-9e1a-3f6a0d2b9c11"),
+        ("x-codex-beta-features", "unified_exec"),
+        ("openai-beta", "responses=experimental"),
+    ];
+    let response = send(
+        "/v1/responses?beta=true&x=%2F1",
+        ("authorization", format!("Bearer {secret}")),
+        &openai_passed,
+        json!({"model": "gpt-4o", "input": "hi", "stream": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("response.completed")
+    );
+
+    let received = p.upstream.received();
+    assert_eq!(received.len(), 3, "{received:?}");
+    let upstream_host = p.upstream.addr.to_string();
+    for (request, passed, credential) in [
+        (
+            &received[0],
+            &anthropic_passed[..],
+            ("x-api-key", "sk-upstream-anthropic"),
+        ),
+        (
+            &received[2],
+            &openai_passed[..],
+            ("authorization", "Bearer sk-upstream-openai"),
+        ),
+    ] {
+        for (name, value) in passed {
+            assert_eq!(request.header(name), Some(*value), "{name}: {request:?}");
+        }
+        assert_eq!(request.header(credential.0), Some(credential.1));
+        for (name, _) in withheld
+            .iter()
+            .filter(|(n, _)| !matches!(*n, "connection" | "accept-encoding" | "content-type"))
+        {
+            assert_eq!(request.header(name), None, "{name} was forwarded");
+        }
+        // Set by the gateway, whatever the client sent.
+        assert_eq!(request.header("accept-encoding"), Some("identity"));
+        assert_eq!(request.header("content-type"), Some("application/json"));
+        assert_eq!(request.header("host"), Some(upstream_host.as_str()));
+        assert_ne!(
+            request.header("connection"),
+            Some("keep-alive, x-hop-secret")
+        );
+    }
+    assert_eq!(received[0].query.as_deref(), Some("beta=true"));
+    assert_eq!(received[2].query.as_deref(), Some("beta=true&x=%2F1"));
+    assert_eq!(received[2].path, "/v1/responses");
+    // Neither credential of the Anthropic client, nor its key, reached the upstream.
+    assert_eq!(received[1].query.as_deref(), Some("beta=true"));
+    assert_eq!(
+        received[1].header("x-api-key"),
+        Some("sk-upstream-anthropic")
+    );
+    assert_eq!(received[1].header("authorization"), None);
+    // No secret of the client's is anywhere in what the upstream got.
+    for request in &received {
+        for (name, value) in &request.headers {
+            for secret in [
+                secret.as_str(),
+                "cookie-secret",
+                "sk-ant-oat",
+                "azure-secret",
+            ] {
+                assert!(!value.contains(secret), "{name}: {value}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_failing_account_rests_and_the_request_fails_over_once() {
     let p = Pipeline::start().await;

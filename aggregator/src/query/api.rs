@@ -170,6 +170,9 @@ pub(crate) async fn answer(
             rows.add(bucket.start, partial)?;
         }
     }
+    if query.unpriced {
+        rows.usage.retain(|_, totals| totals.unpriced_requests > 0);
+    }
     let key_names = match query
         .spec
         .group_by

@@ -44,6 +44,9 @@ pub struct Query {
     pub request: Request,
     pub spec: GroupSpec,
     pub quantiles: Vec<f64>,
+    /// `unpriced=true` (usage only): keep the rows with unpriced requests, which grouped by
+    /// model lists the models that were used without a price.
+    pub unpriced: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -85,9 +88,10 @@ pub fn parse_time(param: &str, raw: &str) -> Result<i64, ParamError> {
 impl Query {
     pub fn parse(params: &HashMap<String, String>, kind: Kind) -> Result<Self, ParamError> {
         let mut known = vec!["from", "to", "bucket", "group_by", "tz"];
-        if kind == Kind::Latency {
-            known.push("quantiles");
-        }
+        known.push(match kind {
+            Kind::Latency => "quantiles",
+            Kind::Usage => "unpriced",
+        });
         for name in params.keys() {
             if !known.contains(&name.as_str()) && !DIMENSIONS.contains(&name.as_str()) {
                 return Err(bad(name, "unknown parameter"));
@@ -158,6 +162,13 @@ impl Query {
             quantiles: match kind {
                 Kind::Latency => parse_quantiles(params)?,
                 Kind::Usage => Vec::new(),
+            },
+            unpriced: match params.get("unpriced").map(String::as_str) {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(other) => {
+                    return Err(bad("unpriced", format!("{other:?} is not true or false")));
+                }
             },
         })
     }
@@ -386,6 +397,8 @@ mod tests {
         check_err(Kind::Usage, &[("status", "ok")], "status");
         check_err(Kind::Usage, &[("quantiles", "0.5")], "quantiles");
         check_err(Kind::Latency, &[("quantiles", "1.5")], "quantiles");
+        check_err(Kind::Usage, &[("unpriced", "yes")], "unpriced");
+        check_err(Kind::Latency, &[("unpriced", "true")], "unpriced");
     }
 
     #[test]

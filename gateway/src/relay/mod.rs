@@ -1,12 +1,14 @@
 //! Relaying one admitted request to its upstream account and metering the answer.
 //!
-//! Bodies pass through unchanged. A streamed (SSE) answer is forwarded chunk by chunk as it
+//! Bodies pass through unchanged, and so do the query string and the client's headers but those
+//! `headers` keeps back. A streamed (SSE) answer is forwarded chunk by chunk as it
 //! arrives while a copy feeds the endpoint's usage parser; the usage event is published when
 //! the stream ends, fails, or the client goes away (the body is dropped), whichever comes first.
 //! From the moment `forward` is called it owns the request's event: every path out of it
 //! publishes exactly one.
 
 mod anthropic;
+mod headers;
 mod openai;
 
 mod metered;
@@ -19,17 +21,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use futures_util::stream::StreamExt;
 
 use crate::accounts::{Account, Lease, Want};
 use crate::error::GatewayError;
 use crate::limiter::LeaseGuard;
-use crate::provider::{Endpoint, Provider};
+use crate::provider::Endpoint;
 use crate::sse::SseHandler;
 use crate::state::AppState;
 use crate::usage::{Call, Usage};
+use headers::{client_response_headers, upstream_headers};
 use metered::{ChunkFilter, Metered, MeteredParts};
 
 /// Accumulates usage from a provider's stream events.
@@ -44,11 +47,11 @@ pub trait StreamUsage: SseHandler + Send {
     }
 }
 
-const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
-
 /// What the relay needs to know about an admitted request beyond its [`Call`].
 pub struct Outbound<'a> {
     pub client_headers: &'a HeaderMap,
+    /// The client's query string, passed on as it came (`?beta=true`).
+    pub query: Option<&'a str>,
     /// The body to send upstream: the client's bytes, unchanged unless `hide_usage`.
     pub body: Bytes,
     pub model: &'a str,
@@ -176,12 +179,15 @@ async fn send(
     account: &Account,
     out: &Outbound<'_>,
 ) -> Result<reqwest::Response, GatewayError> {
-    let url = account.url(endpoint).cloned().ok_or_else(|| {
+    let mut url = account.url(endpoint).cloned().ok_or_else(|| {
         GatewayError::UpstreamUnreachable(format!(
             "account {} has an invalid base_url",
             account.record.id
         ))
     })?;
+    if out.query.is_some() {
+        url.set_query(out.query);
+    }
     let account = &account.record;
     let request = state
         .http
@@ -340,124 +346,5 @@ fn upstream_error_kind(status: StatusCode) -> Option<&'static str> {
         401 | 403 => Some("upstream_unauthorized"),
         s if s < 500 => Some("upstream_rejected"),
         _ => Some("upstream_error"),
-    }
-}
-
-/// Headers for the upstream: the account's credential replaces whatever the client sent, and
-/// only headers that shape the request (versions, betas, content type) are carried over.
-fn upstream_headers(provider: Provider, client: &HeaderMap, api_key: &str) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    out.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Some(accept) = client.get(header::ACCEPT) {
-        out.insert(header::ACCEPT, accept.clone());
-    }
-    let secret = HeaderValue::from_str(api_key).ok();
-    match provider {
-        Provider::Anthropic => {
-            if let Some(mut secret) = secret {
-                secret.set_sensitive(true);
-                out.insert("x-api-key", secret);
-            }
-            let version = client
-                .get("anthropic-version")
-                .cloned()
-                .unwrap_or(HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION));
-            out.insert("anthropic-version", version);
-            for value in client.get_all("anthropic-beta") {
-                out.append("anthropic-beta", value.clone());
-            }
-        }
-        Provider::OpenAi => {
-            if let Ok(mut bearer) = HeaderValue::from_str(&format!("Bearer {api_key}")) {
-                bearer.set_sensitive(true);
-                out.insert(header::AUTHORIZATION, bearer);
-            }
-            for (name, value) in client {
-                if name.as_str().starts_with("openai-beta") {
-                    out.append(name.clone(), value.clone());
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Upstream response headers that matter to clients (docs/gateway-api.md); hop-by-hop and
-/// length headers are left for our own server to set.
-fn client_response_headers(upstream: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    for (name, value) in upstream {
-        if passes_to_client(name) {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    out
-}
-
-fn passes_to_client(name: &HeaderName) -> bool {
-    let name = name.as_str();
-    matches!(
-        name,
-        "content-type" | "request-id" | "x-request-id" | "retry-after" | "cache-control"
-    ) || name.starts_with("anthropic-")
-        || name.starts_with("openai-")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_clients_key_never_reaches_the_upstream() {
-        let mut client = HeaderMap::new();
-        client.insert("x-api-key", HeaderValue::from_static("mk-client"));
-        client.insert(
-            "authorization",
-            HeaderValue::from_static("Bearer mk-client"),
-        );
-        client.insert(
-            "anthropic-beta",
-            HeaderValue::from_static("prompt-caching-2024-07-31"),
-        );
-        let out = upstream_headers(Provider::Anthropic, &client, "sk-ant-account");
-        assert_eq!(out["x-api-key"], "sk-ant-account");
-        assert!(out.get("authorization").is_none());
-        assert_eq!(out["anthropic-beta"], "prompt-caching-2024-07-31");
-        assert_eq!(out["anthropic-version"], DEFAULT_ANTHROPIC_VERSION);
-
-        let out = upstream_headers(Provider::OpenAi, &client, "sk-account");
-        assert_eq!(out["authorization"], "Bearer sk-account");
-        assert!(out.get("x-api-key").is_none());
-    }
-
-    #[test]
-    fn only_client_relevant_headers_come_back() {
-        let mut upstream = HeaderMap::new();
-        for (k, v) in [
-            ("request-id", "req_1"),
-            ("anthropic-ratelimit-tokens-remaining", "5"),
-            ("openai-processing-ms", "12"),
-            ("retry-after", "7"),
-            ("connection", "keep-alive"),
-            ("transfer-encoding", "chunked"),
-            ("set-cookie", "a=b"),
-        ] {
-            upstream.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
-        }
-        let out = client_response_headers(&upstream);
-        let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
-        names.sort_unstable();
-        assert_eq!(
-            names,
-            [
-                "anthropic-ratelimit-tokens-remaining",
-                "openai-processing-ms",
-                "request-id",
-                "retry-after"
-            ]
-        );
     }
 }

@@ -73,6 +73,8 @@ pub struct MockConfig {
 pub struct ReceivedRequest {
     pub method: String,
     pub path: String,
+    /// The query string, without the `?`.
+    pub query: Option<String>,
     /// Lowercase names, in the order they arrived; repeated headers appear repeatedly.
     pub headers: Vec<(String, String)>,
     /// `Value::Null` when the body is empty or not JSON.
@@ -252,6 +254,7 @@ async fn record(State(log): State<RequestLog>, request: Request, next: Next) -> 
     log.push(ReceivedRequest {
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
         headers,
         body: bytes
             .as_ref()

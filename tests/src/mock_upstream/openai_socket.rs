@@ -81,6 +81,7 @@ async fn serve(state: MockState, mut socket: WebSocket) {
         state.log.push(ReceivedRequest {
             method: "WS".to_owned(),
             path: "/v1/responses".to_owned(),
+            query: None,
             headers: Vec::new(),
             body: body.clone(),
         });

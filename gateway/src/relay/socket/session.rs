@@ -281,6 +281,8 @@ async fn admit(
 ) -> Result<Admitted, GatewayError> {
     let state = &session.state;
     let mut call = Call::start(Endpoint::Responses, state.events.clone());
+    // Its access-log line names the socket's request: GET /v1/responses.
+    call.method = "GET";
     call.stream = true;
     call.account_id = Some(session.lease.account.record.id.clone());
     call.requested_model = model.clone();
@@ -309,7 +311,7 @@ async fn check(
 ) -> Result<Option<LeaseGuard>, GatewayError> {
     let now_ms = chrono::Utc::now().timestamp_millis();
     let key = keys.authenticate(Some(&session.secret), now_ms).await?;
-    call.key_id = Some(key.id.clone());
+    call.key = Some(std::sync::Arc::clone(&key));
     if busy {
         return Err(GatewayError::InvalidRequest(
             "a response is already in progress on this socket; send the next response.create after its terminal event".into(),

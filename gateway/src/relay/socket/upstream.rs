@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -89,9 +89,11 @@ fn as_socket_url(mut url: reqwest::Url) -> Option<reqwest::Url> {
 /// the body's content type, since an upgrade has no body. Its one place, so that the socket
 /// follows whatever rule the HTTP relay has.
 fn upgrade_headers(client: &HeaderMap, api_key: &str) -> HeaderMap {
-    let mut headers = super::super::upstream_headers(Provider::OpenAi, client, api_key);
-    headers.remove(header::CONTENT_TYPE);
-    headers.remove(header::ACCEPT);
+    // The HTTP relay's rule, without the body headers it adds: an upgrade has no body, and the
+    // WebSocket client sets its own handshake headers (`sec-websocket-*` never pass).
+    let mut headers = HeaderMap::with_capacity(client.len() + 1);
+    super::super::headers::forward_client_headers(client, &mut headers);
+    super::super::headers::account_headers(Provider::OpenAi, api_key, &mut headers);
     headers
 }
 
@@ -116,7 +118,7 @@ mod tests {
         assert_eq!(out["authorization"], "Bearer sk-account");
         assert_eq!(out["openai-beta"], "responses_websockets=2026-02-06");
         assert!(out.get("sec-websocket-key").is_none());
-        assert!(out.get(header::CONTENT_TYPE).is_none());
+        assert!(out.get(axum::http::header::CONTENT_TYPE).is_none());
     }
 
     #[test]
