@@ -72,6 +72,22 @@ impl RedisCluster {
             .join(",")
     }
 
+    /// The URLs of the nodes that are masters now.
+    pub fn master_urls(&self) -> Vec<String> {
+        self.live_ports()
+            .into_iter()
+            .filter(|&port| {
+                connect(port).is_some_and(|mut c| {
+                    redis::cmd("INFO")
+                        .arg("replication")
+                        .query::<String>(&mut c)
+                        .is_ok_and(|info| info.contains("role:master"))
+                })
+            })
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect()
+    }
+
     /// A client of the cluster for the test's own reads.
     pub fn client(&self) -> ClusterClient {
         ClusterClient::new(

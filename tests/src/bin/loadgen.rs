@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! cargo run --release -p tests --bin loadgen -- [--duration-secs 10] [--limits] [--out FILE.md]
-//!     [--spend-cache-ms N] [--driver auto|wrk|reqwest]
+//!     [--spend-cache-ms N] [--driver auto|wrk|reqwest] [--cluster PARTITIONS]
 //! ```
 //!
 //! The load comes from one of two drivers. `wrk` (`apt-get install wrk`) costs far less CPU per
@@ -50,7 +50,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 
-use crate::deployment::Deployment;
+use crate::deployment::{Deployment, Redis};
 use crate::load::{LoadResult, LoadSpec};
 use crate::processes::{Binaries, Children};
 use crate::report::{Driver, GatewayCost, Report, Row, Target};
@@ -79,6 +79,10 @@ struct Args {
     /// wrk when it is on PATH and reqwest otherwise.
     #[arg(long, value_enum, default_value_t = DriverChoice::Auto)]
     driver: DriverChoice,
+    /// Run on a Redis Cluster on loopback (3 masters, 3 replicas) with this many partitions,
+    /// instead of one redis-server.
+    #[arg(long)]
+    cluster: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -133,7 +137,12 @@ async fn bench(args: &Args, driver: Driver, binaries: &Binaries) -> anyhow::Resu
         .map(|ms| ("GATEWAY_SPEND_CACHE_MS", ms.to_string()))
         .into_iter()
         .collect();
-    let mut deployment = Deployment::start(&mut children, binaries, &gateway_settings).await?;
+    let redis = match args.cluster {
+        Some(partitions) => Redis::Cluster { partitions },
+        None => Redis::Node,
+    };
+    let mut deployment =
+        Deployment::start(&mut children, binaries, &gateway_settings, redis).await?;
     let key = deployment.provision().await?;
     eprintln!("loadgen: load from {}", driver.name());
     // Before the preflight, so that the gateway's count covers everything it answers.
@@ -209,6 +218,12 @@ async fn bench(args: &Args, driver: Driver, binaries: &Binaries) -> anyhow::Resu
             .iter()
             .map(|(name, value)| format!("{name}={value}"))
             .collect(),
+        redis: match args.cluster {
+            Some(n) => format!(
+                "a Redis Cluster on loopback, 3 masters and 3 replicas, `METER_PARTITIONS={n}`"
+            ),
+            None => "one redis-server".into(),
+        },
     };
     Ok(report.markdown())
 }

@@ -143,7 +143,8 @@ struct Sample {
 
 async fn soak(args: &Args, binaries: &Binaries) -> anyhow::Result<String> {
     let mut children = Children::new()?;
-    let mut deployment = Deployment::start(&mut children, binaries, &[]).await?;
+    let mut deployment =
+        Deployment::start(&mut children, binaries, &[], deployment::Redis::Node).await?;
     let key = deployment.provision().await?;
     let preflight = deployment.preflight(&key).await?;
 

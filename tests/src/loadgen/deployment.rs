@@ -29,6 +29,17 @@ pub struct Deployment {
     pub redis: RedisProbe,
     /// For admin calls and probes; the load itself uses a client per run.
     pub control: reqwest::Client,
+    /// The Redis Cluster the deployment runs on, if it does; its nodes stop when it is dropped.
+    _cluster: Option<tests::cluster::RedisCluster>,
+}
+
+/// Where the deployment keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redis {
+    /// One `redis-server`, as most deployments run.
+    Node,
+    /// A 3-master, 3-replica cluster on loopback, events in this many partitions.
+    Cluster { partitions: u32 },
 }
 
 impl Deployment {
@@ -38,10 +49,10 @@ impl Deployment {
         children: &mut Children,
         binaries: &Binaries,
         gateway_settings: &[(&'static str, String)],
+        redis_kind: Redis,
     ) -> anyhow::Result<Self> {
         let [redis_addr, mock_addr, aggregator_addr, gateway_addr] =
             [free_addr()?, free_addr()?, free_addr()?, free_addr()?];
-        let redis_url = format!("redis://{redis_addr}");
         let stream = format!("bench:{}", std::process::id());
         let admin_token = format!("bench-{}", uuid::Uuid::new_v4().simple());
         let control = reqwest::Client::builder()
@@ -49,27 +60,43 @@ impl Deployment {
             .build()
             .context("building the HTTP client")?;
 
-        let port = redis_addr.port().to_string();
-        let redis_args = [
-            "--port",
-            &port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ];
-        children
-            .spawn("redis-server", Path::new("redis-server"), &redis_args, &[])
-            .context("redis-server must be on PATH (apt-get install redis-server)")?;
         let within = Duration::from_secs(10);
-        children
-            .wait_until("redis-server", within, async || {
-                accepts_connections(redis_addr)
-            })
-            .await?;
-        let mut redis = RedisProbe::connect(&redis_url).await?;
+        let (redis_url, partitions, cluster, mut redis) = match redis_kind {
+            Redis::Node => {
+                let redis_url = format!("redis://{redis_addr}");
+                let port = redis_addr.port().to_string();
+                let redis_args = [
+                    "--port",
+                    &port,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ];
+                children
+                    .spawn("redis-server", Path::new("redis-server"), &redis_args, &[])
+                    .context("redis-server must be on PATH (apt-get install redis-server)")?;
+                children
+                    .wait_until("redis-server", within, async || {
+                        accepts_connections(redis_addr)
+                    })
+                    .await?;
+                let probe =
+                    RedisProbe::connect(std::slice::from_ref(&redis_url), &redis_url, 1).await?;
+                (redis_url, 1, None, probe)
+            }
+            Redis::Cluster { partitions } => {
+                let cluster = tokio::task::spawn_blocking(tests::cluster::RedisCluster::start)
+                    .await
+                    .context("starting the Redis Cluster")?;
+                let redis_url = cluster.url();
+                let probe =
+                    RedisProbe::connect(&cluster.master_urls(), &redis_url, partitions).await?;
+                (redis_url, partitions, Some(cluster), probe)
+            }
+        };
         redis.ping().await?;
 
         let mock_listen = mock_addr.to_string();
@@ -84,6 +111,7 @@ impl Deployment {
             ("REDIS_URL", redis_url.clone()),
             ("METER_STREAM", stream.clone()),
             ("ADMIN_TOKEN", admin_token.clone()),
+            ("METER_PARTITIONS", partitions.to_string()),
             log,
         ];
         let with = |name: &'static str, addr: String| {
@@ -112,6 +140,7 @@ impl Deployment {
             admin_token,
             redis,
             control,
+            _cluster: cluster,
         };
         let get_ok = async |url: String| {
             let response = deployment.control.get(url).send().await;

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use redis::aio::MultiplexedConnection;
@@ -67,67 +68,107 @@ fn parse_rss_kib(status: &str) -> anyhow::Result<u64> {
     kib.trim().parse().context("VmRSS is not a number")
 }
 
-/// A connection to the benchmark's private Redis for the counters the report needs.
+/// Connections to the benchmark's private Redis (one node, or every master of a cluster) for
+/// the counters the report needs: node counters are summed over the masters, stream lengths
+/// over the partitions.
 pub struct RedisProbe {
-    conn: MultiplexedConnection,
+    nodes: Vec<MultiplexedConnection>,
+    data: shared::RedisConn,
+    partitions: u32,
 }
 
 impl RedisProbe {
-    pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url).with_context(|| format!("parsing {url}"))?;
-        let conn = client
-            .get_multiplexed_async_connection()
+    /// `nodes`: the node, or the cluster's masters; `target`: what `REDIS_URL` says.
+    pub async fn connect(nodes: &[String], target: &str, partitions: u32) -> anyhow::Result<Self> {
+        let mut conns = Vec::with_capacity(nodes.len());
+        for url in nodes {
+            let client =
+                redis::Client::open(url.as_str()).with_context(|| format!("parsing {url}"))?;
+            conns.push(
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .with_context(|| format!("connecting to {url}"))?,
+            );
+        }
+        let data = shared::Target::parse(target, false)?
+            .connect(shared::Timeouts::new(
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+            ))
             .await
-            .with_context(|| format!("connecting to {url}"))?;
-        Ok(Self { conn })
+            .with_context(|| format!("connecting to {target}"))?;
+        Ok(Self {
+            nodes: conns,
+            data,
+            partitions,
+        })
     }
 
     pub async fn ping(&mut self) -> anyhow::Result<()> {
-        let _: String = redis::cmd("PING")
-            .query_async(&mut self.conn)
-            .await
-            .context("PING")?;
+        for conn in &mut self.nodes {
+            let _: String = redis::cmd("PING").query_async(conn).await.context("PING")?;
+        }
         Ok(())
     }
 
     /// `total_commands_processed` from `INFO stats`: every command of every client, so also
-    /// the aggregator's and the `INFO` calls of this probe.
+    /// the aggregator's and the `INFO` calls of this probe; summed over the masters.
     pub async fn commands_processed(&mut self) -> anyhow::Result<u64> {
         self.info_u64("stats", "total_commands_processed").await
     }
 
-    /// One integer field of an `INFO` section, such as `used_memory` of `memory`.
+    /// One integer field of an `INFO` section, such as `used_memory` of `memory`, summed over
+    /// the masters.
     pub async fn info_u64(&mut self, section: &str, field: &str) -> anyhow::Result<u64> {
-        let info: String = redis::cmd("INFO")
-            .arg(section)
-            .query_async(&mut self.conn)
-            .await
-            .with_context(|| format!("INFO {section}"))?;
-        info.lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .with_context(|| format!("INFO {section} has no {field}"))?
-            .trim()
-            .parse()
-            .with_context(|| format!("{field} is not a number"))
+        let mut sum = 0;
+        for conn in &mut self.nodes {
+            let info: String = redis::cmd("INFO")
+                .arg(section)
+                .query_async(conn)
+                .await
+                .with_context(|| format!("INFO {section}"))?;
+            sum += info
+                .lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .with_context(|| format!("INFO {section} has no {field}"))?
+                .trim()
+                .parse::<u64>()
+                .with_context(|| format!("{field} is not a number"))?;
+        }
+        Ok(sum)
     }
 
-    /// Calls per command so far, from `INFO commandstats` (`cmdstat_xadd:calls=12,...`).
-    /// Commands that Lua scripts run are counted too, under their own names.
+    /// Calls per command so far, from `INFO commandstats` (`cmdstat_xadd:calls=12,...`),
+    /// summed over the masters. Commands that Lua scripts run are counted too, under their
+    /// own names.
     pub async fn command_calls(&mut self) -> anyhow::Result<BTreeMap<String, u64>> {
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut self.conn)
-            .await
-            .context("INFO commandstats")?;
-        parse_command_calls(&info)
+        let mut calls = BTreeMap::new();
+        for conn in &mut self.nodes {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(conn)
+                .await
+                .context("INFO commandstats")?;
+            for (name, n) in parse_command_calls(&info)? {
+                *calls.entry(name).or_default() += n;
+            }
+        }
+        Ok(calls)
     }
 
+    /// The events in `stream`, over all its partitions.
     pub async fn xlen(&mut self, stream: &str) -> anyhow::Result<u64> {
-        redis::cmd("XLEN")
-            .arg(stream)
-            .query_async(&mut self.conn)
-            .await
-            .with_context(|| format!("XLEN {stream}"))
+        let partitions = shared::Partitions::new(stream, self.partitions)?;
+        let mut sum = 0;
+        for keyspace in partitions.iter() {
+            sum += redis::cmd("XLEN")
+                .arg(keyspace.stream())
+                .query_async::<u64>(&mut self.data)
+                .await
+                .with_context(|| format!("XLEN {}", keyspace.stream()))?;
+        }
+        Ok(sum)
     }
 }
 

@@ -104,6 +104,8 @@ pub struct Report {
     pub client_counted: u64,
     /// Gateway settings the run changed from their defaults, as `NAME=value`.
     pub gateway_settings: Vec<String>,
+    /// What Redis the run used, in words: one node, or a cluster and its partitions.
+    pub redis: String,
 }
 
 impl Report {
@@ -129,6 +131,7 @@ impl Report {
             self.warmup.as_secs_f64(),
             self.driver.method(),
         )?;
+        writeln!(out, "Redis: {}.\n", self.redis)?;
         if !self.gateway_settings.is_empty() {
             writeln!(
                 out,
