@@ -75,7 +75,7 @@ async fn models_without_a_price_are_listed_until_a_replay_prices_them() {
         unpriced["rows"],
         json!([{"model": NEW_MODEL, "requests": 2, "errors": 0, "input_tokens": 2000,
                 "output_tokens": 400, "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0, "cost_usd": "0", "unpriced_requests": 2}]),
+                "cache_read_input_tokens": 0, "cost_usd": "0", "cache_savings_usd": "0", "unpriced_requests": 2}]),
         "{unpriced}"
     );
     // Without the parameter every model is there, priced or not.
