@@ -392,8 +392,13 @@ pub async fn wait_ready(http: &reqwest::Client, addr: SocketAddr) {
     .await;
 }
 
-/// The value of an unlabelled counter or gauge in the `/metrics` of the server at `addr`.
-pub async fn metric(http: &reqwest::Client, addr: SocketAddr, name: &str) -> Option<u64> {
+/// The value of an unlabelled counter or gauge in the `/metrics` of the server at `addr`
+/// (`host:port`), if it is there.
+pub async fn metric<T: std::str::FromStr>(
+    http: &reqwest::Client,
+    addr: impl std::fmt::Display,
+    name: &str,
+) -> Option<T> {
     let text = http
         .get(format!("http://{addr}/metrics"))
         .send()

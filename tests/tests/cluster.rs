@@ -382,7 +382,7 @@ async fn a_master_killed_under_load_loses_no_event_and_changes_no_figure() {
             "meter_gateway_limits_failed_open_total",
             "meter_gateway_events_published_total",
         ] {
-            let n = metric(&d.p.http, gateway, name).await.unwrap_or(0);
+            let n = metric::<u64>(&d.p.http, gateway, name).await.unwrap_or(0);
             eprintln!("{gateway} {name} {n}");
             held_back += n;
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tests::harness::{
-    ADMIN_TOKEN, RedisServer, eventually, free_port, spawn_aggregator, unique_stream,
+    ADMIN_TOKEN, RedisServer, eventually, free_port, metric, spawn_aggregator, unique_stream,
 };
 use tests::mock_upstream::MockUpstream;
 use tests::process::Process;
@@ -27,19 +27,6 @@ fn spawn_gateway(
     ];
     env.extend(extra.iter().cloned());
     Process::spawn("gateway", "gateway", &env)
-}
-
-async fn metric(http: &reqwest::Client, port: u16, name: &str) -> Option<f64> {
-    let text = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,8 +90,18 @@ async fn events_spooled_by_a_killed_gateway_are_published_by_the_next_one() {
     }
     // Everything has left memory for the spool file.
     eventually(Duration::from_secs(20), || async {
-        let pending = metric(&http, port, "meter_gateway_events_pending").await?;
-        let spooled = metric(&http, port, "meter_gateway_spool_bytes").await?;
+        let pending = metric::<f64>(
+            &http,
+            format!("127.0.0.1:{port}"),
+            "meter_gateway_events_pending",
+        )
+        .await?;
+        let spooled = metric::<f64>(
+            &http,
+            format!("127.0.0.1:{port}"),
+            "meter_gateway_spool_bytes",
+        )
+        .await?;
         (pending == 0.0 && spooled > 0.0).then_some(())
     })
     .await;

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use tests::harness::{
-    ADMIN_TOKEN, StreamEntry, eventually, redis_url, spawn_aggregator_with, spawn_gateway,
+    ADMIN_TOKEN, StreamEntry, eventually, metric, redis_url, spawn_aggregator_with, spawn_gateway,
 };
 use tests::mock_upstream::MockUpstream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -169,20 +169,6 @@ async fn entry_ids(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -
     entries.into_iter().map(|(id, _)| id).collect()
 }
 
-/// The value of an unlabelled metric on the gateway's `/metrics`.
-async fn metric(http: &reqwest::Client, gateway: SocketAddr, name: &str) -> Option<i64> {
-    let text = http
-        .get(format!("http://{gateway}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// True once the aggregator's group has been handed the stream's last entry and has
 /// acknowledged everything it was handed.
 async fn aggregator_caught_up(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> bool {
@@ -277,7 +263,8 @@ async fn a_batch_whose_reply_was_lost_counts_once_after_an_outage_longer_than_th
     .await;
     proxy.go_down();
     eventually(Duration::from_secs(10), || async {
-        (metric(&http, gateway, "meter_gateway_events_spooled_total").await? >= 1).then_some(())
+        (metric::<i64>(&http, gateway, "meter_gateway_events_spooled_total").await? >= 1)
+            .then_some(())
     })
     .await;
 
@@ -297,8 +284,8 @@ async fn a_batch_whose_reply_was_lost_counts_once_after_an_outage_longer_than_th
 
     // The gateway re-sends its spool; then the aggregator reads everything there is.
     eventually(Duration::from_secs(30), || async {
-        let spool = metric(&http, gateway, "meter_gateway_spool_bytes").await?;
-        let pending = metric(&http, gateway, "meter_gateway_events_pending").await?;
+        let spool = metric::<i64>(&http, gateway, "meter_gateway_spool_bytes").await?;
+        let pending = metric::<i64>(&http, gateway, "meter_gateway_events_pending").await?;
         (spool == 0 && pending == 0).then_some(())
     })
     .await;

@@ -6,22 +6,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use tests::harness::{Pipeline, RedisServer, eventually};
-
-/// The value of an unlabelled metric on the gateway's `/metrics`, if it is there.
-async fn metric(p: &Pipeline, name: &str) -> Option<u64> {
-    let text = p
-        .http
-        .get(p.gateway_url("/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
+use tests::harness::{Pipeline, RedisServer, eventually, metric};
 
 /// Serves 5 requests while Redis is down, waits until the gateway has spooled them, brings
 /// Redis back and waits until all are counted; returns the spool fsyncs made while spooling.
@@ -46,7 +31,7 @@ async fn spool_fsyncs_during_an_outage(tweak: impl FnOnce(&mut gateway::Args)) -
     };
     assert_eq!(send().await, 200, "warm-up: the key is now known");
 
-    let before = metric(&p, "meter_gateway_spool_fsyncs_total").await;
+    let before = metric::<u64>(&p.http, p.gateway, "meter_gateway_spool_fsyncs_total").await;
     redis.stop();
     for _ in 0..5 {
         assert_eq!(
@@ -56,10 +41,11 @@ async fn spool_fsyncs_during_an_outage(tweak: impl FnOnce(&mut gateway::Args)) -
         );
     }
     eventually(Duration::from_secs(20), || async {
-        (metric(&p, "meter_gateway_events_spooled_total").await? >= 5).then_some(())
+        (metric::<u64>(&p.http, p.gateway, "meter_gateway_events_spooled_total").await? >= 5)
+            .then_some(())
     })
     .await;
-    let fsyncs = metric(&p, "meter_gateway_spool_fsyncs_total").await;
+    let fsyncs = metric::<u64>(&p.http, p.gateway, "meter_gateway_spool_fsyncs_total").await;
 
     redis.restart();
     eventually(Duration::from_secs(30), || async {

@@ -130,7 +130,7 @@ impl Api {
     }
 
     async fn metric(&self, name: &str) -> u64 {
-        tests::harness::metric(&self.http, self.addr, name)
+        tests::harness::metric::<u64>(&self.http, self.addr, name)
             .await
             .unwrap()
     }
