@@ -24,6 +24,7 @@ pub struct Config {
     /// The gateway whose admin API the dashboard's limits panel reads; `None`: no panel figures.
     pub gateway_url: Option<String>,
     pub batch_size: usize,
+    pub commit_events: usize,
     pub claim_idle: Duration,
     pub dedupe_window_secs: i64,
     /// Acknowledged stream entries older than this are trimmed.
@@ -91,13 +92,16 @@ pub struct Args {
     #[arg(long, env = "METER_GATEWAY_URL")]
     pub gateway_url: Option<String>,
     /// Most stream entries per batch; default 24000. Live traffic makes smaller batches (see
-    /// `--linger-ms`); a backlog is read in full batches, where larger ones share more cells
-    /// per commit (less work for Redis per event) but hold Redis longer, and every other client
-    /// waits: in `aggbench` a `PING`'s p99 during a catch-up was 50 ms at 8000, 77–90 ms at
-    /// 16000, 108–129 ms at 24000 and 126–156 ms at 32000, for 0.46×, 0.50–0.57×, 0.51–0.65×
-    /// and 0.52–0.60× the bare consumer's rate (BENCHMARKS.md).
+    /// `--linger-ms`); a backlog is read in full batches, where larger ones share more cells per
+    /// batch (less work for Redis per event). A batch is read and committed in bounded pieces
+    /// (`--commit-events`), so its size no longer decides how long other clients wait.
     #[arg(long, env = "METER_BATCH_SIZE")]
     pub batch_size: Option<usize>,
+    /// Most events one commit script applies; default 500. A batch is committed as several
+    /// scripts, the events of one client key together, so that Redis serves its other clients
+    /// (the gateway's limit checks) between them rather than waiting for a whole batch.
+    #[arg(long, env = "METER_COMMIT_EVENTS")]
+    pub commit_events: Option<usize>,
     /// Entries pending this long on another consumer are taken over, milliseconds.
     #[arg(long, env = "METER_CLAIM_IDLE_MS")]
     pub claim_idle_ms: Option<u64>,
@@ -142,6 +146,7 @@ struct FileConfig {
     admin_token: Option<String>,
     gateway_url: Option<String>,
     batch_size: Option<usize>,
+    commit_events: Option<usize>,
     claim_idle_ms: Option<u64>,
     dedupe_window_secs: Option<i64>,
     stream_retention_secs: Option<u64>,
@@ -218,6 +223,13 @@ impl Config {
                 reason: "must be at least 1".into(),
             });
         }
+        let commit_events = args.commit_events.or(file.commit_events).unwrap_or(500);
+        if commit_events == 0 {
+            return Err(ConfigError::Invalid {
+                name: "commit events",
+                reason: "must be at least 1".into(),
+            });
+        }
         let dedupe_window_secs = args
             .dedupe_window_secs
             .or(file.dedupe_window_secs)
@@ -247,6 +259,7 @@ impl Config {
                 .filter(|t| !t.is_empty()),
             gateway_url,
             batch_size,
+            commit_events,
             claim_idle: Duration::from_millis(
                 args.claim_idle_ms.or(file.claim_idle_ms).unwrap_or(30_000),
             ),

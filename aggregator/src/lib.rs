@@ -110,7 +110,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    // One consumer per partition, each on a connection of its own: it blocks in XREADGROUP.
+    // One consumer per partition, each on connections of its own: it blocks in XREADGROUP.
     let mut tasks = Vec::new();
     for keyspace in config.partitions.iter() {
         let mut consumer = Consumer::new(
@@ -119,12 +119,16 @@ pub async fn run(
                 group: config.group.clone(),
                 consumer: config.consumer.clone(),
                 batch_size: config.batch_size,
+                commit_events: config.commit_events,
                 block: Duration::from_millis(500),
                 linger: config.linger,
                 claim_interval: Duration::from_secs(5),
                 claim_idle: config.claim_idle,
                 dedupe_window_secs: config.dedupe_window_secs,
             },
+            connect_redis(&config.redis).await?,
+            // Reads on a connection of their own, so that Redis takes them turn about with
+            // the commits rather than after every commit sent before them.
             connect_redis(&config.redis).await?,
             control::Control::new(keyspace.clone(), Arc::clone(&pricing)),
             Arc::clone(&metrics),

@@ -1,6 +1,6 @@
 //! At-least-once delivery, exactly-once effect (ARCHITECTURE.md's invariants): SIGKILLing the aggregator
 //! ten times at random moments while events keep arriving, restarting it, and running two
-//! aggregators in one group change no figure.
+//! aggregators in one group change no figure, whether a batch is one commit script or dozens.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::str::FromStr;
@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 use shared::UsageEvent;
 use tests::fixtures::{Lcg, hand_cost, list_price};
-use tests::harness::{eventually, free_port, redis_url, unique_stream};
+use tests::harness::{eventually, free_port, metric, redis_url, unique_stream};
 use tests::process::Process;
 
 fn events(n: usize, seed: u64) -> Vec<UsageEvent> {
@@ -65,7 +65,14 @@ async fn xadd_all(
     }
 }
 
-fn spawn_aggregator(stream: &str, port: u16) -> Process {
+/// How an aggregator cuts its work: entries per batch, events per commit script.
+#[derive(Clone, Copy)]
+struct Sizes {
+    batch: usize,
+    commit: usize,
+}
+
+fn spawn_aggregator(stream: &str, port: u16, sizes: Sizes) -> Process {
     Process::spawn(
         "aggregator",
         "aggregator",
@@ -73,7 +80,8 @@ fn spawn_aggregator(stream: &str, port: u16) -> Process {
             ("REDIS_URL", redis_url().to_owned()),
             ("METER_STREAM", stream.to_owned()),
             ("AGGREGATOR_LISTEN", format!("127.0.0.1:{port}")),
-            ("METER_BATCH_SIZE", "100".to_owned()),
+            ("METER_BATCH_SIZE", sizes.batch.to_string()),
+            ("METER_COMMIT_EVENTS", sizes.commit.to_string()),
             // Entries a killed consumer held are taken over quickly.
             ("METER_CLAIM_IDLE_MS", "300".to_owned()),
         ],
@@ -87,6 +95,26 @@ async fn usage(http: &reqwest::Client, port: u16) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_restarts_duplicates_and_two_consumers_change_no_figure() {
+    kills_restarts_and_two_consumers_change_no_figure(Sizes {
+        batch: 100,
+        commit: 500,
+    })
+    .await;
+}
+
+/// Batches of 2,000 over four keys, each committed as dozens of scripts of at most 7 events:
+/// every key is cut into many scripts that write the same cells, and the kills land between
+/// the scripts of a batch, some applied and acknowledged, the rest pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_committed_as_many_scripts_survives_kills_between_them() {
+    kills_restarts_and_two_consumers_change_no_figure(Sizes {
+        batch: 2000,
+        commit: 7,
+    })
+    .await;
+}
+
+async fn kills_restarts_and_two_consumers_change_no_figure(sizes: Sizes) {
     let stream = unique_stream();
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -108,14 +136,14 @@ async fn sigkill_restarts_duplicates_and_two_consumers_change_no_figure() {
     let rounds = 10;
     let per_round = payloads.len().div_ceil(rounds);
     for slice in payloads.chunks(per_round) {
-        let aggregator = spawn_aggregator(&stream, port_a);
+        let aggregator = spawn_aggregator(&stream, port_a, sizes);
         xadd_all(&mut conn, &stream, slice).await;
         tokio::time::sleep(Duration::from_millis(150 + rng.next(400))).await;
         aggregator.kill();
     }
     // Two consumers in one group finish the job.
-    let a = spawn_aggregator(&stream, port_a);
-    let b = spawn_aggregator(&stream, port_b);
+    let a = spawn_aggregator(&stream, port_a, sizes);
+    let b = spawn_aggregator(&stream, port_b, sizes);
 
     let want_requests = all.len() as i64;
     let body = eventually(Duration::from_secs(60), || async {
@@ -186,4 +214,71 @@ async fn sigkill_restarts_duplicates_and_two_consumers_change_no_figure() {
     .await;
     assert!(a.terminate().success());
     assert!(b.terminate().success());
+}
+
+/// A backlog of one read is committed in scripts of at most `--commit-events` events, the events
+/// of one key together, and a key with more events than that is cut into scripts that share its
+/// cells: every figure stays exact, and no script applied more than the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_committed_in_scripts_of_at_most_commit_events() {
+    let stream = unique_stream();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut all = events(1500, 11);
+    // One key of 1,000 events, one of 300 and one of 200, interleaved.
+    for (i, event) in all.iter_mut().enumerate() {
+        event.key_id = Some(match i % 15 {
+            0..10 => "key_big".into(),
+            10..13 => "key_mid".into(),
+            _ => "key_small".into(),
+        });
+    }
+    let payloads: Vec<Vec<u8>> = all.iter().map(shared::encode).collect();
+    xadd_all(&mut conn, &stream, &payloads).await;
+
+    let port = free_port();
+    let aggregator = spawn_aggregator(
+        &stream,
+        port,
+        Sizes {
+            batch: 2000,
+            commit: 7,
+        },
+    );
+    let http = reqwest::Client::new();
+    let addr = format!("127.0.0.1:{port}");
+    let applied = eventually(Duration::from_secs(60), || async {
+        let applied: u64 = metric(&http, &addr, "meter_events_applied_total").await?;
+        (applied >= 1500).then_some(applied)
+    })
+    .await;
+    assert_eq!(applied, 1500);
+    let scripts: u64 = metric(&http, &addr, "meter_batches_total").await.unwrap();
+    // Cut by key, 1000 + 300 + 200 events make at least 143 + 43 + 29 scripts.
+    assert!(scripts >= 215, "{scripts} scripts for 1,500 events");
+
+    let url = format!("http://{addr}/v1/usage?group_by=key");
+    let body: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+    let rows = body["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{body}");
+    for row in rows {
+        let key = row["key"].as_str().unwrap();
+        let of_key: Vec<&UsageEvent> = all
+            .iter()
+            .filter(|e| e.key_id.as_deref() == Some(key))
+            .collect();
+        assert_eq!(row["requests"], of_key.len() as i64, "{key}");
+        assert_eq!(
+            row["input_tokens"],
+            of_key.iter().map(|e| e.input_tokens as i64).sum::<i64>(),
+            "{key}"
+        );
+        let want_cost: Decimal = of_key.iter().map(|e| hand_cost(e)).sum();
+        assert_eq!(
+            Decimal::from_str(row["cost_usd"].as_str().unwrap()).unwrap(),
+            want_cost,
+            "{key}"
+        );
+    }
+    assert!(aggregator.terminate().success());
 }

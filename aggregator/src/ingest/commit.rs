@@ -397,18 +397,6 @@ pub struct Staged {
     touched: Vec<Touch>,
 }
 
-impl Staged {
-    /// A staging that changed nothing (what is left after it was undone).
-    pub fn empty() -> Self {
-        Self {
-            cmd: redis::Cmd::new(),
-            keys: Vec::new(),
-            writes: Arc::default(),
-            touched: Vec::new(),
-        }
-    }
-}
-
 /// One cell a staging changed in the cache (the `cell`th of `writes[write]`), and how to undo
 /// it. Indices rather than copies: a batch touches thousands of cells.
 struct Touch {
@@ -566,6 +554,45 @@ impl Committer {
                 }
                 Ok(None)
             }
+        }
+    }
+
+    /// Takes the replies to commits sent together ([`send_all`]): each one's outcome as
+    /// [`Self::settle`] gives it, settled newest first, as stagings are undone. `Err` when the
+    /// pipeline failed as a whole (every staging undone).
+    pub fn settle_all(
+        &mut self,
+        sent: Vec<Staged>,
+        replies: Replies,
+        conflicts: &AtomicU64,
+    ) -> Result<Vec<Result<Option<Outcome>, CommitError>>, CommitError> {
+        let replies = match replies {
+            Ok(replies) => replies,
+            Err(e) => {
+                self.forget_all(sent);
+                return Err(e.into());
+            }
+        };
+        let mut replies = replies.into_iter();
+        let paired: Vec<_> = sent.into_iter().map(|s| (s, replies.next())).collect();
+        let mut outcomes: Vec<_> = paired
+            .into_iter()
+            .rev()
+            .map(|(staged, reply)| {
+                let reply = reply.unwrap_or_else(|| {
+                    Err((redis::ErrorKind::Io, "a pipeline reply was missing").into())
+                });
+                self.settle(staged, reply, conflicts)
+            })
+            .collect();
+        outcomes.reverse();
+        Ok(outcomes)
+    }
+
+    /// Undoes stagings that will not apply, newest first.
+    pub fn forget_all(&mut self, staged: Vec<Staged>) {
+        for s in staged.into_iter().rev() {
+            self.forget(s);
         }
     }
 
@@ -742,27 +769,77 @@ pub async fn send(cmd: &redis::Cmd, conn: &mut RedisConn) -> redis::RedisResult<
     }
 }
 
-/// [`send`] on a task of its own, so that the commit goes on while the caller prepares the next
-/// batch (polled beside that CPU work, its reply would wait for it).
-pub async fn spawn_send(staged: Staged, mut conn: RedisConn) -> Sending {
+/// The replies of commits sent together: one per commit, or the connection's error for all.
+pub type Replies = redis::RedisResult<Vec<redis::RedisResult<Vec<Value>>>>;
+
+/// Sends the commits of one batch ([`crate::ingest::groups`]) in one pipeline: written at once,
+/// so Redis never waits for the next one, yet each is a command of its own, and Redis reads a
+/// command of this size over several turns of its event loop, serving its other clients in
+/// between. Scripts Redis does not have are loaded and those commits sent again.
+pub async fn send_all(cmds: Vec<redis::Cmd>, conn: &mut RedisConn) -> Replies {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for cmd in cmds {
+        pipe.add_command(cmd);
+    }
+    let mut replies: Vec<redis::RedisResult<Vec<Value>>> = pipe.query_async(conn).await?;
+    let missing = |r: &redis::RedisResult<Vec<Value>>| matches!(r, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript));
+    if replies.iter().any(missing) {
+        redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(SCRIPT)
+            .query_async::<()>(conn)
+            .await?;
+        let mut again = redis::pipe();
+        again.ignore_errors();
+        let resend: Vec<usize> = (0..replies.len())
+            .filter(|&i| replies.get(i).is_some_and(missing))
+            .collect();
+        for &i in &resend {
+            if let Some(cmd) = pipe.cmd_iter().nth(i) {
+                again.add_command(cmd.clone());
+            }
+        }
+        let answers: Vec<redis::RedisResult<Vec<Value>>> = again.query_async(conn).await?;
+        for (i, answer) in resend.into_iter().zip(answers) {
+            if let Some(slot) = replies.get_mut(i) {
+                *slot = answer;
+            }
+        }
+    }
+    Ok(replies)
+}
+
+/// [`send_all`] on a task of its own, so that the commits go on while the caller prepares the
+/// next batch (polled beside that CPU work, their replies would wait for it).
+pub async fn spawn_send_all(mut staged: Vec<Staged>, mut conn: RedisConn) -> Sending {
+    let cmds = staged
+        .iter_mut()
+        .map(|s| std::mem::replace(&mut s.cmd, redis::Cmd::new()))
+        .collect();
     Sending(
         crate::ingest::task::spawn_started(async move {
-            let reply = send(&staged.cmd, &mut conn).await;
-            (staged, reply)
+            let replies = send_all(cmds, &mut conn).await;
+            (staged, replies)
         })
         .await,
     )
 }
 
-/// A commit sent by [`spawn_send`].
-pub struct Sending(tokio::task::JoinHandle<(Staged, redis::RedisResult<Vec<Value>>)>);
+/// Commits sent by [`spawn_send_all`].
+pub struct Sending(tokio::task::JoinHandle<(Vec<Staged>, Replies)>);
 
 impl Sending {
-    /// The staged commit back, and the reply. `None` only if the task panicked: what it staged
-    /// stays in the cache as a guess the stamps will correct.
-    pub async fn reply(self) -> Option<(Staged, redis::RedisResult<Vec<Value>>)> {
+    /// The staged commits back (without their commands), and the replies. `None` only if the
+    /// task panicked: what they staged stays in the cache as a guess the stamps will correct.
+    pub async fn replies(self) -> Option<(Vec<Staged>, Replies)> {
         self.0.await.ok()
     }
+}
+
+/// Whether every one of a batch's commits applied.
+pub fn all_applied(sent: &[Staged], replies: &Replies) -> bool {
+    matches!(replies, Ok(r) if r.len() == sent.len() && r.iter().all(applied))
 }
 
 /// Whether a commit's reply says it applied.

@@ -20,9 +20,12 @@ use shared::RedisConn;
 use shared::{EVENT_FIELD, Keyspace, UsageEvent};
 use tokio::sync::watch;
 
-use crate::ingest::commit::{self, Batch, CommitError, Committer, Outcome, Seen, ShadowSeen};
+use crate::ingest::commit::{
+    self, Batch, CommitError, Committer, Outcome, Replies, Seen, ShadowSeen, Staged,
+};
+use crate::ingest::groups;
 use crate::ingest::stream::{
-    Entry, arrival_ms, keep_first_of_each_id, plausible, read_entries, usage_of,
+    Entry, READ_CHUNK, arrival_ms, first_of_each_id, plausible, read_entries, usage_of,
 };
 use crate::metrics::Metrics;
 use crate::replay::control::{self, Control, Snapshot};
@@ -36,6 +39,8 @@ pub struct ConsumerConfig {
     pub group: String,
     pub consumer: String,
     pub batch_size: usize,
+    /// Most events one commit applies ([`groups`]).
+    pub commit_events: usize,
     pub block: Duration,
     /// How long a partial batch waits for more entries before it is committed.
     pub linger: Duration,
@@ -44,10 +49,13 @@ pub struct ConsumerConfig {
     pub dedupe_window_secs: i64,
 }
 
-/// A batch decoded, deduplicated within itself and priced: what its commit needs.
+/// One commit's part of a batch, decoded, deduplicated within the batch and priced: what the
+/// commit needs. A batch is split into such parts by client key ([`groups`]).
 struct Prepared {
-    started: std::time::Instant,
-    /// Every entry of the batch, dead letters and duplicates included.
+    /// When the batch was read, on its last part only (for the apply-time metric).
+    started: Option<std::time::Instant>,
+    /// The entries of its events; the first part also acknowledges the batch's dead letters
+    /// and the copies of ids it already had.
     acks: Vec<String>,
     /// (arrival ms, event)
     events: Vec<(i64, UsageEvent)>,
@@ -143,6 +151,9 @@ impl InShadow {
 pub struct Consumer {
     config: ConsumerConfig,
     conn: RedisConn,
+    /// For reading: commands on one connection run in the order sent, so a read sent after a
+    /// batch's commits would wait for all of them.
+    reads: RedisConn,
     control: Control,
     /// The state batches are priced under; reloaded when a commit finds it stale.
     state: Option<Snapshot>,
@@ -154,6 +165,7 @@ impl Consumer {
     pub fn new(
         config: ConsumerConfig,
         conn: RedisConn,
+        reads: RedisConn,
         control: Control,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -165,6 +177,7 @@ impl Consumer {
         Self {
             config,
             conn,
+            reads,
             control,
             state: None,
             committer,
@@ -274,35 +287,30 @@ impl Consumer {
         count: usize,
         block: Option<Duration>,
     ) -> redis::RedisResult<Vec<Entry>> {
-        let cmd = self.read_command(from, count, block);
-        read_entries(cmd, &mut self.conn).await
+        self.reader()
+            .read(&mut self.reads, from, count, block)
+            .await
     }
 
     /// Reads the next new entries on a task of its own, so that Redis's reading and the reply's
     /// parsing overlap this task's work.
     async fn read_ahead(&self, count: usize) -> Reading {
-        let cmd = self.read_command(">", count, None);
-        let mut conn = self.conn.clone();
+        let reader = self.reader();
+        let mut conn = self.reads.clone();
         Reading(
-            crate::ingest::task::spawn_started(async move { read_entries(cmd, &mut conn).await })
-                .await,
+            crate::ingest::task::spawn_started(async move {
+                reader.read(&mut conn, ">", count, None).await
+            })
+            .await,
         )
     }
 
-    fn read_command(&self, from: &str, count: usize, block: Option<Duration>) -> redis::Cmd {
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(&self.config.group)
-            .arg(&self.config.consumer)
-            .arg("COUNT")
-            .arg(count);
-        if let Some(block) = block {
-            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+    fn reader(&self) -> GroupReader {
+        GroupReader {
+            stream: self.config.keyspace.stream().to_owned(),
+            group: self.config.group.clone(),
+            consumer: self.config.consumer.clone(),
         }
-        cmd.arg("STREAMS")
-            .arg(self.config.keyspace.stream())
-            .arg(from);
-        cmd
     }
 
     /// Takes over entries that other (presumably dead) consumers left pending too long.
@@ -330,13 +338,17 @@ impl Consumer {
     }
 
     async fn process(&mut self, entries: Vec<Entry>) -> Result<(), CommitError> {
-        match self.prepare(entries).await? {
-            Some(batch) => self.finish(batch, None).await,
-            None => Ok(()),
+        let parts = self.prepare(entries).await?;
+        if parts.is_empty() {
+            return Ok(());
         }
+        let staged = self.stage_all(&parts);
+        let sending = commit::spawn_send_all(staged, self.conn.clone()).await;
+        let (sent, replies) = sending.replies().await.ok_or(CommitError::Lost)?;
+        self.settle_all(parts, sent, replies).await
     }
 
-    /// Under a backlog: while Redis runs one batch's commit, the next batch is decoded,
+    /// Under a backlog: while Redis runs one batch's commits, the next batch is decoded,
     /// priced and merged against the cells as they will be once the first applies, and the
     /// one after it is read. If a commit does not apply, the batch staged on it is thrown away
     /// and built again; stamps make a wrong guess cost a retry, never a figure.
@@ -345,16 +357,17 @@ impl Consumer {
     /// the consumer reads its own pending entries again before new ones.
     async fn process_pipelined(&mut self, entries: Vec<Entry>) -> Result<(), CommitError> {
         let batch_size = self.config.batch_size;
-        let Some(mut current) = self.prepare(entries).await? else {
+        let mut current = self.prepare(entries).await?;
+        if current.is_empty() {
             return Ok(());
-        };
-        // The batch after: read now, so that the first commit queues behind it too.
+        }
+        // The batch after: read now, so that the first commits queue behind it too.
         let mut reading = Some(self.read_ahead(batch_size).await);
-        let mut staged = self.stage(&current);
+        let mut staged = self.stage_all(&current);
         loop {
-            // The commit goes first: Redis queues it behind the read already started, so it does
-            // not wait for that reply to be parsed here.
-            let sending = commit::spawn_send(staged, self.conn.clone()).await;
+            // The commits go first: Redis queues them behind the read already started, so they
+            // do not wait for that reply to be parsed here.
+            let sending = commit::spawn_send_all(staged, self.conn.clone()).await;
             let next_entries = match reading.take() {
                 Some(reading) => reading.entries().await,
                 None => self.read_now(batch_size).await,
@@ -365,95 +378,77 @@ impl Consumer {
             }
             let next = async {
                 let next = self.prepare(next_entries?).await?;
-                let next_staged = next.as_ref().map(|n| self.stage(n));
-                Ok::<_, CommitError>(next.zip(next_staged))
+                let next_staged = self.stage_all(&next);
+                Ok::<_, CommitError>((next, next_staged))
             }
             .await;
-            let Some((sent, reply)) = sending.reply().await else {
-                if let Ok(Some((_, s))) = next {
-                    self.committer.forget(s);
+            let Some((sent, replies)) = sending.replies().await else {
+                if let Ok((_, s)) = next {
+                    self.committer.forget_all(s);
                 }
                 return Err(CommitError::Lost);
             };
-            // The next batch was staged on top of this one: if this one did not apply, undo
-            // the next first (newest first), and build it again once this one is in.
+            // The next batch was staged on top of this one: if any of its commits did not
+            // apply, undo the next first (newest first), and build it again once this one is in.
+            let all_applied = commit::all_applied(&sent, &replies);
             let mut next = next;
-            let restage = !commit::applied(&reply);
-            if restage && let Ok(Some((_, s))) = &mut next {
-                let s = std::mem::replace(s, commit::Staged::empty());
-                self.committer.forget(s);
+            if !all_applied && let Ok((_, s)) = &mut next {
+                let s = std::mem::take(s);
+                self.committer.forget_all(s);
             }
-            let settled = self
-                .committer
-                .settle(sent, reply, &self.metrics.commit_conflicts);
-            let next = match next {
-                Ok(next) => next,
-                Err(e) => {
-                    if let Ok(Some(Outcome::Applied)) = settled {
-                        self.applied(&current);
-                    }
+            let settled = self.settle_all(current, sent, replies).await;
+            let (next, next_staged) = match (settled, next) {
+                (Ok(()), Ok(next)) => next,
+                (Err(e), Ok((_, s))) => {
+                    self.committer.forget_all(s);
                     return Err(e);
                 }
+                (Err(e), Err(_)) | (Ok(()), Err(e)) => return Err(e),
             };
-            let outcome = match settled {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    if let Some((_, s)) = next {
-                        self.committer.forget(s);
-                    }
-                    return Err(e);
-                }
-            };
-            let mut next = if outcome == Some(Outcome::Applied) {
-                self.applied(&current);
-                next
+            if next.is_empty() {
+                return Ok(());
+            }
+            staged = if all_applied {
+                next_staged
             } else {
-                let next = next.map(|(n, _)| n);
-                self.finish(current, outcome).await?;
-                next.map(|n| {
-                    let s = self.stage(&n);
-                    (n, s)
-                })
+                self.stage_all(&next)
             };
-            match next.take() {
-                Some((n, s)) => {
-                    current = n;
-                    staged = s;
-                }
-                None => return Ok(()),
-            }
+            current = next;
         }
     }
 
     /// Decodes a batch (undecodable entries go to the dead-letter stream), drops in-batch
-    /// duplicates and prices it; `None` when nothing is left to commit or acknowledge.
-    async fn prepare(&mut self, entries: Vec<Entry>) -> Result<Option<Prepared>, CommitError> {
+    /// duplicates, splits it into commits by client key and prices each; empty when nothing is
+    /// left to commit or acknowledge.
+    async fn prepare(&mut self, entries: Vec<Entry>) -> Result<Vec<Prepared>, CommitError> {
         if entries.is_empty() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let started = std::time::Instant::now();
-        let mut acks: Vec<String> = Vec::with_capacity(entries.len());
-        let mut events: Vec<(i64, UsageEvent)> = Vec::with_capacity(entries.len());
+        // (entry id, arrival ms, event)
+        let mut decoded: Vec<(String, i64, UsageEvent)> = Vec::with_capacity(entries.len());
+        // Entries no commit applies an event of: dead letters, and copies of an id the batch
+        // has already. The first commit acknowledges them.
+        let mut other_acks: Vec<String> = Vec::new();
         let mut dead: Vec<(Entry, String)> = Vec::new();
         let mut ahead = 0;
         for entry in entries {
-            let decoded = match &entry.payload {
+            let checked = match &entry.payload {
                 Some(bytes) => shared::decode(bytes)
                     .map_err(|e| e.to_string())
                     .and_then(plausible),
                 None => Err(format!("entry has no `{EVENT_FIELD}` field")),
             };
-            match decoded {
+            match checked {
                 Ok(event) => {
                     let arrival = arrival_ms(&entry.id);
                     if event.ts > arrival.saturating_add(crate::replay::CLOCK_SKEW_MS) {
                         ahead += 1;
                     }
-                    events.push((arrival, event));
-                    acks.push(entry.id);
+                    decoded.push((entry.id, arrival, event));
                 }
                 Err(reason) => {
-                    acks.push(entry.id.clone());
+                    other_acks.push(entry.id.clone());
                     dead.push((entry, reason));
                 }
             }
@@ -471,20 +466,52 @@ impl Consumer {
         }
 
         // Within a batch, the first copy of an id wins; the commit deduplicates across batches.
-        let before = events.len();
-        keep_first_of_each_id(&mut events);
-        let duplicates = before - events.len();
-        let in_shadow = InShadow::default();
-        let priced = self.price(&events, &in_shadow).await?;
-        Ok(Some(Prepared {
-            started,
-            acks,
-            dead: dead.len(),
-            duplicates,
-            events,
-            in_shadow,
-            priced,
-        }))
+        let first = first_of_each_id(decoded.iter().map(|(_, _, e)| e.id.as_str()));
+        let mut duplicates = 0;
+        let mut kept = Vec::with_capacity(decoded.len());
+        for (event, first) in decoded.into_iter().zip(first) {
+            if first {
+                kept.push(event);
+            } else {
+                duplicates += 1;
+                other_acks.push(event.0);
+            }
+        }
+        let groups = groups::by_key(
+            kept.iter().map(|(_, _, e)| e.key_id.as_deref()),
+            self.config.commit_events,
+        );
+        // A batch of dead letters and duplicates only still has their acknowledgement to commit.
+        // (acks, events) of each commit
+        type Part = (Vec<String>, Vec<(i64, UsageEvent)>);
+        let mut parts: Vec<Part> = std::iter::repeat_with(Default::default)
+            .take(groups.count.max(1))
+            .collect();
+        for ((entry_id, arrival, event), part) in kept.into_iter().zip(groups.of_event) {
+            if let Some((acks, events)) = parts.get_mut(part) {
+                acks.push(entry_id);
+                events.push((arrival, event));
+            }
+        }
+        if let Some((acks, _)) = parts.first_mut() {
+            acks.extend(other_acks);
+        }
+        let last = parts.len() - 1;
+        let mut prepared = Vec::with_capacity(parts.len());
+        for (i, (acks, events)) in parts.into_iter().enumerate() {
+            let in_shadow = InShadow::default();
+            let priced = self.price(&events, &in_shadow).await?;
+            prepared.push(Prepared {
+                started: (i == last).then_some(started),
+                acks,
+                dead: if i == 0 { dead.len() } else { 0 },
+                duplicates: if i == 0 { duplicates } else { 0 },
+                events,
+                in_shadow,
+                priced,
+            });
+        }
+        Ok(prepared)
     }
 
     /// Prices `events` under the state in force (loaded if unknown) and sums them into cells,
@@ -531,10 +558,45 @@ impl Consumer {
         })
     }
 
-    fn stage(&mut self, batch: &Prepared) -> commit::Staged {
+    fn stage(&mut self, batch: &Prepared) -> Staged {
         let lists = SeenLists::of(batch, &self.committer);
         let token = batch.priced.state.token();
         self.committer.stage(&lists.batch(batch, &token))
+    }
+
+    /// Stages a batch's commits, each on top of the ones before.
+    fn stage_all(&mut self, parts: &[Prepared]) -> Vec<Staged> {
+        parts.iter().map(|part| self.stage(part)).collect()
+    }
+
+    /// Takes the replies to a batch's commits, records those that applied and commits the
+    /// others again, whatever it takes ([`Self::finish`]). After an error the parts not yet
+    /// applied stay pending, and are read again.
+    async fn settle_all(
+        &mut self,
+        parts: Vec<Prepared>,
+        sent: Vec<Staged>,
+        replies: Replies,
+    ) -> Result<(), CommitError> {
+        let outcomes = self
+            .committer
+            .settle_all(sent, replies, &self.metrics.commit_conflicts)?;
+        let mut first_error = None;
+        for (part, outcome) in parts.into_iter().zip(outcomes) {
+            match outcome {
+                Ok(Some(Outcome::Applied)) => self.applied(&part),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+                Ok(_) if first_error.is_some() => {}
+                Ok(outcome) => {
+                    if let Err(e) = self.finish(part, outcome).await {
+                        first_error = Some(e);
+                    }
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Commits a prepared batch, whatever it takes: drops duplicates, prices again after a
@@ -595,7 +657,9 @@ impl Consumer {
         m.dead_lettered
             .fetch_add(batch.dead as u64, Ordering::Relaxed);
         m.batches.fetch_add(1, Ordering::Relaxed);
-        m.record_apply_time(batch.started.elapsed());
+        if let Some(started) = batch.started {
+            m.record_apply_time(started.elapsed());
+        }
     }
 
     async fn dead_letter(&mut self, dead: &[(Entry, String)]) -> redis::RedisResult<()> {
@@ -615,6 +679,58 @@ impl Consumer {
                 .ignore();
         }
         pipe.query_async(&mut self.conn).await
+    }
+}
+
+/// This consumer's reads of its stream.
+struct GroupReader {
+    stream: String,
+    group: String,
+    consumer: String,
+}
+
+impl GroupReader {
+    /// Up to `count` entries after `from` (`>`: new ones; an id: this consumer's pending ones
+    /// after it), in reads of at most [`READ_CHUNK`], one after the other so that Redis serves
+    /// its other clients in between. Only the first read blocks.
+    async fn read(
+        &self,
+        conn: &mut RedisConn,
+        from: &str,
+        count: usize,
+        mut block: Option<Duration>,
+    ) -> redis::RedisResult<Vec<Entry>> {
+        let mut entries: Vec<Entry> = Vec::with_capacity(count.min(64 * READ_CHUNK));
+        let mut after = from.to_owned();
+        while entries.len() < count {
+            let want = (count - entries.len()).min(READ_CHUNK);
+            let read = read_entries(self.command(&after, want, block.take()), conn).await?;
+            let full = read.len() >= want;
+            if from != ">"
+                && let Some(last) = read.last()
+            {
+                after.clone_from(&last.id);
+            }
+            entries.extend(read);
+            if !full {
+                break;
+            }
+        }
+        Ok(entries)
+    }
+
+    fn command(&self, from: &str, count: usize, block: Option<Duration>) -> redis::Cmd {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS").arg(&self.stream).arg(from);
+        cmd
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub(crate) mod commit;
 pub(crate) mod consumer;
+pub(crate) mod groups;
 pub(crate) mod retention;
 pub(crate) mod stream;
 pub(crate) mod task;

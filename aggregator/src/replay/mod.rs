@@ -36,8 +36,11 @@ use shared::RedisConn;
 use shared::{Keyspace, UsageEvent};
 
 use crate::Config;
-use crate::ingest::commit::{self, Batch, CommitError, Committer, Outcome, Seen, ShadowSeen};
-use crate::ingest::stream::{Entry, into_string, take_entries, usage_of};
+use crate::ingest::commit::{
+    self, Batch, CommitError, Committer, Outcome, Replies, Seen, ShadowSeen, Staged,
+};
+use crate::ingest::groups;
+use crate::ingest::stream::{Entry, READ_CHUNK, into_string, take_entries, usage_of};
 use crate::pricing::{Cost, Pricing, PricingError};
 use crate::store::rollup::{DAY_MS, HOUR_MS};
 use crate::store::stats::Delta;
@@ -241,13 +244,23 @@ pub async fn run(
     // The switch is one script over every rebuilt day: allow it far longer than a command.
     let timeouts = shared::Timeouts::new(Duration::from_secs(5), Duration::from_secs(300));
     let mut conn = config.redis.connect(timeouts).await?;
+    // Commands on one connection run in the order sent: a read sent after a chunk's commits
+    // would wait for all of them, rather than take turns with them.
+    let reads = config.redis.connect(timeouts).await?;
     shared::deployment::check_partitions(&mut conn, &config.partitions).await?;
     let mut total: Option<Summary> = None;
     for (p, keyspace) in config.partitions.iter().enumerate() {
         if config.partitions.count() > 1 {
             let _ = writeln!(progress, "replay: partition {p} ({})", keyspace.stream());
         }
-        let summary = run_partition(config, &args, keyspace, conn.clone(), progress).await?;
+        let summary = run_partition(
+            config,
+            &args,
+            keyspace,
+            (conn.clone(), reads.clone()),
+            progress,
+        )
+        .await?;
         total = Some(match total {
             None => summary,
             Some(so_far) => so_far.and(summary),
@@ -263,7 +276,7 @@ async fn run_partition(
     config: &Config,
     args: &ReplayArgs,
     keyspace: &Keyspace,
-    mut conn: RedisConn,
+    (mut conn, reads): (RedisConn, RedisConn),
     progress: &mut impl Write,
 ) -> Result<Summary, ReplayError> {
     let started = Instant::now();
@@ -369,7 +382,7 @@ async fn run_partition(
                 config,
                 args,
                 &keyspace,
-                &mut conn,
+                (&mut conn, reads),
                 target,
                 pricing.map(Arc::new),
                 progress,
@@ -449,7 +462,7 @@ async fn rebuild(
     config: &Config,
     args: &ReplayArgs,
     keyspace: &Keyspace,
-    conn: &mut RedisConn,
+    (conn, mut reads): (&mut RedisConn, RedisConn),
     target_replay: Target,
     pricing: Option<Arc<Pricing>>,
     progress: &mut impl Write,
@@ -490,15 +503,19 @@ async fn rebuild(
     let mut counts = Counts::default();
     let began = Instant::now();
     let mut last_report = Instant::now();
-    // One chunk's commit runs in Redis while the next chunk is decoded, priced and staged on
-    // top of it, and the one after that is read (as in the live consumer's backlog path).
-    let mut inflight: Option<(Chunk, commit::Staged)> = None;
+    // One chunk's commits run in Redis while the next chunk is decoded, priced and staged on
+    // top of them, and the one after that is read (as in the live consumer's backlog path).
+    // A chunk is committed in parts by client key, as a live batch is (`ingest::groups`).
+    let max = config.commit_events;
+    let mut inflight: Option<(Vec<Chunk>, Vec<Staged>)> = None;
     let mut reading: Option<ReadAhead> = None;
     loop {
-        // The commit goes first: Redis queues it behind the read started last time, so it
-        // never waits for that reply to be parsed here.
+        // The commits go first: Redis queues them behind the read started last time, so they
+        // never wait for that reply to be parsed here.
         let sending = match inflight.take() {
-            Some((chunk, staged)) => Some((chunk, commit::spawn_send(staged, conn.clone()).await)),
+            Some((parts, staged)) => {
+                Some((parts, commit::spawn_send_all(staged, conn.clone()).await))
+            }
             None => None,
         };
         let raw = match (reading.take(), reader.as_mut()) {
@@ -506,47 +523,51 @@ async fn rebuild(
                 reader = Some(back);
                 raw
             }),
-            (None, Some(idle)) => idle.next(conn).await,
+            (None, Some(idle)) => idle.next(&mut reads).await,
             (None, None) => Ok(None),
         };
         let raw = match raw {
             Ok(raw) => raw,
             Err(e) => {
-                // The commit sent must not land after the shadow is cleaned up.
+                // The commits sent must not land after the shadow is cleaned up.
                 if let Some((_, sending)) = sending {
-                    let _ = sending.reply().await;
+                    let _ = sending.replies().await;
                 }
                 return Err(e);
             }
         };
-        counts.read += raw.as_ref().map_or(0, |r| r.entries.len() as u64);
+        counts.read += raw.as_ref().map_or(0, |r| r.len() as u64);
         let done = reader.as_ref().is_none_or(|r| r.done);
         if !done && let Some(idle) = reader.take() {
-            reading = Some(ReadAhead::start(idle, conn.clone()).await);
+            reading = Some(ReadAhead::start(idle, reads.clone()).await);
         }
+        let next = raw.map(|r| r.decode(&mut counts).split(max));
         inflight = match sending {
-            None => raw
-                .map(|r| r.decode(&mut counts))
-                .and_then(|c| shadow.stage(&c).map(|s| (c, s))),
-            Some((chunk, sending)) => {
-                let next = raw.map(|r| r.decode(&mut counts));
-                let mut next_staged = next.as_ref().and_then(|c| shadow.stage(c));
-                let Some((staged, reply)) = sending.reply().await else {
+            None => next.map(|parts| shadow.stage_all(parts)),
+            Some((parts, sending)) => {
+                let mut next = next.map(|parts| shadow.stage_all(parts));
+                let Some((sent, replies)) = sending.replies().await else {
                     return Err(ReplayError::Commit(CommitError::Lost));
                 };
-                // Staged on top of this chunk: undo it first if this one did not apply.
-                if !commit::applied(&reply)
-                    && let Some(s) = next_staged.take()
-                {
-                    shadow.committer.forget(s);
+                // Staged on top of this chunk: undo it first if any of its commits did not
+                // apply, and stage it again once they are in.
+                let all_applied = commit::all_applied(&sent, &replies);
+                if !all_applied && let Some((_, s)) = &mut next {
+                    shadow.committer.forget_all(std::mem::take(s));
                 }
-                match shadow.committer.settle(staged, reply, &shadow.conflicts)? {
-                    Some(Outcome::Applied) => counts.applied += chunk.pending() as u64,
-                    outcome => shadow.finish(conn, chunk, outcome, &mut counts).await?,
-                }
-                next.and_then(|c| next_staged.or_else(|| shadow.stage(&c)).map(|s| (c, s)))
+                shadow
+                    .settle_all(conn, parts, sent, replies, &mut counts)
+                    .await?;
+                next.map(|(parts, staged)| {
+                    if all_applied {
+                        (parts, staged)
+                    } else {
+                        shadow.stage_all(parts)
+                    }
+                })
             }
-        };
+        }
+        .filter(|(parts, _)| !parts.is_empty());
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
             report(progress, &counts, began, total);
@@ -601,16 +622,41 @@ impl ReadAhead {
 }
 
 impl Reader {
-    /// The next chunk as stored; `None` once the stream is read up to `end`.
+    /// The next chunk (up to `batch_size` entries) as stored, read in pieces of at most
+    /// [`READ_CHUNK`], one after the other so that Redis serves its other clients in between;
+    /// `None` once the stream is read up to `end`.
     async fn next(&mut self, conn: &mut RedisConn) -> Result<Option<Raw>, ReplayError> {
+        let mut pieces = Vec::new();
+        let mut read = 0;
+        while read < self.batch_size {
+            let want = (self.batch_size - read).min(READ_CHUNK);
+            let Some(piece) = self.piece(conn, want).await? else {
+                break;
+            };
+            read += piece.entries.len();
+            pieces.push(piece);
+        }
+        Ok((!pieces.is_empty()).then_some(Raw {
+            pieces,
+            range: self.range,
+        }))
+    }
+
+    /// Up to `count` entries from the cursor on, with what the group had delivered and which of
+    /// them are pending; `None` once the stream is read up to `end`.
+    async fn piece(
+        &mut self,
+        conn: &mut RedisConn,
+        count: usize,
+    ) -> Result<Option<Piece>, ReplayError> {
         if self.done {
             return Ok(None);
         }
         // One round trip, so that a commit sent meanwhile never waits between its parts.
         // Acknowledged = delivered to the group and no longer pending. The delivery position
         // is read first: an entry delivered after it then still counts as not acknowledged.
-        // The first `batch_size` pending ids from the cursor on include every pending one of
-        // the (at most `batch_size`) entries read.
+        // The first `count` pending ids from the cursor on include every pending one of the (at
+        // most `count`) entries read.
         let (groups, entries, pending): (StreamInfoGroupsReply, Value, StreamPendingCountReply) =
             match redis::pipe()
                 .cmd("XINFO")
@@ -621,13 +667,13 @@ impl Reader {
                 .arg(&self.cursor)
                 .arg("+")
                 .arg("COUNT")
-                .arg(self.batch_size)
+                .arg(count)
                 .cmd("XPENDING")
                 .arg(&self.stream)
                 .arg(&self.group)
                 .arg(&self.cursor)
                 .arg("+")
-                .arg(self.batch_size)
+                .arg(count)
                 .query_async(conn)
                 .await
             {
@@ -639,7 +685,7 @@ impl Reader {
                         .arg(&self.cursor)
                         .arg("+")
                         .arg("COUNT")
-                        .arg(self.batch_size)
+                        .arg(count)
                         .query_async(conn)
                         .await?;
                     (
@@ -664,11 +710,10 @@ impl Reader {
             .iter()
             .find(|g| g.name == self.group)
             .and_then(|g| parse_id(&g.last_delivered_id));
-        Ok(Some(Raw {
+        Ok(Some(Piece {
             entries,
             delivered,
             pending: pending.ids.into_iter().map(|p| p.id).collect(),
-            range: self.range,
         }))
     }
 }
@@ -682,43 +727,55 @@ fn refused_with(e: &redis::RedisError, code: &str) -> bool {
             .is_some_and(|errors| errors.iter().any(|(_, error)| error.code() == code))
 }
 
-/// A chunk as read: entries, the group's delivery position and which of them are pending (of
-/// the chunk and maybe some after it).
+/// A chunk as read, in pieces.
 struct Raw {
-    entries: Vec<Entry>,
-    delivered: Option<(u64, u64)>,
-    pending: HashSet<String>,
+    pieces: Vec<Piece>,
     range: (i64, i64),
 }
 
+/// Entries read in one round trip, the group's delivery position and which of them are pending
+/// (of the piece and maybe some after it), read together.
+struct Piece {
+    entries: Vec<Entry>,
+    delivered: Option<(u64, u64)>,
+    pending: HashSet<String>,
+}
+
 impl Raw {
+    fn len(&self) -> usize {
+        self.pieces.iter().map(|p| p.entries.len()).sum()
+    }
+
     /// The acknowledged events of the range, first copy of each id.
     fn decode(self, counts: &mut Counts) -> Chunk {
-        let Raw {
+        let Raw { pieces, range } = self;
+        let mut events: Vec<(i64, UsageEvent)> =
+            Vec::with_capacity(pieces.iter().map(|p| p.entries.len()).sum());
+        for Piece {
             entries,
             delivered,
             pending,
-            range,
-        } = self;
-        let mut events: Vec<(i64, UsageEvent)> = Vec::with_capacity(entries.len());
-        for Entry { id, payload } in &entries {
-            let acknowledged = delivered.is_some_and(|d| parse_id(id).is_some_and(|i| i <= d))
-                && !pending.contains(id.as_str());
-            if !acknowledged {
-                counts.left += 1;
-                continue;
+        } in &pieces
+        {
+            for Entry { id, payload } in entries {
+                let acknowledged = delivered.is_some_and(|d| parse_id(id).is_some_and(|i| i <= d))
+                    && !pending.contains(id.as_str());
+                if !acknowledged {
+                    counts.left += 1;
+                    continue;
+                }
+                // Entries the live consumers dead-lettered count nowhere.
+                let Some(Ok(Ok(event))) = payload
+                    .as_deref()
+                    .map(|b| shared::decode(b).map(crate::ingest::stream::plausible))
+                else {
+                    continue;
+                };
+                if !(range.0..range.1).contains(&event.ts) {
+                    continue;
+                }
+                events.push((arrival_ms(id), event));
             }
-            // Entries the live consumers dead-lettered count nowhere.
-            let Some(Ok(Ok(event))) = payload
-                .as_deref()
-                .map(|b| shared::decode(b).map(crate::ingest::stream::plausible))
-            else {
-                continue;
-            };
-            if !(range.0..range.1).contains(&event.ts) {
-                continue;
-            }
-            events.push((arrival_ms(id), event));
         }
         let before = events.len();
         crate::ingest::stream::keep_first_of_each_id(&mut events);
@@ -738,6 +795,23 @@ struct Chunk {
 }
 
 impl Chunk {
+    /// The chunk's parts by client key, one commit each ([`groups`]).
+    fn split(self, max: usize) -> Vec<Chunk> {
+        let groups = groups::by_key(self.events.iter().map(|(_, e)| e.key_id.as_deref()), max);
+        let mut parts: Vec<Chunk> = std::iter::repeat_with(|| Chunk {
+            events: Vec::new(),
+            in_shadow: HashSet::new(),
+        })
+        .take(groups.count)
+        .collect();
+        for (event, part) in self.events.into_iter().zip(groups.of_event) {
+            if let Some(chunk) = parts.get_mut(part) {
+                chunk.events.push(event);
+            }
+        }
+        parts
+    }
+
     fn pending(&self) -> usize {
         self.events
             .iter()
@@ -792,6 +866,40 @@ impl Shadow {
             increments: &increments,
             acks: &[],
         }))
+    }
+
+    /// Stages the parts of a chunk, each on top of the ones before; parts with nothing to
+    /// apply are left out.
+    fn stage_all(&mut self, parts: Vec<Chunk>) -> (Vec<Chunk>, Vec<Staged>) {
+        let mut kept = Vec::with_capacity(parts.len());
+        let mut staged = Vec::with_capacity(parts.len());
+        for part in parts {
+            if let Some(s) = self.stage(&part) {
+                kept.push(part);
+                staged.push(s);
+            }
+        }
+        (kept, staged)
+    }
+
+    /// Takes the replies to a chunk's commits, counts those that applied and applies the
+    /// others whatever it takes.
+    async fn settle_all(
+        &mut self,
+        conn: &mut RedisConn,
+        parts: Vec<Chunk>,
+        sent: Vec<Staged>,
+        replies: Replies,
+        counts: &mut Counts,
+    ) -> Result<(), ReplayError> {
+        let outcomes = self.committer.settle_all(sent, replies, &self.conflicts)?;
+        for (part, outcome) in parts.into_iter().zip(outcomes) {
+            match outcome? {
+                Some(Outcome::Applied) => counts.applied += part.pending() as u64,
+                outcome => self.finish(conn, part, outcome, counts).await?,
+            }
+        }
+        Ok(())
     }
 
     /// Applies a chunk whatever it takes; `outcome`: of an attempt already made (`None`:
