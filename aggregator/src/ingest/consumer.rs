@@ -314,27 +314,41 @@ impl Consumer {
     }
 
     /// Takes over entries that other (presumably dead) consumers left pending too long.
+    /// In claims of at most [`READ_CHUNK`] entries, as reads are, up to a batch.
     async fn claim(&mut self) -> redis::RedisResult<Vec<Entry>> {
-        let reply: Value = redis::cmd("XAUTOCLAIM")
-            .arg(self.config.keyspace.stream())
-            .arg(&self.config.group)
-            .arg(&self.config.consumer)
-            .arg(self.config.claim_idle.as_millis() as u64)
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(self.config.batch_size)
-            .query_async(&mut self.conn)
-            .await?;
-        // Reply: [next cursor, [entry, ...], [deleted ids]]; entries deleted by trimming are
-        // already gone from the pending list, so there is nothing to do for them.
-        Ok(match reply {
-            Value::Array(parts) => parts
-                .into_iter()
-                .nth(1)
-                .map(crate::ingest::stream::take_entries),
-            _ => None,
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut cursor = "0-0".to_owned();
+        while entries.len() < self.config.batch_size {
+            let want = (self.config.batch_size - entries.len()).min(READ_CHUNK);
+            let reply: Value = redis::cmd("XAUTOCLAIM")
+                .arg(self.config.keyspace.stream())
+                .arg(&self.config.group)
+                .arg(&self.config.consumer)
+                .arg(self.config.claim_idle.as_millis() as u64)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(want)
+                .query_async(&mut self.reads)
+                .await?;
+            // Reply: [next cursor, [entry, ...], [deleted ids]]; entries deleted by trimming
+            // are already gone from the pending list, so there is nothing to do for them.
+            let Value::Array(parts) = reply else {
+                break;
+            };
+            let mut parts = parts.into_iter();
+            let next = parts.next().and_then(crate::ingest::stream::into_string);
+            entries.extend(
+                parts
+                    .next()
+                    .map(crate::ingest::stream::take_entries)
+                    .unwrap_or_default(),
+            );
+            match next {
+                Some(next) if next != "0-0" => cursor = next,
+                _ => break,
+            }
         }
-        .unwrap_or_default())
+        Ok(entries)
     }
 
     async fn process(&mut self, entries: Vec<Entry>) -> Result<(), CommitError> {
