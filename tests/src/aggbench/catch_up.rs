@@ -1,6 +1,6 @@
-//! Following the aggregator while it works through the preloaded stream: its `/metrics` every
-//! 100 ms until every event is applied, and, from its first applied batch on, its RSS and
-//! Redis' memory every second.
+//! Following the aggregator while it works through the preloaded streams: its `/metrics` every
+//! 100 ms until every event is applied (and when each partition ran dry), and, from its first
+//! applied batch on, its RSS and Redis' memory (summed over the masters) every second.
 
 use std::time::Duration;
 
@@ -9,7 +9,8 @@ use redis::aio::MultiplexedConnection;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::probes::{self, AggregatorMetrics, Range};
-use crate::servers::{ChildGuard, Redis};
+use crate::servers::ChildGuard;
+use crate::topology::Store;
 
 const POLL: Duration = Duration::from_millis(100);
 const SAMPLE: Duration = Duration::from_secs(1);
@@ -27,6 +28,9 @@ pub struct CatchUp {
     pub redis_memory: Range,
     /// The last scrape, taken after the end.
     pub metrics: AggregatorMetrics,
+    /// Per partition: process start until a scrape first showed it with no lag and nothing
+    /// pending (every entry read and committed); `None` if no scrape did before the end.
+    pub partition_done: Vec<Option<Duration>>,
 }
 
 impl CatchUp {
@@ -44,16 +48,19 @@ impl CatchUp {
 
 pub struct Watched<'a> {
     pub aggregator: &'a mut ChildGuard,
-    pub redis: &'a mut Redis,
-    pub conn: &'a mut MultiplexedConnection,
+    pub store: &'a mut Store,
+    /// One per master, for `used_memory`.
+    pub conns: &'a mut [MultiplexedConnection],
     pub http: &'a reqwest::Client,
     pub metrics_url: String,
 }
 
-/// Polls until `n` events are applied; `started` is when the aggregator process was spawned.
+/// Polls until `n` events are applied; `started` is when the aggregator process was spawned,
+/// `partitions` how many it consumes.
 pub async fn follow(
     w: Watched<'_>,
     n: u64,
+    partitions: usize,
     started: Instant,
     timeout: Duration,
 ) -> anyhow::Result<CatchUp> {
@@ -64,15 +71,25 @@ pub async fn follow(
     let mut last_progress = (Instant::now(), 0);
     let mut first_seen: Option<(Duration, u64)> = None;
     let mut latest = AggregatorMetrics::default();
+    let mut partition_done = vec![None; partitions];
     let total = loop {
         ticker.tick().await;
         w.aggregator.check_alive()?;
-        w.redis.check_alive()?;
+        w.store.check_alive()?;
         // Until the aggregator listens, scrapes fail; the deadline covers one that never does.
-        if let Ok(metrics) = scrape(w.http, &w.metrics_url).await {
-            latest = metrics;
-        }
+        let scraped = scrape(w.http, &w.metrics_url).await;
         let elapsed = started.elapsed();
+        if let Ok((metrics, text)) = scraped {
+            latest = metrics;
+            for (p, gauges) in probes::partition_gauges(&text) {
+                if let Some(done @ None) = partition_done.get_mut(p)
+                    && gauges == (Some(0), Some(0))
+                    && latest.applied > 0
+                {
+                    *done = Some(elapsed);
+                }
+            }
+        }
         if latest.applied > 0 && first_seen.is_none() {
             first_seen = Some((elapsed, latest.applied));
         }
@@ -81,7 +98,7 @@ pub async fn follow(
         if first_seen.is_some() && last_sample.is_none_or(|t| t.elapsed() >= SAMPLE) {
             last_sample = Some(Instant::now());
             rss_kib.add(probes::rss_kib(w.aggregator.pid())?);
-            redis_memory.add(probes::redis_used_memory(w.conn).await?);
+            redis_memory.add(probes::redis_used_memory_all(w.conns).await?);
         }
         if latest.applied >= n {
             break elapsed;
@@ -106,8 +123,15 @@ pub async fn follow(
         }
     };
     rss_kib.add(probes::rss_kib(w.aggregator.pid())?);
-    redis_memory.add(probes::redis_used_memory(w.conn).await?);
-    let metrics = scrape(w.http, &w.metrics_url).await?;
+    redis_memory.add(probes::redis_used_memory_all(w.conns).await?);
+    let (metrics, text) = scrape(w.http, &w.metrics_url).await?;
+    for (p, gauges) in probes::partition_gauges(&text) {
+        if let Some(done @ None) = partition_done.get_mut(p)
+            && gauges == (Some(0), Some(0))
+        {
+            *done = Some(total);
+        }
+    }
     let (first_seen, first_seen_applied) = first_seen.unwrap_or((total, 0));
     Ok(CatchUp {
         total,
@@ -116,10 +140,12 @@ pub async fn follow(
         rss_kib,
         redis_memory,
         metrics,
+        partition_done,
     })
 }
 
-async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<AggregatorMetrics> {
+/// The parsed counters and the text, for the per-partition gauges.
+async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<(AggregatorMetrics, String)> {
     let response = http
         .get(url)
         .timeout(Duration::from_secs(2))
@@ -127,5 +153,6 @@ async fn scrape(http: &reqwest::Client, url: &str) -> anyhow::Result<AggregatorM
         .await
         .with_context(|| format!("GET {url}"))?
         .error_for_status()?;
-    Ok(AggregatorMetrics::parse(&response.text().await?))
+    let text = response.text().await?;
+    Ok((AggregatorMetrics::parse(&text), text))
 }

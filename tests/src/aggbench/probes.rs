@@ -68,6 +68,27 @@ pub async fn redis_used_memory(conn: &mut MultiplexedConnection) -> anyhow::Resu
         .context("no used_memory in INFO memory")
 }
 
+/// `used_memory` summed over `conns` (every master).
+pub async fn redis_used_memory_all(conns: &mut [MultiplexedConnection]) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for conn in conns {
+        total += redis_used_memory(conn).await?;
+    }
+    Ok(total)
+}
+
+/// `CONFIG RESETSTAT` on every master, so `INFO commandstats` covers one phase.
+pub async fn reset_stats(conns: &mut [MultiplexedConnection]) -> anyhow::Result<()> {
+    for conn in conns {
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(conn)
+            .await
+            .context("CONFIG RESETSTAT")?;
+    }
+    Ok(())
+}
+
 /// Keys of one name shape and the memory they take.
 pub struct KeyShape {
     /// The key name with every run of digits replaced by `#`.
@@ -80,8 +101,25 @@ pub struct KeyShape {
 /// growth consists of (stream, stats hashes, dedupe sets, ...). `MEMORY USAGE .. SAMPLES 0`
 /// walks whole values, so this is exact and is only run once, after the measurements.
 pub async fn memory_by_key_shape(
-    conn: &mut MultiplexedConnection,
+    conns: &mut [MultiplexedConnection],
 ) -> anyhow::Result<Vec<KeyShape>> {
+    let mut shapes: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for conn in conns {
+        add_key_shapes(conn, &mut shapes).await?;
+    }
+    let mut out: Vec<KeyShape> = shapes
+        .into_iter()
+        .map(|(shape, (keys, bytes))| KeyShape { shape, keys, bytes })
+        .collect();
+    out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.shape.cmp(&b.shape)));
+    Ok(out)
+}
+
+/// Adds the keys of one node to `shapes`: shape → (keys, bytes).
+async fn add_key_shapes(
+    conn: &mut MultiplexedConnection,
+    shapes: &mut BTreeMap<String, (u64, u64)>,
+) -> anyhow::Result<()> {
     let mut keys: Vec<String> = Vec::new();
     let mut cursor = 0u64;
     loop {
@@ -98,7 +136,6 @@ pub async fn memory_by_key_shape(
         }
         cursor = next;
     }
-    let mut shapes: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for chunk in keys.chunks(500) {
         let mut pipe = redis::pipe();
         for key in chunk {
@@ -115,23 +152,31 @@ pub async fn memory_by_key_shape(
             entry.1 += size.unwrap_or(0);
         }
     }
-    let mut out: Vec<KeyShape> = shapes
-        .into_iter()
-        .map(|(shape, (keys, bytes))| KeyShape { shape, keys, bytes })
-        .collect();
-    out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.shape.cmp(&b.shape)));
-    Ok(out)
+    Ok(())
 }
 
-/// `INFO commandstats` as (command, calls, microseconds), most time first.
+/// `INFO commandstats` summed over `conns` (every master) as (command, calls, microseconds),
+/// most time first.
 pub async fn command_stats(
-    conn: &mut MultiplexedConnection,
+    conns: &mut [MultiplexedConnection],
 ) -> anyhow::Result<Vec<(String, u64, u64)>> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await?;
-    let mut out = parse_command_stats(&info);
+    let mut sums: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for conn in conns {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .context("INFO commandstats")?;
+        for (name, calls, usec) in parse_command_stats(&info) {
+            let entry = sums.entry(name).or_default();
+            entry.0 += calls;
+            entry.1 += usec;
+        }
+    }
+    let mut out: Vec<_> = sums
+        .into_iter()
+        .map(|(name, (calls, usec))| (name, calls, usec))
+        .collect();
     out.sort_by_key(|c| std::cmp::Reverse(c.2));
     Ok(out)
 }
@@ -204,6 +249,35 @@ impl AggregatorMetrics {
     }
 }
 
+/// Each partition's `meter_consumer_partition_lag` and `meter_consumer_partition_pending`, by
+/// partition number; a gauge the aggregator could not read is absent.
+pub fn partition_gauges(text: &str) -> BTreeMap<usize, (Option<u64>, Option<u64>)> {
+    let mut out: BTreeMap<usize, (Option<u64>, Option<u64>)> = BTreeMap::new();
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let Some((metric, value)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some((name, labels)) = metric.split_once("{partition=\"") else {
+            continue;
+        };
+        let (Some(partition), Ok(value)) = (
+            labels
+                .strip_suffix("\"}")
+                .and_then(|p| p.parse::<usize>().ok()),
+            value.trim().parse::<f64>(),
+        ) else {
+            continue;
+        };
+        let entry = out.entry(partition).or_default();
+        match name {
+            "meter_consumer_partition_lag" => entry.0 = Some(value as u64),
+            "meter_consumer_partition_pending" => entry.1 = Some(value as u64),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Round trips of one `PING` every 5 ms on a connection of its own while something else runs:
 /// how long any other client of this Redis (the gateway's limiter, say) waits meanwhile, for
 /// Redis runs one command at a time and a commit script is one command.
@@ -256,7 +330,7 @@ impl Waits {
 }
 
 /// Nearest-rank percentiles of sorted `samples`.
-fn summarise(samples: &[Duration]) -> WaitSummary {
+pub fn summarise(samples: &[Duration]) -> WaitSummary {
     let at = |q: f64| {
         let rank = (q * samples.len() as f64).ceil() as usize;
         samples
@@ -320,6 +394,19 @@ mod tests {
             (m.applied, m.unpriced, m.lag, m.pending),
             (1200, 3, Some(0), None)
         );
+    }
+
+    #[test]
+    fn partition_gauges_are_read_by_label() {
+        let text = "# TYPE meter_consumer_partition_lag gauge\n\
+                    meter_consumer_partition_lag{partition=\"0\"} 10\n\
+                    meter_consumer_partition_lag{partition=\"1\"} 0\n\
+                    meter_consumer_partition_pending{partition=\"1\"} 5\n\
+                    meter_consumer_lag 10\n";
+        let g = partition_gauges(text);
+        assert_eq!(g.get(&0), Some(&(Some(10), None)));
+        assert_eq!(g.get(&1), Some(&(Some(0), Some(5))));
+        assert_eq!(g.len(), 2);
     }
 
     #[test]
