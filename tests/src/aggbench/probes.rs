@@ -249,35 +249,6 @@ impl AggregatorMetrics {
     }
 }
 
-/// Each partition's `meter_consumer_partition_lag` and `meter_consumer_partition_pending`, by
-/// partition number; a gauge the aggregator could not read is absent.
-pub fn partition_gauges(text: &str) -> BTreeMap<usize, (Option<u64>, Option<u64>)> {
-    let mut out: BTreeMap<usize, (Option<u64>, Option<u64>)> = BTreeMap::new();
-    for line in text.lines().filter(|line| !line.starts_with('#')) {
-        let Some((metric, value)) = line.split_once(' ') else {
-            continue;
-        };
-        let Some((name, labels)) = metric.split_once("{partition=\"") else {
-            continue;
-        };
-        let (Some(partition), Ok(value)) = (
-            labels
-                .strip_suffix("\"}")
-                .and_then(|p| p.parse::<usize>().ok()),
-            value.trim().parse::<f64>(),
-        ) else {
-            continue;
-        };
-        let entry = out.entry(partition).or_default();
-        match name {
-            "meter_consumer_partition_lag" => entry.0 = Some(value as u64),
-            "meter_consumer_partition_pending" => entry.1 = Some(value as u64),
-            _ => {}
-        }
-    }
-    out
-}
-
 /// Round trips of one `PING` every 5 ms on a connection of its own while something else runs:
 /// how long any other client of this Redis (the gateway's limiter, say) waits meanwhile, for
 /// Redis runs one command at a time and a commit script is one command.
@@ -394,19 +365,6 @@ mod tests {
             (m.applied, m.unpriced, m.lag, m.pending),
             (1200, 3, Some(0), None)
         );
-    }
-
-    #[test]
-    fn partition_gauges_are_read_by_label() {
-        let text = "# TYPE meter_consumer_partition_lag gauge\n\
-                    meter_consumer_partition_lag{partition=\"0\"} 10\n\
-                    meter_consumer_partition_lag{partition=\"1\"} 0\n\
-                    meter_consumer_partition_pending{partition=\"1\"} 5\n\
-                    meter_consumer_lag 10\n";
-        let g = partition_gauges(text);
-        assert_eq!(g.get(&0), Some(&(Some(10), None)));
-        assert_eq!(g.get(&1), Some(&(Some(0), Some(5))));
-        assert_eq!(g.len(), 2);
     }
 
     #[test]

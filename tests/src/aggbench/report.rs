@@ -315,7 +315,7 @@ impl Report {
         )?;
         writeln!(
             out,
-            "| aggregator, first applied seen (at {}, {} applied) → all applied | {} | {} | {} |",
+            "| aggregator, first commit seen (at {}, {} committed) → all applied | {} | {} | {} |",
             secs(c.first_seen),
             int(c.first_seen_applied),
             int(steady_events),
@@ -334,6 +334,25 @@ impl Report {
             c.metrics.applied as f64 / c.metrics.batches.max(1) as f64,
             int(c.metrics.errors),
             int(c.metrics.conflicts)
+        )?;
+        writeln!(
+            out,
+            "\nThe times are read from Redis: every 100 ms, `XINFO GROUPS` of each partition on \
+             connections of our own (the end is when every partition's group has no lag and \
+             nothing pending). Meanwhile the aggregator's `/metrics` was scraped, one scrape at a \
+             time: {} answered (the slowest in {} ms){}. Its lag and pending gauges read each \
+             partition's group from Redis, one after the other, through the aggregator's own \
+             connection; a slow scrape waited on that.",
+            int(c.scrapes.answered),
+            int(c.scrapes.slowest_ms),
+            if c.scrapes.timed_out == 0 {
+                String::new()
+            } else {
+                format!(
+                    ", **{} got no answer within 10 s**",
+                    int(c.scrapes.timed_out)
+                )
+            }
         )?;
 
         writeln!(out, "\n## Resources\n")?;
@@ -415,7 +434,8 @@ impl Report {
                     *usec as f64 / 1e3,
                     probe_calls,
                     probe_usec / 1e3,
-                    if rest_calls >= 0.5 {
+                    // Below a few percent of the calls the rest is the estimate's error.
+                    if rest_calls >= 1.0 && rest_calls >= 0.05 * *calls as f64 {
                         format!("{:.2}", rest_usec / rest_calls)
                     } else {
                         "–".to_owned()

@@ -124,8 +124,10 @@ struct Args {
 
 /// The stream both readers consume; the store is private, so a fixed name is safe.
 const STREAM: &str = "aggbench:events";
-/// The bare consumer's group; the aggregator uses its default, `aggregator`.
+/// The bare consumer's group.
 const BARE_GROUP: &str = "bare";
+/// The aggregator's default group, which it is left to use.
+const AGGREGATOR_GROUP: &str = "aggregator";
 /// The probe gateway's deployment is named from this, with a number added when the plain
 /// name's slot is on another master than partition 0.
 const PROBE_STREAM: &str = "aggbench-probe";
@@ -290,11 +292,12 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<Report> {
             aggregator: &mut aggregator,
             store: &mut store,
             conns: &mut conns,
+            parts: &parts,
+            group: AGGREGATOR_GROUP,
             http: &http,
             metrics_url: format!("{base_url}/metrics"),
         },
         n,
-        partitions.count(),
         started,
         timeout,
     )
