@@ -32,6 +32,14 @@ const PACE: Duration = Duration::from_millis(5);
 /// The sliding `requests` window of the key; the limiter check after the idle phase counts
 /// what it holds, so the idle phase and the preflight must fit in it.
 const REQUESTS_WINDOW_SECS: u64 = 60;
+/// How many of a phase's slowest requests the report lists.
+pub const SLOWEST: usize = 8;
+/// Gateway settings taken from our environment, so their effect on the probe can be measured.
+pub const PASSED_THROUGH: [&str; 3] = [
+    "GATEWAY_CACHE_TTL_MS",
+    "GATEWAY_SPEND_CACHE_MS",
+    "GATEWAY_LEASE_TTL_MS",
+];
 
 /// The mock upstream and the gateway, and the key the probe uses.
 pub struct ProbeGateway {
@@ -115,9 +123,11 @@ impl ProbeGateway {
         mock.args(["--listen", &mock_addr.to_string(), "--canned"]);
         let mock = spawn("mock-upstream", mock, &logs, &[("RUST_LOG", "warn")])?;
         let spool = logs.join("spool").display().to_string();
+        let mut gateway = Command::new(gateway_binary);
+        gateway.envs(passed_through());
         let gateway = spawn(
             "gateway",
-            Command::new(gateway_binary),
+            gateway,
             &logs,
             &[
                 ("GATEWAY_SPOOL_DIR", &spool),
@@ -316,13 +326,15 @@ impl ProbeGateway {
         let ticks = self.cpu_ticks()?;
         let task = tokio::spawn(async move {
             let mut samples = Vec::new();
+            let started = Instant::now();
             let mut ticker = tokio::time::interval(PACE);
             // A request slower than the pace is followed by the next at once, then the pace
             // resumes from there: never two in flight, never a burst to catch up.
             ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
             while !stopped.load(Ordering::Relaxed) {
                 ticker.tick().await;
-                samples.push(send(&http, &request).await);
+                let at = started.elapsed();
+                samples.push((at, send(&http, &request).await));
             }
             samples
         });
@@ -340,11 +352,20 @@ impl ProbeGateway {
         let samples = requests.task.await.context("the probe request task")?;
         let counters = self.counters().await?.since(requests.before);
         let ticks = self.cpu_ticks()?.saturating_sub(requests.ticks);
-        let mut latencies: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
+        let mut latencies: Vec<Duration> = samples.iter().map(|(_, s)| s.latency).collect();
         latencies.sort_unstable();
-        let failures: Vec<&String> = samples.iter().filter_map(|s| s.error.as_ref()).collect();
+        let failures: Vec<&String> = samples
+            .iter()
+            .filter_map(|(_, s)| s.error.as_ref())
+            .collect();
+        let mut slowest: Vec<(Duration, Duration)> =
+            samples.iter().map(|(at, s)| (*at, s.latency)).collect();
+        slowest.sort_unstable_by_key(|(_, latency)| std::cmp::Reverse(*latency));
+        slowest.truncate(SLOWEST);
+        slowest.sort_unstable();
         Ok(RequestSummary {
             latency: probes::summarise(&latencies),
+            slowest,
             failed: failures.len(),
             first_failure: failures.first().map(|e| (*e).clone()),
             counters,
@@ -356,7 +377,8 @@ impl ProbeGateway {
 /// Requests in flight on a task of their own.
 pub struct Requests {
     stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<Vec<Sample>>,
+    /// Each request's start since the first's, and what it saw.
+    task: tokio::task::JoinHandle<Vec<(Duration, Sample)>>,
     before: GatewayCounters,
     ticks: u64,
 }
@@ -373,6 +395,9 @@ struct Sample {
 pub struct RequestSummary {
     /// Over every request, failed ones included (`pings` is their count).
     pub latency: WaitSummary,
+    /// The [`SLOWEST`] slowest requests, in the order sent: (start since the phase's first,
+    /// latency). Their spacing tells a periodic cause (a cache refresh) from commits.
+    pub slowest: Vec<(Duration, Duration)>,
     pub failed: usize,
     pub first_failure: Option<String>,
     /// The gateway's counters over the phase.
@@ -420,10 +445,16 @@ fn spawn(
     let stdout =
         std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let stderr = stdout.try_clone()?;
-    // Nothing from our shell (a GATEWAY_CONFIG, say) may change what is measured.
+    // Nothing from our shell (a GATEWAY_CONFIG, say) may change what is measured, beyond the
+    // settings the caller set on `command` on purpose.
+    let set: Vec<(std::ffi::OsString, std::ffi::OsString)> = command
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+        .collect();
     let child = command
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(set)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(stdout)
@@ -431,6 +462,14 @@ fn spawn(
         .spawn()
         .with_context(|| format!("starting {name}"))?;
     Ok(ChildGuard::new(name, child))
+}
+
+/// The [`PASSED_THROUGH`] settings set in our environment.
+pub fn passed_through() -> Vec<(&'static str, String)> {
+    PASSED_THROUGH
+        .into_iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k, v)))
+        .collect()
 }
 
 fn log_tail(path: &Path) -> String {

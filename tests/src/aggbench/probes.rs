@@ -254,13 +254,15 @@ impl AggregatorMetrics {
 /// Redis runs one command at a time and a commit script is one command.
 pub struct Waits {
     stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<Vec<Duration>>,
+    task: tokio::task::JoinHandle<(Vec<Duration>, usize)>,
 }
 
 /// What [`Waits`] saw.
 #[derive(Debug, Clone, Copy)]
 pub struct WaitSummary {
     pub pings: usize,
+    /// Pings that got an error instead of `PONG` (not in the percentiles).
+    pub errors: usize,
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
@@ -268,35 +270,34 @@ pub struct WaitSummary {
 
 impl Waits {
     pub async fn start(url: &str) -> anyhow::Result<Self> {
-        let mut conn = redis::Client::open(url)?
-            .get_multiplexed_async_connection()
-            .await?;
+        // The crate's default 500 ms response timeout would turn the longest waits, the ones
+        // this probe is for, into errors; `connect` allows a minute.
+        let mut conn = crate::servers::connect(url).await?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         let task = tokio::spawn(async move {
-            let mut samples = Vec::new();
+            let (mut samples, mut errors) = (Vec::new(), 0);
             while !stopped.load(Ordering::Relaxed) {
                 let sent = Instant::now();
-                if redis::cmd("PING")
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .is_err()
-                {
-                    break;
+                match redis::cmd("PING").query_async::<()>(&mut conn).await {
+                    Ok(()) => samples.push(sent.elapsed()),
+                    Err(_) => errors += 1,
                 }
-                samples.push(sent.elapsed());
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            samples
+            (samples, errors)
         });
         Ok(Self { stop, task })
     }
 
     pub async fn finish(self) -> anyhow::Result<WaitSummary> {
         self.stop.store(true, Ordering::Relaxed);
-        let mut samples = self.task.await.context("the PING task")?;
+        let (mut samples, errors) = self.task.await.context("the PING task")?;
         samples.sort_unstable();
-        Ok(summarise(&samples))
+        Ok(WaitSummary {
+            errors,
+            ..summarise(&samples)
+        })
     }
 }
 
@@ -311,6 +312,7 @@ pub fn summarise(samples: &[Duration]) -> WaitSummary {
     };
     WaitSummary {
         pings: samples.len(),
+        errors: 0,
         p50: at(0.5),
         p99: at(0.99),
         max: samples.last().copied().unwrap_or_default(),

@@ -712,16 +712,17 @@ impl Report {
         let idle = &self.phases[0];
         writeln!(
             out,
-            "| `PING` during | s | pings | p50 ms | p99 ms | max ms | added p50 ms | added p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+            "| `PING` during | s | pings | errors | p50 ms | p99 ms | max ms | added p50 ms | added p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         )?;
         for phase in &self.phases {
             let w = &phase.ping;
             writeln!(
                 out,
-                "| {} | {:.1} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
                 phase.name,
                 phase.wall.as_secs_f64(),
                 int(w.pings as u64),
+                w.errors,
                 ms(w.p50),
                 ms(w.p99),
                 ms(w.max),
@@ -749,6 +750,18 @@ impl Report {
                 String::new()
             }
         )?;
+        let settings = crate::limited::passed_through();
+        if !settings.is_empty() {
+            writeln!(
+                out,
+                "The probe's gateway ran with {} (from aggbench's environment).\n",
+                settings
+                    .iter()
+                    .map(|(k, v)| format!("`{k}={v}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?;
+        }
         if let Some(c) = &probe.limiter_check {
             writeln!(
                 out,
@@ -810,6 +823,29 @@ impl Report {
         )?;
         for (phase, first) in failures {
             writeln!(out, "\nFirst failed request during {phase}: `{first}`")?;
+        }
+        writeln!(
+            out,
+            "\nThe slowest requests of each phase, in the order sent, as *start s: ms*:\n"
+        )?;
+        for phase in &self.phases {
+            let Some(l) = &phase.limited else {
+                continue;
+            };
+            writeln!(
+                out,
+                "- {}: {}",
+                phase.name,
+                l.slowest
+                    .iter()
+                    .map(|(at, latency)| format!(
+                        "{:.2}: {:.1}",
+                        at.as_secs_f64(),
+                        latency.as_secs_f64() * 1e3
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?;
         }
         Ok(())
     }
