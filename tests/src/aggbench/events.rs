@@ -254,12 +254,13 @@ impl Generator {
         self.pricing.price(&probe).is_some()
     }
 
-    /// The `i`-th event, encoded for the stream's `e` field.
-    pub fn encoded(&mut self, i: u64) -> Vec<u8> {
+    /// The `i`-th event, encoded for the stream's `e` field, and its key, which decides its
+    /// partition.
+    pub fn encoded(&mut self, i: u64) -> (Vec<u8>, Option<String>) {
         let event = self.event(i);
         let bytes = shared::encode(&event);
         self.expected.encoded_bytes += bytes.len() as u64;
-        bytes
+        (bytes, event.key_id)
     }
 
     fn pick_model(&mut self) -> &'static ModelSpec {

@@ -68,6 +68,27 @@ pub async fn redis_used_memory(conn: &mut MultiplexedConnection) -> anyhow::Resu
         .context("no used_memory in INFO memory")
 }
 
+/// `used_memory` summed over `conns` (every master).
+pub async fn redis_used_memory_all(conns: &mut [MultiplexedConnection]) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for conn in conns {
+        total += redis_used_memory(conn).await?;
+    }
+    Ok(total)
+}
+
+/// `CONFIG RESETSTAT` on every master, so `INFO commandstats` covers one phase.
+pub async fn reset_stats(conns: &mut [MultiplexedConnection]) -> anyhow::Result<()> {
+    for conn in conns {
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(conn)
+            .await
+            .context("CONFIG RESETSTAT")?;
+    }
+    Ok(())
+}
+
 /// Keys of one name shape and the memory they take.
 pub struct KeyShape {
     /// The key name with every run of digits replaced by `#`.
@@ -80,8 +101,25 @@ pub struct KeyShape {
 /// growth consists of (stream, stats hashes, dedupe sets, ...). `MEMORY USAGE .. SAMPLES 0`
 /// walks whole values, so this is exact and is only run once, after the measurements.
 pub async fn memory_by_key_shape(
-    conn: &mut MultiplexedConnection,
+    conns: &mut [MultiplexedConnection],
 ) -> anyhow::Result<Vec<KeyShape>> {
+    let mut shapes: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for conn in conns {
+        add_key_shapes(conn, &mut shapes).await?;
+    }
+    let mut out: Vec<KeyShape> = shapes
+        .into_iter()
+        .map(|(shape, (keys, bytes))| KeyShape { shape, keys, bytes })
+        .collect();
+    out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.shape.cmp(&b.shape)));
+    Ok(out)
+}
+
+/// Adds the keys of one node to `shapes`: shape → (keys, bytes).
+async fn add_key_shapes(
+    conn: &mut MultiplexedConnection,
+    shapes: &mut BTreeMap<String, (u64, u64)>,
+) -> anyhow::Result<()> {
     let mut keys: Vec<String> = Vec::new();
     let mut cursor = 0u64;
     loop {
@@ -98,7 +136,6 @@ pub async fn memory_by_key_shape(
         }
         cursor = next;
     }
-    let mut shapes: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for chunk in keys.chunks(500) {
         let mut pipe = redis::pipe();
         for key in chunk {
@@ -115,23 +152,31 @@ pub async fn memory_by_key_shape(
             entry.1 += size.unwrap_or(0);
         }
     }
-    let mut out: Vec<KeyShape> = shapes
-        .into_iter()
-        .map(|(shape, (keys, bytes))| KeyShape { shape, keys, bytes })
-        .collect();
-    out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.shape.cmp(&b.shape)));
-    Ok(out)
+    Ok(())
 }
 
-/// `INFO commandstats` as (command, calls, microseconds), most time first.
+/// `INFO commandstats` summed over `conns` (every master) as (command, calls, microseconds),
+/// most time first.
 pub async fn command_stats(
-    conn: &mut MultiplexedConnection,
+    conns: &mut [MultiplexedConnection],
 ) -> anyhow::Result<Vec<(String, u64, u64)>> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await?;
-    let mut out = parse_command_stats(&info);
+    let mut sums: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for conn in conns {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .context("INFO commandstats")?;
+        for (name, calls, usec) in parse_command_stats(&info) {
+            let entry = sums.entry(name).or_default();
+            entry.0 += calls;
+            entry.1 += usec;
+        }
+    }
+    let mut out: Vec<_> = sums
+        .into_iter()
+        .map(|(name, (calls, usec))| (name, calls, usec))
+        .collect();
     out.sort_by_key(|c| std::cmp::Reverse(c.2));
     Ok(out)
 }
@@ -209,13 +254,15 @@ impl AggregatorMetrics {
 /// Redis runs one command at a time and a commit script is one command.
 pub struct Waits {
     stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<Vec<Duration>>,
+    task: tokio::task::JoinHandle<(Vec<Duration>, usize)>,
 }
 
 /// What [`Waits`] saw.
 #[derive(Debug, Clone, Copy)]
 pub struct WaitSummary {
     pub pings: usize,
+    /// Pings that got an error instead of `PONG` (not in the percentiles).
+    pub errors: usize,
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
@@ -223,40 +270,39 @@ pub struct WaitSummary {
 
 impl Waits {
     pub async fn start(url: &str) -> anyhow::Result<Self> {
-        let mut conn = redis::Client::open(url)?
-            .get_multiplexed_async_connection()
-            .await?;
+        // The crate's default 500 ms response timeout would turn the longest waits, the ones
+        // this probe is for, into errors; `connect` allows a minute.
+        let mut conn = crate::servers::connect(url).await?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         let task = tokio::spawn(async move {
-            let mut samples = Vec::new();
+            let (mut samples, mut errors) = (Vec::new(), 0);
             while !stopped.load(Ordering::Relaxed) {
                 let sent = Instant::now();
-                if redis::cmd("PING")
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .is_err()
-                {
-                    break;
+                match redis::cmd("PING").query_async::<()>(&mut conn).await {
+                    Ok(()) => samples.push(sent.elapsed()),
+                    Err(_) => errors += 1,
                 }
-                samples.push(sent.elapsed());
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            samples
+            (samples, errors)
         });
         Ok(Self { stop, task })
     }
 
     pub async fn finish(self) -> anyhow::Result<WaitSummary> {
         self.stop.store(true, Ordering::Relaxed);
-        let mut samples = self.task.await.context("the PING task")?;
+        let (mut samples, errors) = self.task.await.context("the PING task")?;
         samples.sort_unstable();
-        Ok(summarise(&samples))
+        Ok(WaitSummary {
+            errors,
+            ..summarise(&samples)
+        })
     }
 }
 
 /// Nearest-rank percentiles of sorted `samples`.
-fn summarise(samples: &[Duration]) -> WaitSummary {
+pub fn summarise(samples: &[Duration]) -> WaitSummary {
     let at = |q: f64| {
         let rank = (q * samples.len() as f64).ceil() as usize;
         samples
@@ -266,6 +312,7 @@ fn summarise(samples: &[Duration]) -> WaitSummary {
     };
     WaitSummary {
         pings: samples.len(),
+        errors: 0,
         p50: at(0.5),
         p99: at(0.99),
         max: samples.last().copied().unwrap_or_default(),

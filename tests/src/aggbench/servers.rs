@@ -21,7 +21,6 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
-    #[allow(dead_code)] // aggbench builds its guards here; statsbench uses this
     pub fn new(name: &'static str, child: Child) -> Self {
         Self { name, child }
     }
@@ -136,15 +135,20 @@ pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
 /// produces. Without `rebuild` an existing binary is used as it is, even if the sources changed
 /// since; its age is printed so a stale one stands out.
 pub fn aggregator_binary(rebuild: bool) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the aggbench executable")?;
+    release_binary("aggregator", rebuild)
+}
+
+/// The same for any binary of the workspace (`gateway`, `mock-upstream`, ...).
+pub fn release_binary(name: &str, rebuild: bool) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating our own executable")?;
     let beside = exe
         .parent()
-        .context("the aggbench executable has no parent directory")?
-        .join("aggregator");
+        .context("our executable has no parent directory")?
+        .join(name);
     let path = if beside.is_file() && !rebuild {
         beside
     } else {
-        build_aggregator()?
+        build(name)?
     };
     let age = std::fs::metadata(&path)
         .and_then(|m| m.modified())
@@ -161,17 +165,17 @@ pub fn aggregator_binary(rebuild: bool) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Runs `cargo build --release --bin aggregator` and takes the path from cargo's JSON messages,
-/// so a custom target directory works too.
-fn build_aggregator() -> anyhow::Result<PathBuf> {
+/// Runs `cargo build --release --bin <name>` and takes the path from cargo's JSON messages, so
+/// a custom target directory works too.
+fn build(name: &str) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     // This crate lives one level below the workspace root.
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("the tests crate has no parent directory")?;
-    eprintln!("aggbench: building the release aggregator");
+    eprintln!("aggbench: building the release {name}");
     let output = Command::new(&cargo)
-        .args(["build", "--release", "--bin", "aggregator"])
+        .args(["build", "--release", "--bin", name])
         .arg("--message-format=json")
         .current_dir(workspace)
         .stderr(Stdio::inherit())
@@ -179,24 +183,26 @@ fn build_aggregator() -> anyhow::Result<PathBuf> {
         .with_context(|| format!("running {}", cargo.to_string_lossy()))?;
     if !output.status.success() {
         bail!(
-            "cargo build --release --bin aggregator failed: {}",
+            "cargo build --release --bin {name} failed: {}",
             output.status
         );
     }
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "aggregator")
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .context("cargo did not report the aggregator executable")
+        .with_context(|| format!("cargo did not report the {name} executable"))
 }
 
-/// Starts the aggregator on `listen`, consuming `stream` with its default group (`aggregator`,
-/// created at the start of the stream). Its warnings go to our stderr.
+/// Starts the aggregator on `listen`, consuming the `partitions` partitions of `stream` with its
+/// default group (`aggregator`, created at the start of each stream). `redis_url` is one URL or
+/// a cluster's comma-separated seeds. Its warnings go to our stderr.
 pub fn spawn_aggregator(
     binary: &Path,
     redis_url: &str,
     stream: &str,
+    partitions: u32,
     listen: SocketAddr,
 ) -> anyhow::Result<ChildGuard> {
     let child = Command::new(binary)
@@ -204,6 +210,7 @@ pub fn spawn_aggregator(
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("REDIS_URL", redis_url)
         .env("METER_STREAM", stream)
+        .env("METER_PARTITIONS", partitions.to_string())
         .env("METER_CONSUMER", "aggbench")
         .env("AGGREGATOR_LISTEN", listen.to_string())
         .env("RUST_LOG", "warn")

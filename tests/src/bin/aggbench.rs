@@ -1,23 +1,34 @@
 //! `aggbench`: the aggregator's throughput benchmark, a benchmark rather than a test.
 //!
-//! One invocation starts a private Redis, fills one stream with N realistic usage events, and
-//! measures two readers of that same stream, each in its own consumer group so neither disturbs
-//! the other: a bare in-process consumer (`XREADGROUP` + `XACK`, no decoding), which is the
-//! physical limit of any consumer on this Redis, and then the release `aggregator` binary with
-//! its default group, followed through `/metrics` until it has applied all N. It then checks
-//! through `/v1/usage` that every event, token and attodollar was counted exactly once, and
-//! prints one Markdown report. It stops by itself: the only open-ended wait, the aggregator's,
-//! is bounded by `--timeout-secs` (by default 1.2 ms per event, at least 60 s).
+//! One invocation starts a private Redis (or, with `--cluster`, a private Redis Cluster of 3
+//! masters and 3 replicas), fills the stream (or, with `--partitions N`, its N partition streams,
+//! each event in its key's partition as the gateway places it) with N realistic usage events,
+//! and measures two readers, each in its own consumer group so neither disturbs the other: a
+//! bare in-process consumer (`XREADGROUP` + `XACK`, no decoding; one per partition, all at
+//! once), which is the physical limit of any consumer on this store, and then the release
+//! `aggregator` binary with its default group, followed through `/metrics` until it has applied
+//! all N. It then checks through `/v1/usage` that every event, token and attodollar was counted
+//! exactly once, and prints one Markdown report. It stops by itself: the only open-ended wait,
+//! the aggregator's, is bounded by `--timeout-secs` (by default 1.2 ms per event, at least 60 s).
+//!
+//! During every phase, and in an idle phase before the first, two probes measure what other
+//! clients wait on the master of partition 0: a `PING` every 5 ms, and a limited key's request
+//! through the release `gateway` (against the release `mock-upstream`) every 5 ms, whose limit
+//! check is one script on that master (`limited`; `--no-limited-probe` leaves it out).
 //!
 //! ```text
-//! cargo run --release -p tests --bin aggbench -- [--events 1000000] [--keys 100] [--models 10] [--replay] [--out FILE.md]
+//! cargo run --release -p tests --bin aggbench -- [--events 1000000] [--keys 100] [--models 10]
+//!     [--cluster] [--partitions N] [--replay] [--out FILE.md]
 //! ```
+//! The gateway and the mock are taken from beside this executable, so build them too:
+//! `cargo build --release --bin aggbench --bin aggregator --bin gateway --bin mock-upstream`.
 //!
-//! Layout, in the order this file uses them: `servers` (Redis, the aggregator binary and the
-//! guards that kill them), `events` (the deterministic traffic and its expected totals, drawn
-//! from `rng`), `stream` (preloading and the bare consumer), `probes` (`/proc`, Redis `INFO`,
-//! `/metrics`), `catch_up` (following the aggregator), `conservation` (the check) and `report`
-//! (Markdown).
+//! Layout, in the order this file uses them: `topology` (the node or the cluster, and which
+//! master serves what), `servers` (the aggregator binary and the guards that kill processes),
+//! `limited` (the gateway probe), `events` (the deterministic traffic and its expected totals,
+//! drawn from `rng`), `stream` (preloading and the bare consumer), `probes` (`/proc`, Redis
+//! `INFO`, `/metrics`, the `PING` probe), `catch_up` (following the aggregator), `conservation`
+//! (the check) and `report` (Markdown).
 
 #[path = "../aggbench/catch_up.rs"]
 mod catch_up;
@@ -25,6 +36,8 @@ mod catch_up;
 mod conservation;
 #[path = "../aggbench/events.rs"]
 mod events;
+#[path = "../aggbench/limited.rs"]
+mod limited;
 #[path = "../aggbench/probes.rs"]
 mod probes;
 #[path = "../aggbench/report.rs"]
@@ -35,6 +48,8 @@ mod rng;
 mod servers;
 #[path = "../aggbench/stream.rs"]
 mod stream;
+#[path = "../aggbench/topology.rs"]
+mod topology;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,12 +57,18 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
+use shared::Partitions;
 use tokio::time::Instant;
 
 use crate::catch_up::Watched;
 use crate::events::Generator;
-use crate::report::{Cpu, RedisMemory, Report, Workload};
-use crate::servers::Redis;
+use crate::limited::{ProbeGateway, RequestSummary, Requests};
+use crate::report::{
+    Cpu, LimiterCheck, MasterRow, Phase, ProbeLoad, ProbeSetup, RedisMemory, Report, Topology,
+    Workload,
+};
+use crate::stream::Part;
+use crate::topology::{Node, Store};
 
 #[derive(Debug, Parser)]
 #[command(about = "Aggregator throughput: the release aggregator against a bare stream consumer")]
@@ -71,13 +92,25 @@ struct Args {
     /// Seed of the event generator.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Run on a private Redis Cluster (3 masters, 3 replicas, loopback) instead of one node.
+    #[arg(long)]
+    cluster: bool,
+    /// Partitions of the stream (`METER_PARTITIONS`); each event goes to its key's.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// Leave out the limited key's requests through a gateway (the `PING` probe stays).
+    #[arg(long)]
+    no_limited_probe: bool,
+    /// Length of the idle phase that sets the probes' baselines.
+    #[arg(long, default_value_t = 3)]
+    idle_secs: u64,
     /// Give up when the aggregator has not applied every event after this many seconds.
     #[arg(long)]
     timeout_secs: Option<u64>,
     /// Also write the Markdown report to this file.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Run `cargo build --release` for the aggregator even when the binary is already there.
+    /// Run `cargo build --release` for the binaries even when they are already there.
     #[arg(long)]
     rebuild: bool,
     /// Then time `aggregator replay` (unchanged prices) while the aggregator keeps running,
@@ -89,22 +122,43 @@ struct Args {
     replay_batch_size: Option<usize>,
 }
 
-/// The stream both readers consume; the Redis is private, so a fixed name is safe.
+/// The stream both readers consume; the store is private, so a fixed name is safe.
 const STREAM: &str = "aggbench:events";
-/// The bare consumer's group; the aggregator uses its default, `aggregator`.
+/// The bare consumer's group.
 const BARE_GROUP: &str = "bare";
+/// The aggregator's default group, which it is left to use.
+const AGGREGATOR_GROUP: &str = "aggregator";
+/// The probe gateway's deployment is named from this, with a number added when the plain
+/// name's slot is on another master than partition 0.
+const PROBE_STREAM: &str = "aggbench-probe";
+
+struct Binaries {
+    aggregator: PathBuf,
+    /// The gateway and the mock upstream, unless the limited probe is left out.
+    probe: Option<(PathBuf, PathBuf)>,
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     ensure!(args.events > 0, "--events must be at least 1");
     ensure!(args.keys > 0, "--keys must be at least 1");
-    let binary = servers::aggregator_binary(args.rebuild)?;
-    // Losing the race to a signal drops `bench`, and with it the guards that kill Redis and the
-    // aggregator.
+    let binaries = Binaries {
+        aggregator: servers::aggregator_binary(args.rebuild)?,
+        probe: if args.no_limited_probe {
+            None
+        } else {
+            Some((
+                servers::release_binary("gateway", args.rebuild)?,
+                servers::release_binary("mock-upstream", args.rebuild)?,
+            ))
+        },
+    };
+    // Losing the race to a signal drops `bench`, and with it the guards that kill Redis, the
+    // aggregator and the probe's processes.
     let report = tokio::select! {
-        report = bench(&args, &binary) => report?,
-        () = shutdown_signal() => bail!("interrupted; redis-server and the aggregator were stopped"),
+        report = bench(&args, &binaries) => report?,
+        () = shutdown_signal() => bail!("interrupted; every process started was stopped"),
     };
     let markdown = report.markdown();
     print!("{markdown}");
@@ -114,17 +168,45 @@ async fn main() -> anyhow::Result<()> {
     }
     ensure!(
         report.passed(),
-        "the conservation check failed; see the report"
+        "the conservation check failed, or a probe request was refused; see the report"
     );
     Ok(())
 }
 
-async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
+async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<Report> {
     let n = args.events;
+    let binary = binaries.aggregator.as_path();
     let hz = probes::clock_ticks_per_sec() as f64;
-    let mut redis = Redis::start().await?;
-    let mut conn = servers::connect(&redis.url).await?;
-    let memory_empty = probes::redis_used_memory(&mut conn).await?;
+    let mut store = if args.cluster {
+        eprintln!("aggbench: starting a Redis Cluster (3 masters, 3 replicas)");
+        Store::cluster().await?
+    } else {
+        Store::single().await?
+    };
+    let mut conns = store.connect_masters().await?;
+    let memory_empty = probes::redis_used_memory_all(&mut conns).await?;
+
+    let partitions = Partitions::new(STREAM, args.partitions)?;
+    let mut placement = Vec::with_capacity(partitions.count());
+    for keyspace in partitions.iter() {
+        placement.push(store.master_of(keyspace.stream()).await?);
+    }
+    let parts: Vec<Part> = partitions
+        .iter()
+        .zip(&placement)
+        .map(|(keyspace, &master)| Part {
+            stream: keyspace.stream().to_owned(),
+            conn: conns[master].clone(),
+        })
+        .collect();
+    // Both probes watch the master of partition 0.
+    let watched = placement[0];
+    let ping_url = store.masters[watched].url.clone();
+
+    let gateway = match &binaries.probe {
+        Some((gateway, mock)) => Some(start_probe_gateway(&store, watched, gateway, mock).await?),
+        None => None,
+    };
 
     let models = events::pick_models(args.models)?;
     let spread = Duration::from_secs(args.spread_secs);
@@ -144,21 +226,48 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
         .map(|m| (m, generator.is_priced(m.name)))
         .collect();
     eprintln!(
-        "aggbench: preloading {n} events, ts = now − U[0, {} s] (the last {:.0} minutes)",
+        "aggbench: preloading {n} events into {} partition(s), ts = now − U[0, {} s] (the last {:.0} minutes)",
+        partitions.count(),
         spread.as_secs(),
         spread.as_secs_f64() / 60.0
     );
-    let preload = stream::preload(&mut conn, STREAM, &mut generator, n).await?;
+    let preload = stream::preload_partitioned(&parts, &partitions, &mut generator, n).await?;
     let expected = std::mem::take(&mut generator.expected);
-    let memory_after_preload = probes::redis_used_memory(&mut conn).await?;
+    let memory_after_preload = probes::redis_used_memory_all(&mut conns).await?;
 
-    eprintln!("aggbench: bare consumer (group `{BARE_GROUP}`)");
-    let redis_ticks = probes::cpu_ticks(redis.pid())?;
-    let pings = probes::Waits::start(&redis.url).await?;
-    let bare = stream::bare_consumer(&mut conn, STREAM, BARE_GROUP, n).await?;
-    let mut waits = vec![("the bare consumer", pings.finish().await?)];
-    let redis_cpu_bare = probes::cpu_ticks(redis.pid())?.saturating_sub(redis_ticks) as f64 / hz;
-    let memory_after_bare = probes::redis_used_memory(&mut conn).await?;
+    eprintln!("aggbench: idle phase ({} s)", args.idle_secs);
+    let mut limiter_check = None;
+    if let Some(gateway) = &gateway {
+        gateway.preflight().await?;
+    }
+    // What the probes alone cost Redis, to tell their share from the aggregator's later.
+    probes::reset_stats(&mut conns).await?;
+    let ticks = node_ticks(&store.masters)?;
+    let running = start_probes(&ping_url, gateway.as_ref()).await?;
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let idle = finish_probes(running, gateway.as_ref(), "idle (nothing else running)").await?;
+    let probe_load = ProbeLoad {
+        requests: idle.limited.as_ref().map_or(0, |l| l.latency.pings as u64),
+        pings: idle.ping.pings as u64,
+        commands: probes::command_stats(&mut conns).await?,
+        cpu: cpu_since(&store.masters, &ticks, hz)?,
+    };
+    if let (Some(gateway), Some(limited)) = (&gateway, &idle.limited) {
+        // The preflight and the idle phase lie within the key's 60 s window.
+        limiter_check = Some(LimiterCheck {
+            sent: limited.latency.pings as u64 + 1,
+            counted: gateway.requests_in_window().await?,
+        });
+    }
+    let mut phases = vec![idle];
+
+    eprintln!("aggbench: bare consumer (group `{BARE_GROUP}` on each partition)");
+    let ticks = node_ticks(&store.masters)?;
+    let running = start_probes(&ping_url, gateway.as_ref()).await?;
+    let bare = stream::bare_consumers(&parts, BARE_GROUP, &preload.per_partition).await?;
+    phases.push(finish_probes(running, gateway.as_ref(), "the bare consumer").await?);
+    let redis_cpu_bare = cpu_since(&store.masters, &ticks, hz)?;
+    let memory_after_bare = probes::redis_used_memory_all(&mut conns).await?;
 
     let listen = SocketAddr::from(([127, 0, 0, 1], servers::free_port()?));
     let base_url = format!("http://{listen}");
@@ -171,19 +280,20 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
         "aggbench: aggregator on {listen} (timeout {} s)",
         timeout.as_secs()
     );
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query_async::<()>(&mut conn)
-        .await?;
-    let redis_ticks = probes::cpu_ticks(redis.pid())?;
-    let pings = probes::Waits::start(&redis.url).await?;
+    probes::reset_stats(&mut conns).await?;
+    let ticks = node_ticks(&store.masters)?;
+    let replica_ticks = node_ticks(&store.replicas)?;
+    let running = start_probes(&ping_url, gateway.as_ref()).await?;
     let started = Instant::now();
-    let mut aggregator = servers::spawn_aggregator(binary, &redis.url, STREAM, listen)?;
+    let mut aggregator =
+        servers::spawn_aggregator(binary, &store.seeds, STREAM, args.partitions, listen)?;
     let catch_up = catch_up::follow(
         Watched {
             aggregator: &mut aggregator,
-            redis: &mut redis,
-            conn: &mut conn,
+            store: &mut store,
+            conns: &mut conns,
+            parts: &parts,
+            group: AGGREGATOR_GROUP,
             http: &http,
             metrics_url: format!("{base_url}/metrics"),
         },
@@ -192,22 +302,21 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
         timeout,
     )
     .await?;
-    waits.push(("the aggregator's catch-up", pings.finish().await?));
-    let redis_cpu_aggregator =
-        probes::cpu_ticks(redis.pid())?.saturating_sub(redis_ticks) as f64 / hz;
+    phases.push(finish_probes(running, gateway.as_ref(), "the aggregator's catch-up").await?);
+    let redis_cpu_aggregator = cpu_since(&store.masters, &ticks, hz)?;
+    let replica_cpu_aggregator = cpu_since(&store.replicas, &replica_ticks, hz)?;
     let aggregator_cpu = probes::cpu_ticks(aggregator.pid())? as f64 / hz;
-    let redis_commands = probes::command_stats(&mut conn).await?;
+    let redis_commands = probes::command_stats(&mut conns).await?;
     let memory_after_aggregator = catch_up.redis_memory.last;
 
     eprintln!("aggbench: checking /v1/usage");
     let checks = conservation::check(&http, &base_url, &expected, n, &catch_up.metrics).await?;
+    let mut redis_cpu_replay = None;
     let replay = if args.replay {
         eprintln!("aggbench: aggregator replay");
-        redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query_async::<()>(&mut conn)
-            .await?;
-        let pings = probes::Waits::start(&redis.url).await?;
+        probes::reset_stats(&mut conns).await?;
+        let ticks = node_ticks(&store.masters)?;
+        let running = start_probes(&ping_url, gateway.as_ref()).await?;
         let started = Instant::now();
         let mut command = tokio::process::Command::new(binary);
         command.arg("replay");
@@ -216,20 +325,22 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
         }
         let output = command
             .env_clear()
-            .env("REDIS_URL", &redis.url)
+            .env("REDIS_URL", &store.seeds)
             .env("METER_STREAM", STREAM)
+            .env("METER_PARTITIONS", args.partitions.to_string())
             .env("RUST_LOG", "warn")
             .output()
             .await
             .context("running aggregator replay")?;
         let wall = started.elapsed();
-        waits.push(("the replay", pings.finish().await?));
+        phases.push(finish_probes(running, gateway.as_ref(), "the replay").await?);
+        redis_cpu_replay = Some(cpu_since(&store.masters, &ticks, hz)?);
         ensure!(
             output.status.success(),
             "aggregator replay failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        let scripts = probes::command_stats(&mut conn)
+        let scripts = probes::command_stats(&mut conns)
             .await?
             .into_iter()
             .find(|(name, _, _)| name == "evalsha")
@@ -245,12 +356,52 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
         None
     };
     drop(aggregator);
-    let by_key_shape = probes::memory_by_key_shape(&mut conn).await?;
+    let probe = match &gateway {
+        Some(gateway) => Some(ProbeSetup {
+            stream: gateway.stream.clone(),
+            master_port: store.masters[watched].port,
+            limiter_check,
+        }),
+        None => None,
+    };
+    drop(gateway);
+    let by_key_shape = probes::memory_by_key_shape(&mut conns).await?;
+    let demoted = store.demoted_masters().await?;
+
+    let masters = store
+        .masters
+        .iter()
+        .enumerate()
+        .map(|(i, node)| MasterRow {
+            port: node.port,
+            partitions: (0..placement.len())
+                .filter(|&p| placement[p] == i)
+                .collect(),
+            events: (0..placement.len())
+                .filter(|&p| placement[p] == i)
+                .map(|p| preload.per_partition[p])
+                .sum(),
+            cpu_bare: redis_cpu_bare[i],
+            cpu_catch_up: redis_cpu_aggregator[i],
+            cpu_idle: probe_load.cpu[i],
+            cpu_replay: redis_cpu_replay.as_ref().map(|cpu: &Vec<f64>| cpu[i]),
+        })
+        .collect();
 
     Ok(Report {
         measured_at: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
         cores: std::thread::available_parallelism().map_or(0, |c| c.get()),
-        redis_version: redis.version.clone(),
+        redis_version: store.version.clone(),
+        topology: Topology {
+            cluster: store.is_cluster(),
+            streams: parts.iter().map(|p| p.stream.clone()).collect(),
+            placement,
+            masters,
+            replicas: store.replicas.len(),
+            replica_cpu_catch_up: replica_cpu_aggregator.iter().sum(),
+            demoted,
+            probe,
+        },
         workload: Workload {
             events: n,
             seed: args.seed,
@@ -271,15 +422,114 @@ async fn bench(args: &Args, binary: &Path) -> anyhow::Result<Report> {
             by_key_shape,
         },
         cpu: Cpu {
-            redis_during_bare: redis_cpu_bare,
-            redis_during_aggregator: redis_cpu_aggregator,
+            redis_during_bare: redis_cpu_bare.iter().sum(),
+            redis_during_aggregator: redis_cpu_aggregator.iter().sum(),
             aggregator: aggregator_cpu,
             redis_commands,
+            probe_load,
         },
         checks,
         replay,
-        waits,
+        phases,
     })
+}
+
+/// Starts the mock and the gateway under a stream name whose slot (and so the probe key's
+/// limiter state, the deployment having one partition) is served by master `watched`.
+async fn start_probe_gateway(
+    store: &Store,
+    watched: usize,
+    gateway: &Path,
+    mock: &Path,
+) -> anyhow::Result<ProbeGateway> {
+    let mut chosen = None;
+    // Each name lands on a given one of three masters about a third of the time, so a
+    // thousand tries never all miss.
+    for i in 0..1000 {
+        let name = if i == 0 {
+            format!("{PROBE_STREAM}:events")
+        } else {
+            format!("{PROBE_STREAM}-{i}:events")
+        };
+        let probe_partitions = Partitions::new(&name, 1)?;
+        if store
+            .master_of(&probe_partitions.get(0).key("limits"))
+            .await?
+            == watched
+        {
+            chosen = Some((name, probe_partitions));
+            break;
+        }
+    }
+    let (name, probe_partitions) =
+        chosen.context("no probe stream name lands on the master of partition 0")?;
+    eprintln!(
+        "aggbench: probe gateway on stream `{name}` (master {})",
+        store.masters[watched].port
+    );
+    let gateway = ProbeGateway::start(gateway, mock, &store.seeds, &name).await?;
+    // The key's id is the gateway's choice: check that its limiter state is where it was meant
+    // to be.
+    let limiter_key = probe_partitions
+        .for_key(Some(gateway.key_id()))
+        .key("limits");
+    ensure!(
+        store.master_of(&limiter_key).await? == watched,
+        "the probe key's limiter state is not on the master of partition 0"
+    );
+    Ok(gateway)
+}
+
+/// The probes of one phase, running.
+struct Running {
+    pings: probes::Waits,
+    requests: Option<Requests>,
+    started: Instant,
+}
+
+async fn start_probes(ping_url: &str, gateway: Option<&ProbeGateway>) -> anyhow::Result<Running> {
+    let requests = match gateway {
+        Some(gateway) => Some(gateway.start_requests().await?),
+        None => None,
+    };
+    Ok(Running {
+        pings: probes::Waits::start(ping_url).await?,
+        requests,
+        started: Instant::now(),
+    })
+}
+
+async fn finish_probes(
+    running: Running,
+    gateway: Option<&ProbeGateway>,
+    name: &'static str,
+) -> anyhow::Result<Phase> {
+    let wall = running.started.elapsed();
+    let ping = running.pings.finish().await?;
+    let limited: Option<RequestSummary> = match (gateway, running.requests) {
+        (Some(gateway), Some(requests)) => Some(gateway.finish(requests).await?),
+        _ => None,
+    };
+    Ok(Phase {
+        name,
+        wall,
+        ping,
+        limited,
+    })
+}
+
+fn node_ticks(nodes: &[Node]) -> anyhow::Result<Vec<u64>> {
+    nodes.iter().map(|n| probes::cpu_ticks(n.pid)).collect()
+}
+
+/// CPU seconds of each node since `before` (from [`node_ticks`]).
+fn cpu_since(nodes: &[Node], before: &[u64], hz: f64) -> anyhow::Result<Vec<f64>> {
+    let now = node_ticks(nodes)?;
+    Ok(now
+        .iter()
+        .zip(before)
+        .map(|(now, before)| now.saturating_sub(*before) as f64 / hz)
+        .collect())
 }
 
 async fn shutdown_signal() {
