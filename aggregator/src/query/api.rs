@@ -466,31 +466,34 @@ async fn limits(
     Ok(Json(json!({"configured": true, "keys": keys})))
 }
 
-/// Lag and pending count of our group on each partition, from `XINFO GROUPS`.
+/// Lag and pending count of our group on each partition, from `XINFO GROUPS`, all partitions
+/// at once: each read waits for whatever its master is running, and in turn they added up
+/// (a scrape took seconds on a 6-partition cluster under a backlog).
 async fn group_gauges(state: &ApiState) -> redis::RedisResult<Vec<Gauges>> {
-    let mut conn = state.conn.clone();
-    let mut out = Vec::with_capacity(state.partitions.count());
-    for keyspace in state.partitions.iter() {
-        let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(keyspace.stream())
-            .query_async(&mut conn)
-            .await?;
-        let ours = groups.iter().find(|g| {
-            g.get("name")
-                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
-                .is_some_and(|name| name == state.group)
-        });
-        let number = |name: &str| {
-            ours.and_then(|g| g.get(name))
-                .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
-        };
-        out.push(Gauges {
-            lag: number("lag"),
-            pending: number("pending"),
-        });
-    }
-    Ok(out)
+    let reads = state.partitions.iter().map(|keyspace| {
+        let mut conn = state.conn.clone();
+        async move {
+            let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(keyspace.stream())
+                .query_async(&mut conn)
+                .await?;
+            let ours = groups.iter().find(|g| {
+                g.get("name")
+                    .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                    .is_some_and(|name| name == state.group)
+            });
+            let number = |name: &str| {
+                ours.and_then(|g| g.get(name))
+                    .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+            };
+            Ok(Gauges {
+                lag: number("lag"),
+                pending: number("pending"),
+            })
+        }
+    });
+    futures_util::future::try_join_all(reads).await
 }
 
 #[cfg(test)]

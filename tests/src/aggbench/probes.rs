@@ -181,6 +181,88 @@ pub async fn command_stats(
     Ok(out)
 }
 
+/// How long single calls of each command held Redis, from `LATENCY HISTOGRAM` summed over
+/// `conns` (every master): (command, calls, p99 µs, max µs). Redis keeps
+/// power-of-two buckets, so each figure is the bucket's upper bound: within 2× above the truth.
+/// These are durations inside Redis: what a command arriving meanwhile waits at most, apart
+/// from the time the machine did not run Redis at all. Longest first.
+pub async fn command_durations(
+    conns: &mut [MultiplexedConnection],
+) -> anyhow::Result<Vec<(String, u64, u64, u64)>> {
+    // command → bucket upper bound (µs) → calls in it. Each master's histogram is cumulative
+    // and ends at its own slowest bucket, so they are summed bucket by bucket, not as given.
+    let mut sums: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
+    for conn in conns {
+        let reply: redis::Value = redis::cmd("LATENCY")
+            .arg("HISTOGRAM")
+            .query_async(conn)
+            .await
+            .context("LATENCY HISTOGRAM")?;
+        for (name, stats) in pairs(reply) {
+            let Ok(name) = redis::from_redis_value::<String>(name) else {
+                continue;
+            };
+            let histogram = pairs(stats)
+                .into_iter()
+                .find(|(k, _)| {
+                    redis::from_redis_value_ref::<String>(k).is_ok_and(|k| k == "histogram_usec")
+                })
+                .map(|(_, v)| pairs(v))
+                .unwrap_or_default();
+            let mut cumulative: Vec<(u64, u64)> = histogram
+                .into_iter()
+                .filter_map(|(bucket, count)| {
+                    Some((
+                        redis::from_redis_value::<u64>(bucket).ok()?,
+                        redis::from_redis_value::<u64>(count).ok()?,
+                    ))
+                })
+                .collect();
+            cumulative.sort_unstable();
+            let buckets = sums.entry(name).or_default();
+            let mut below = 0;
+            for (bucket, count) in cumulative {
+                *buckets.entry(bucket).or_default() += count.saturating_sub(below);
+                below = below.max(count);
+            }
+        }
+    }
+    let mut out: Vec<_> = sums
+        .into_iter()
+        .filter_map(|(name, buckets)| {
+            let calls: u64 = buckets.values().sum();
+            let max = *buckets.iter().rev().find(|(_, c)| **c > 0)?.0;
+            let mut seen = 0;
+            let p99 = buckets
+                .iter()
+                .find(|(_, c)| {
+                    seen += **c;
+                    seen as f64 >= 0.99 * calls as f64
+                })
+                .map_or(max, |(b, _)| *b);
+            Some((name, calls, p99, max))
+        })
+        .collect();
+    out.sort_by_key(|c| std::cmp::Reverse((c.3, c.2)));
+    Ok(out)
+}
+
+/// The (key, value) pairs of a RESP3 map or a RESP2 flat array.
+fn pairs(value: redis::Value) -> Vec<(redis::Value, redis::Value)> {
+    match value {
+        redis::Value::Map(pairs) => pairs,
+        redis::Value::Array(items) => {
+            let mut items = items.into_iter();
+            let mut out = Vec::new();
+            while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                out.push((k, v));
+            }
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// Lines like `cmdstat_hset:calls=3,usec=12,usec_per_call=4.00,...`.
 fn parse_command_stats(info: &str) -> Vec<(String, u64, u64)> {
     info.lines()

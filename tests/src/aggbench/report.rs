@@ -93,6 +93,9 @@ pub struct Cpu {
     /// Redis `INFO commandstats` over the aggregator run: (command, calls, microseconds), most
     /// time first. Commands a script runs are counted under their own names too.
     pub redis_commands: Vec<(String, u64, u64)>,
+    /// How long single calls held a master over the aggregator run: (command, calls, p99 µs,
+    /// max µs), power-of-two upper bounds (`probes::command_durations`).
+    pub command_durations: Vec<(String, u64, u64, u64)>,
     /// What the probes alone cost Redis, from the idle phase.
     pub probe_load: ProbeLoad,
 }
@@ -450,6 +453,19 @@ impl Report {
                  pings; *rest* is the aggregator's (and, on a cluster, its replication's) work.",
                 p.probe_load.requests, p.probe_load.pings
             )?;
+        }
+        if !p.command_durations.is_empty() {
+            writeln!(
+                out,
+                "\nHow long one call held a master during the aggregator run (`LATENCY HISTOGRAM`, all \
+                 masters; Redis keeps power-of-two buckets, so each figure is an upper bound within \
+                 2×, and it is time inside Redis: what a command arriving meanwhile waits, apart \
+                 from time the machine did not run Redis at all):\n\n\
+                 | command | calls | p99 µs ≤ | max µs ≤ |\n|---|---:|---:|---:|"
+            )?;
+            for (name, calls, p99, max) in p.command_durations.iter().take(8) {
+                writeln!(out, "| `{name}` | {calls} | {p99} | {max} |")?;
+            }
         }
         self.write_probes(out)?;
 

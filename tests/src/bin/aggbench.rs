@@ -307,6 +307,7 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<Report> {
     let replica_cpu_aggregator = cpu_since(&store.replicas, &replica_ticks, hz)?;
     let aggregator_cpu = probes::cpu_ticks(aggregator.pid())? as f64 / hz;
     let redis_commands = probes::command_stats(&mut conns).await?;
+    let command_durations = probes::command_durations(&mut conns).await?;
     let memory_after_aggregator = catch_up.redis_memory.last;
 
     eprintln!("aggbench: checking /v1/usage");
@@ -426,6 +427,7 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<Report> {
             redis_during_aggregator: redis_cpu_aggregator.iter().sum(),
             aggregator: aggregator_cpu,
             redis_commands,
+            command_durations,
             probe_load,
         },
         checks,
