@@ -328,7 +328,7 @@ impl Report {
         writeln!(
             out,
             "\nAggregator / bare consumer: **{}** (from process start), {} (from first applied). \
-             The aggregator committed {} batches ({:.0} events each on average), retried {} \
+             The aggregator ran {} commit scripts ({:.0} events each on average), retried {} \
              failed consume or commit attempts, and sent {} commits again because cells had \
              changed or were not cached (`meter_commit_conflicts_total`).",
             ratio(total_rate, bare_rate),

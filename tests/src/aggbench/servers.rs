@@ -216,7 +216,7 @@ pub fn spawn_aggregator(
         .env("RUST_LOG", "warn")
         // Batching knobs pass through, so their effect can be measured.
         .envs(
-            ["METER_BATCH_SIZE", "METER_LINGER_MS"]
+            ["METER_BATCH_SIZE", "METER_COMMIT_EVENTS", "METER_LINGER_MS"]
                 .into_iter()
                 .filter_map(|k| std::env::var(k).ok().map(|v| (k, v))),
         )
