@@ -10,7 +10,7 @@ start_release_pipeline() {
   local name=$1 base=$2
   command -v wrk >/dev/null || { echo "needs wrk (apt-get install wrk)"; exit 1; }
   cargo build --quiet --release --bin gateway --bin aggregator --bin mock-upstream
-  BIN=target/release
+  BIN=${CARGO_TARGET_DIR:-target}/release
   DIR=$(mktemp -d)
   pids=()
   trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
@@ -22,9 +22,10 @@ start_release_pipeline() {
   # MOCK_ARGS=--canned: a fixed reply without parsing, the fast fake upstream.
   "$BIN/mock-upstream" --listen "$MOCK" ${MOCK_ARGS:-} >/dev/null 2>&1 & pids+=($!)
   "$BIN/aggregator" --listen "$AG" >"$DIR/agg.log" 2>&1 & pids+=($!)
-  "$BIN/gateway" --listen "$GW" >"$DIR/gw.log" 2>&1 & pids+=($!)
+  # GATEWAY_WRAPPER: a command to run the gateway under, such as valgrind (scripts/profile-gateway.sh).
+  ${GATEWAY_WRAPPER:-} "$BIN/gateway" --listen "$GW" >"$DIR/gw.log" 2>&1 & pids+=($!)
   REDIS_PID=${pids[0]} MOCK_PID=${pids[1]} AG_PID=${pids[2]} GW_PID=${pids[3]}
-  for _ in $(seq 1 100); do curl -fs "http://$GW/readyz" >/dev/null && break; sleep 0.1; done
+  for _ in $(seq 1 600); do curl -fs "http://$GW/readyz" >/dev/null && break; sleep 0.1; done
   local admin=(curl -fsS -H "authorization: Bearer $ADMIN_TOKEN" -H 'content-type: application/json')
   "${admin[@]}" -X POST "http://$GW/admin/accounts" \
     -d "{\"name\":\"mock\",\"provider\":\"anthropic\",\"base_url\":\"http://$MOCK\",\"api_key\":\"sk-mock\"}" >/dev/null

@@ -12,7 +12,16 @@
 //! ```text
 //! cargo run --release -p tests --bin loadgen -- [--duration-secs 10] [--limits] [--out FILE.md]
 //!     [--spend-cache-ms N] [--driver auto|wrk|reqwest] [--cluster PARTITIONS]
+//! cargo run --release -p tests --bin loadgen -- --streams 2000 [--stream-events 20]
+//!     [--stream-interval-ms 500] [--stream-ramp-ms 2000]
 //! ```
+//!
+//! With `--streams N`, it runs the streaming-capacity run instead (`streams.rs`): N concurrent
+//! long SSE streams through the gateway, then through one nginx hop with `proxy_buffering off`
+//! (`nginx.rs`; `apt-get install nginx-light`) to the same mock, and reports RSS per open stream
+//! and CPU per relayed event for both, and the conservation check for the gateway's streams.
+//! Each stream holds a connection on each side of the relay: raise `ulimit -n` to at least
+//! 2 N + 256 first.
 //!
 //! The load comes from one of two drivers. `wrk` (`apt-get install wrk`) costs far less CPU per
 //! request than our own client, which matters when it shares two cores with the servers it
@@ -34,12 +43,16 @@
 mod deployment;
 #[path = "../loadgen/load.rs"]
 mod load;
+#[path = "../loadgen/nginx.rs"]
+mod nginx;
 #[path = "../loadgen/probes.rs"]
 mod probes;
 #[path = "../loadgen/processes.rs"]
 mod processes;
 #[path = "../loadgen/report.rs"]
 mod report;
+#[path = "../loadgen/streams.rs"]
+mod streams;
 #[path = "../loadgen/wrk.rs"]
 mod wrk;
 
@@ -83,6 +96,25 @@ struct Args {
     /// instead of one redis-server.
     #[arg(long)]
     cluster: Option<u32>,
+    /// Run the streaming-capacity run with this many concurrent streams instead of the
+    /// throughput matrix.
+    #[arg(long)]
+    streams: Option<usize>,
+    /// Events per stream in the streaming-capacity run (at least 7).
+    #[arg(long, default_value_t = 20)]
+    stream_events: usize,
+    /// Milliseconds between a stream's events.
+    #[arg(long, default_value_t = 500)]
+    stream_interval_ms: u64,
+    /// Milliseconds over which the streams are opened, evenly spaced.
+    #[arg(long, default_value_t = 2000)]
+    stream_ramp_ms: u64,
+    /// Skip the nginx hop of the streaming-capacity run.
+    #[arg(long)]
+    no_nginx: bool,
+    /// Run this gateway binary instead of the one beside loadgen, for A/B runs of two builds.
+    #[arg(long)]
+    gateway_bin: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -115,7 +147,22 @@ async fn main() -> anyhow::Result<()> {
         bail!("--duration-secs must be at least 1");
     }
     let driver = args.driver.resolve()?;
-    let binaries = Binaries::locate(args.rebuild)?;
+    let mut binaries = Binaries::locate(args.rebuild)?;
+    if let Some(path) = &args.gateway_bin {
+        binaries.gateway.clone_from(path);
+    }
+    if let Some(streams) = args.streams {
+        let markdown = tokio::select! {
+            markdown = capacity(&args, streams, &binaries) => markdown?,
+            () = shutdown_signal() => bail!("interrupted; the child processes were stopped"),
+        };
+        print!("{markdown}");
+        if let Some(path) = &args.out {
+            std::fs::write(path, &markdown)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(());
+    }
     // Losing the race to a signal drops `bench`, and with it the `Children` guard that kills
     // every server it started and the load tasks' `JoinSet`.
     let markdown = tokio::select! {
@@ -226,6 +273,103 @@ async fn bench(args: &Args, driver: Driver, binaries: &Binaries) -> anyhow::Resu
         },
     };
     Ok(report.markdown())
+}
+
+/// The streaming-capacity run (see the module docs).
+async fn capacity(args: &Args, streams: usize, binaries: &Binaries) -> anyhow::Result<String> {
+    if args.stream_events <= streams::FIXED_EVENTS {
+        bail!(
+            "--stream-events must be at least {}",
+            streams::FIXED_EVENTS + 1
+        );
+    }
+    let need = streams as u64 * 2 + 256;
+    let limit = open_files_limit()?;
+    if limit < need {
+        bail!("{streams} streams need `ulimit -n` of at least {need}; it is {limit}");
+    }
+    let with_nginx = !args.no_nginx;
+    if with_nginx && !nginx::on_path() {
+        bail!("the nginx hop needs `nginx` on PATH (apt-get install nginx-light), or --no-nginx");
+    }
+    let spec = streams::StreamSpec {
+        streams,
+        events: args.stream_events,
+        interval: Duration::from_millis(args.stream_interval_ms),
+        ramp: Duration::from_millis(args.stream_ramp_ms),
+    };
+    let mut children = Children::new()?;
+    let mut deployment = Deployment::start(&mut children, binaries, &[], Redis::Node).await?;
+    let key = deployment.provision().await?;
+    let nginx = if with_nginx {
+        Some(nginx::start(&mut children, &deployment.mock, streams).await?)
+    } else {
+        None
+    };
+    let counted_before = messages_counted(&deployment).await?;
+    deployment.preflight(&key).await?;
+    let hz = probes::clock_ticks_per_sec();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let measured_at = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
+    let url = |base: &str| format!("{base}/v1/messages");
+    eprintln!("loadgen: {streams} streams through the gateway …");
+    let mut results = vec![
+        streams::run(
+            "gateway",
+            &url(&deployment.gateway),
+            &key,
+            deployment.gateway_pid,
+            &spec,
+            hz,
+        )
+        .await?,
+    ];
+    children.check_alive()?;
+    if let Some(nginx) = &nginx {
+        eprintln!("loadgen: {streams} streams through nginx …");
+        results
+            .push(streams::run("nginx", &url(&nginx.url), "sk-mock", nginx.pid, &spec, hz).await?);
+        children.check_alive()?;
+    }
+    let served = messages_counted(&deployment)
+        .await?
+        .saturating_sub(counted_before);
+    eprintln!("loadgen: waiting for the aggregator to count {served} requests …");
+    let c = deployment.conservation(served, CONSERVATION_WAIT).await?;
+    let exact = c.served == c.stream_len && c.served == c.usage_requests;
+    let conservation = format!(
+        "Conservation (gateway, preflight included): {} requests answered, {} events in the \
+         stream, {} requests in `/v1/usage`: {}.",
+        c.served,
+        c.stream_len,
+        c.usage_requests,
+        if exact { "exact" } else { "MISMATCH" }
+    );
+    children.finish_cleanly();
+    Ok(streams::markdown(
+        &spec,
+        &results,
+        &measured_at,
+        &load,
+        &conservation,
+    ))
+}
+
+/// The soft limit on open files, which child processes inherit.
+fn open_files_limit() -> anyhow::Result<u64> {
+    let limits =
+        std::fs::read_to_string("/proc/self/limits").context("reading /proc/self/limits")?;
+    limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(|soft| soft.parse().unwrap_or(u64::MAX))
+        .context("no `Max open files` in /proc/self/limits")
 }
 
 /// `INFO` calls of one [`GatewaySample`] that a delta between two samples includes.
