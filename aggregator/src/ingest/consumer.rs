@@ -1,9 +1,11 @@
 //! Reads the usage stream as a member of a consumer group and commits each batch.
 //!
-//! Flow per batch: read → decode (undecodable entries go to the dead-letter stream) → drop
-//! in-batch duplicate ids → price → sum into a [`Delta`] → one atomic commit that also acks.
+//! Flow per batch: read (in pieces of at most 1,000 entries) → decode (undecodable entries go
+//! to the dead-letter stream) → drop in-batch duplicate ids → split by client key into parts of
+//! at most `commit_events` events ([`groups`]) → price each part → sum into a [`Delta`] → one
+//! atomic commit per part that also acks the part's entries, all parts in one pipeline.
 //! Under a backlog the next batch goes through all but the last step while Redis runs the
-//! commit of the one before (`process_pipelined`).
+//! commits of the one before (`process_pipelined`).
 //! Entries that a crashed consumer had read but not committed stay pending in the group; on
 //! start a consumer first re-reads its own pending entries, and every `claim_interval` it takes
 //! over entries other consumers left idle for longer than `claim_idle` (`XAUTOCLAIM`). Since
