@@ -29,9 +29,15 @@ impl RedisCluster {
     /// Starts six nodes and forms the cluster; returns once every slot is served and every
     /// replica is in sync with its master.
     pub fn start() -> Self {
+        Self::start_with_replicas(1)
+    }
+
+    /// Three masters with `replicas` replicas each (0 for a benchmark that wants the masters'
+    /// CPU alone on a small machine).
+    pub fn start_with_replicas(replicas: usize) -> Self {
         let dir = std::env::temp_dir().join(format!("meter-cluster-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        let ports = cluster_ports(6);
+        let ports = cluster_ports(3 * (1 + replicas));
         let nodes = ports
             .iter()
             .map(|&port| Node {
@@ -49,7 +55,7 @@ impl RedisCluster {
             create.arg(format!("127.0.0.1:{}", node.port));
         }
         let out = create
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .expect("redis-cli must be installed");

@@ -61,12 +61,15 @@ impl Store {
         })
     }
 
-    pub async fn cluster() -> anyhow::Result<Self> {
+    pub async fn cluster(replicas: usize) -> anyhow::Result<Self> {
         // `RedisCluster::start` blocks and panics on failure (it is test support); the panic
         // comes back here as a join error.
-        let cluster = tokio::task::spawn_blocking(RedisCluster::start)
-            .await
-            .context("starting the Redis Cluster (redis-server and redis-cli must be installed)")?;
+        let cluster =
+            tokio::task::spawn_blocking(move || RedisCluster::start_with_replicas(replicas))
+                .await
+                .context(
+                    "starting the Redis Cluster (redis-server and redis-cli must be installed)",
+                )?;
         let seeds = cluster.url();
         let (mut masters, mut replicas, mut version) = (Vec::new(), Vec::new(), String::new());
         for url in seeds.split(',') {

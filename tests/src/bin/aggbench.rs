@@ -92,9 +92,14 @@ struct Args {
     /// Seed of the event generator.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Run on a private Redis Cluster (3 masters, 3 replicas, loopback) instead of one node.
+    /// Run on a private Redis Cluster (3 masters, by default 3 replicas, loopback) instead of one
+    /// node.
     #[arg(long)]
     cluster: bool,
+    /// Replicas per master with `--cluster` (0: the masters' CPU alone, which on a small
+    /// machine tells the commits' own waits apart from the replicas competing for cores).
+    #[arg(long, default_value_t = 1)]
+    cluster_replicas: usize,
     /// Partitions of the stream (`METER_PARTITIONS`); each event goes to its key's.
     #[arg(long, default_value_t = 1)]
     partitions: u32,
@@ -178,8 +183,11 @@ async fn bench(args: &Args, binaries: &Binaries) -> anyhow::Result<Report> {
     let binary = binaries.aggregator.as_path();
     let hz = probes::clock_ticks_per_sec() as f64;
     let mut store = if args.cluster {
-        eprintln!("aggbench: starting a Redis Cluster (3 masters, 3 replicas)");
-        Store::cluster().await?
+        eprintln!(
+            "aggbench: starting a Redis Cluster (3 masters, {} replicas)",
+            3 * args.cluster_replicas
+        );
+        Store::cluster(args.cluster_replicas).await?
     } else {
         Store::single().await?
     };
