@@ -6,7 +6,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test support: failing loudly is the point
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
@@ -177,4 +177,16 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The last 1,500 characters of a child's log file (empty if unreadable), for an error that
+/// says why the child stopped.
+pub fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = text
+        .char_indices()
+        .rev()
+        .nth(1500)
+        .map_or(0, |(index, _)| index);
+    text[start..].to_owned()
 }

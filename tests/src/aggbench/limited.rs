@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use ::tests::process::log_tail;
 use anyhow::{Context, bail, ensure};
 use serde_json::{Value, json};
 use tokio::time::MissedTickBehavior;
@@ -470,16 +471,6 @@ pub fn passed_through() -> Vec<(&'static str, String)> {
         .into_iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| (k, v)))
         .collect()
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text
-        .char_indices()
-        .rev()
-        .nth(1500)
-        .map_or(0, |(index, _)| index);
-    text[start..].to_owned()
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use ::tests::process::log_tail;
 use anyhow::{Context, bail};
 use tokio::time::Instant;
 
@@ -221,16 +222,6 @@ impl Drop for Children {
             let _ = std::fs::remove_dir_all(&self.log_dir);
         }
     }
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text
-        .char_indices()
-        .rev()
-        .nth(1500)
-        .map_or(0, |(index, _)| index);
-    text[start..].to_owned()
 }
 
 /// True once something accepts TCP connections on `addr`.
