@@ -3,6 +3,7 @@
 //! aggregators in one group change no figure, whether a batch is one commit script or dozens.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -73,24 +74,68 @@ struct Sizes {
 }
 
 fn spawn_aggregator(stream: &str, port: u16, sizes: Sizes) -> Process {
-    Process::spawn(
-        "aggregator",
-        "aggregator",
-        &[
-            ("REDIS_URL", redis_url().to_owned()),
-            ("METER_STREAM", stream.to_owned()),
-            ("AGGREGATOR_LISTEN", format!("127.0.0.1:{port}")),
-            ("METER_BATCH_SIZE", sizes.batch.to_string()),
-            ("METER_COMMIT_EVENTS", sizes.commit.to_string()),
-            // Entries a killed consumer held are taken over quickly.
-            ("METER_CLAIM_IDLE_MS", "300".to_owned()),
-        ],
-    )
+    spawn_aggregator_with(stream, port, sizes, &[])
+}
+
+fn spawn_aggregator_with(
+    stream: &str,
+    port: u16,
+    sizes: Sizes,
+    extra: &[(&str, String)],
+) -> Process {
+    let mut env = vec![
+        ("REDIS_URL", redis_url().to_owned()),
+        ("METER_STREAM", stream.to_owned()),
+        ("AGGREGATOR_LISTEN", format!("127.0.0.1:{port}")),
+        ("METER_BATCH_SIZE", sizes.batch.to_string()),
+        ("METER_COMMIT_EVENTS", sizes.commit.to_string()),
+        // Entries a killed consumer held are taken over quickly.
+        ("METER_CLAIM_IDLE_MS", "300".to_owned()),
+    ];
+    env.extend(extra.iter().cloned());
+    Process::spawn("aggregator", "aggregator", &env)
 }
 
 async fn usage(http: &reqwest::Client, port: u16) -> Option<Value> {
     let url = format!("http://127.0.0.1:{port}/v1/usage?group_by=model");
     http.get(url).send().await.ok()?.json().await.ok()
+}
+
+/// Every figure of `body` (a usage query grouped by model) equals the sum over `all`.
+fn assert_exact_by_model(body: &Value, all: &[UsageEvent]) {
+    let rows = body["rows"].as_array().unwrap();
+    for model in ["claude-sonnet-4-5", "claude-haiku-4-5", "mystery-model-1"] {
+        let of_model: Vec<&UsageEvent> = all.iter().filter(|e| e.model == model).collect();
+        let row = rows.iter().find(|r| r["model"] == model).unwrap();
+        let sum = |f: fn(&UsageEvent) -> u64| of_model.iter().map(|e| f(e) as i64).sum::<i64>();
+        assert_eq!(row["requests"], of_model.len() as i64, "{model}");
+        assert_eq!(
+            row["errors"],
+            of_model.iter().filter(|e| e.status >= 400).count() as i64
+        );
+        assert_eq!(row["input_tokens"], sum(|e| e.input_tokens));
+        assert_eq!(row["output_tokens"], sum(|e| e.output_tokens));
+        assert_eq!(
+            row["cache_creation_input_tokens"],
+            sum(|e| e.cache_creation_input_tokens)
+        );
+        assert_eq!(
+            row["cache_read_input_tokens"],
+            sum(|e| e.cache_read_input_tokens)
+        );
+        let want_cost: Decimal = of_model.iter().map(|e| hand_cost(e)).sum();
+        assert_eq!(
+            Decimal::from_str(row["cost_usd"].as_str().unwrap()).unwrap(),
+            want_cost,
+            "{model}"
+        );
+        let unpriced = if list_price(model).is_some() {
+            0
+        } else {
+            of_model.len() as i64
+        };
+        assert_eq!(row["unpriced_requests"], unpriced);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,39 +205,7 @@ async fn kills_restarts_and_two_consumers_change_no_figure(sizes: Sizes) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let body = usage(&http, port_a).await.unwrap_or(body);
 
-    let rows = body["rows"].as_array().unwrap();
-    for model in ["claude-sonnet-4-5", "claude-haiku-4-5", "mystery-model-1"] {
-        let of_model: Vec<&UsageEvent> = all.iter().filter(|e| e.model == model).collect();
-        let row = rows.iter().find(|r| r["model"] == model).unwrap();
-        let sum = |f: fn(&UsageEvent) -> u64| of_model.iter().map(|e| f(e) as i64).sum::<i64>();
-        assert_eq!(row["requests"], of_model.len() as i64, "{model}");
-        assert_eq!(
-            row["errors"],
-            of_model.iter().filter(|e| e.status >= 400).count() as i64
-        );
-        assert_eq!(row["input_tokens"], sum(|e| e.input_tokens));
-        assert_eq!(row["output_tokens"], sum(|e| e.output_tokens));
-        assert_eq!(
-            row["cache_creation_input_tokens"],
-            sum(|e| e.cache_creation_input_tokens)
-        );
-        assert_eq!(
-            row["cache_read_input_tokens"],
-            sum(|e| e.cache_read_input_tokens)
-        );
-        let want_cost: Decimal = of_model.iter().map(|e| hand_cost(e)).sum();
-        assert_eq!(
-            Decimal::from_str(row["cost_usd"].as_str().unwrap()).unwrap(),
-            want_cost,
-            "{model}"
-        );
-        let unpriced = if list_price(model).is_some() {
-            0
-        } else {
-            of_model.len() as i64
-        };
-        assert_eq!(row["unpriced_requests"], unpriced);
-    }
+    assert_exact_by_model(&body, &all);
 
     // Nothing is left pending, and both garbage entries were dead-lettered. The garbage sits at
     // the end of the stream, so it may be in a batch committed after the counts above.
@@ -280,5 +293,122 @@ async fn a_backlog_is_committed_in_scripts_of_at_most_commit_events() {
             "{key}"
         );
     }
+    assert!(aggregator.terminate().success());
+}
+
+/// A batch cut into many scripts is acknowledged once all of them applied, so a consumer killed
+/// in between leaves applied entries pending. Here it is killed just then, three times, and
+/// restarted only after its seen-sets (one-second dedupe window: kept three seconds) are gone,
+/// so nothing but the record of applied entries stops them from being counted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_applied_but_not_acknowledged_are_not_counted_again_after_the_seen_sets_expired() {
+    let stream = unique_stream();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let all = events(8_000, 13);
+    let payloads: Vec<Vec<u8>> = all.iter().map(shared::encode).collect();
+    xadd_all(&mut conn, &stream, &payloads).await;
+
+    let record = format!("{{{stream}}}:applied");
+    let sizes = Sizes {
+        batch: 2000,
+        commit: 7,
+    };
+    let window = [("METER_DEDUPE_WINDOW_SECS", "1".to_owned())];
+    let port = free_port();
+    let fields = |mut conn: redis::aio::MultiplexedConnection| {
+        let record = record.clone();
+        async move {
+            let fields: HashSet<String> = redis::cmd("HKEYS")
+                .arg(&record)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            fields
+        }
+    };
+    let mut caught = 0;
+    // What earlier lives left in the record, which a new life settles first.
+    let mut left = HashSet::new();
+    for _ in 0..20 {
+        if caught == 3 {
+            break;
+        }
+        let aggregator = spawn_aggregator_with(&stream, port, sizes, &window);
+        // Killed as soon as this life has commits applied and not yet acknowledged.
+        let mut recorded = false;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
+            if !fields(conn.clone()).await.is_subset(&left) {
+                recorded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        aggregator.kill();
+        if !recorded {
+            break;
+        }
+        let now = fields(conn.clone()).await;
+        if now.is_subset(&left) {
+            // The batch was acknowledged between the look and the kill: try again.
+            continue;
+        }
+        left = now;
+        caught += 1;
+        // Until every seen-set has expired.
+        eventually(Duration::from_secs(20), || async {
+            let mut conn = conn.clone();
+            let (_, seen): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(0)
+                .arg("MATCH")
+                .arg(format!("{{{stream}}}:seen:*"))
+                .arg("COUNT")
+                .arg(100_000)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            seen.is_empty().then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        caught, 3,
+        "never killed with applied entries unacknowledged"
+    );
+
+    let aggregator = spawn_aggregator_with(&stream, port, sizes, &window);
+    let http = reqwest::Client::new();
+    let want_requests = all.len() as i64;
+    eventually(Duration::from_secs(60), || async {
+        let mut conn = conn.clone();
+        let summary: (u64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
+            .arg(&stream)
+            .arg("aggregator")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        let read: u64 = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&stream)
+            .query_async::<Vec<std::collections::HashMap<String, redis::Value>>>(&mut conn)
+            .await
+            .ok()?
+            .first()
+            .and_then(|g| match g.get("entries-read") {
+                Some(redis::Value::Int(n)) => Some(*n as u64),
+                _ => None,
+            })?;
+        (summary.0 == 0 && read >= want_requests as u64).then_some(())
+    })
+    .await;
+    let body = usage(&http, port).await.unwrap();
+    assert_exact_by_model(&body, &all);
+    let fields: u64 = redis::cmd("HLEN")
+        .arg(&record)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(fields, 0, "the record is left empty");
     assert!(aggregator.terminate().success());
 }

@@ -1,5 +1,7 @@
 //! Applies a batch to Redis exactly once: state check, dedupe check, stats writes and `XACK` in
-//! one Lua script, so no crash can separate "counted" from "acknowledged".
+//! one Lua script, so no crash can separate "counted" from "acknowledged". (A batch cut into
+//! several commits records its entries as applied instead, in the same script, and is
+//! acknowledged as a whole once all applied: `applied.rs`.)
 //!
 //! Stats cells are packed values (`cell.rs`) that Redis cannot add to, so the committer adds the
 //! batch to each cell's last known value (its cache of what it wrote or was told; a cell it does
@@ -34,6 +36,7 @@ use rustc_hash::FxHashMap;
 use shared::Keyspace;
 use shared::RedisConn;
 
+use crate::ingest::applied;
 use crate::replay::control;
 use crate::store::cell::{self, Cell};
 use crate::store::stats::{BucketWrite, CellWrite};
@@ -165,7 +168,14 @@ for _ = 1, n do
   if expire_at > 0 then redis.call('EXPIREAT', KEYS[k], expire_at) end
 end
 
--- 5. acknowledge every entry of the batch, duplicates and dead letters included
+-- 5. the entries of the commit, duplicates and dead letters included: acknowledged now, or,
+--    for a batch cut into several commits, recorded as applied under a field of their own,
+--    space-separated, for the consumer to acknowledge in stream order once all are in
+--    (`applied.rs`)
+if take() == 'r' then
+  redis.call('HSET', KEYS[3], take(), take())
+  return {'ok'}
+end
 n = tonumber(take())
 for s = pos, pos + n - 1, 512 do
   redis.call('XACK', KEYS[1], group, unpack(ARGV, s, math.min(s + 511, pos + n - 1)))
@@ -201,7 +211,30 @@ pub struct Batch<'a> {
     pub cells: &'a Arc<Vec<CellWrite>>,
     /// Counter increments (spend, the shadow's day list).
     pub increments: &'a [BucketWrite],
-    pub acks: &'a [String],
+    pub acks: Acks<'a>,
+}
+
+/// How a commit acknowledges its entries.
+#[derive(Clone, Copy)]
+pub enum Acks<'a> {
+    /// `XACK` them in the script that applies their events.
+    Now(&'a [String]),
+    /// Record them as applied under this field of [`applied::key`]: they belong to a batch cut
+    /// into several commits, whose entries are acknowledged together, in stream order, once
+    /// every commit applied (`XACK` of ids scattered through the pending list costs Redis
+    /// twice as much as of a run).
+    Record {
+        field: &'a str,
+        entries: &'a [String],
+    },
+}
+
+impl Acks<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Now(entries) | Self::Record { entries, .. } => entries.len(),
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -245,6 +278,7 @@ pub struct Committer {
     script: Script,
     keyspace: Keyspace,
     ctl_key: String,
+    applied_key: String,
     group: String,
     window_secs: i64,
     cache: CellCache,
@@ -419,6 +453,7 @@ impl Committer {
         Self {
             script: Script::new(SCRIPT),
             ctl_key: keyspace.key(control::CTL),
+            applied_key: applied::key(&keyspace),
             keyspace,
             group,
             window_secs: window_secs.max(1),
@@ -658,7 +693,7 @@ impl Committer {
             .map(|w| self.keyspace.key(&w.key))
             .collect();
 
-        let mut keys: Vec<&str> = vec![self.keyspace.stream(), &self.ctl_key];
+        let mut keys: Vec<&str> = vec![self.keyspace.stream(), &self.ctl_key, &self.applied_key];
         let seen_keys: Vec<String> = sections
             .iter()
             .flat_map(|(prefix, _, by_slot)| {
@@ -740,7 +775,14 @@ impl Committer {
                 cmd.arg(field).arg(*n);
             }
         }
-        cmd.arg(batch.acks.len()).arg(batch.acks);
+        match batch.acks {
+            Acks::Now(entries) => {
+                cmd.arg("a").arg(entries.len()).arg(entries);
+            }
+            Acks::Record { field, entries } => {
+                cmd.arg("r").arg(field).arg(applied::pack(entries));
+            }
+        }
         cmd
     }
 
@@ -922,7 +964,7 @@ mod tests {
             shadow: None,
             cells: &cells,
             increments: &[],
-            acks: &[],
+            acks: Acks::Now(&[]),
         })
     }
 

@@ -3,7 +3,10 @@
 //! Flow per batch: read (in pieces of at most 1,000 entries) → decode (undecodable entries go
 //! to the dead-letter stream) → drop in-batch duplicate ids → split by client key into parts of
 //! at most `commit_events` events ([`groups`]) → price each part → sum into a [`Delta`] → one
-//! atomic commit per part that also acks the part's entries, all parts in one pipeline.
+//! atomic commit per part, all parts in one pipeline. A batch of one part is acknowledged by its
+//! commit; one of several parts, whose entries interleave, by one `XACK` per 1,000 entries in
+//! stream order once every part applied, each part recording its entries as applied meanwhile
+//! ([`applied`]).
 //! Under a backlog the next batch goes through all but the last step while Redis runs the
 //! commits of the one before (`process_pipelined`).
 //! Entries that a crashed consumer had read but not committed stay pending in the group; on
@@ -22,8 +25,9 @@ use shared::RedisConn;
 use shared::{EVENT_FIELD, Keyspace, UsageEvent};
 use tokio::sync::watch;
 
+use crate::ingest::applied::{self, Fields};
 use crate::ingest::commit::{
-    self, Batch, CommitError, Committer, Outcome, Replies, Seen, ShadowSeen, Staged,
+    self, Acks, Batch, CommitError, Committer, Outcome, Replies, Seen, ShadowSeen, Staged,
 };
 use crate::ingest::groups;
 use crate::ingest::stream::{
@@ -59,6 +63,9 @@ struct Prepared {
     /// The entries of its events; the first part also acknowledges the batch's dead letters
     /// and the copies of ids it already had.
     acks: Vec<String>,
+    /// Of a batch cut into several commits: the field under which this one records its
+    /// entries as applied; they are acknowledged with the batch's ([`Deferred`]).
+    field: Option<String>,
     /// (arrival ms, event)
     events: Vec<(i64, UsageEvent)>,
     dead: usize,
@@ -123,7 +130,51 @@ impl<'a> SeenLists<'a> {
                 }),
             cells: &prepared.priced.cells,
             increments: &prepared.priced.increments,
-            acks: &prepared.acks,
+            acks: match &prepared.field {
+                None => Acks::Now(&prepared.acks),
+                Some(field) => Acks::Record {
+                    field,
+                    entries: &prepared.acks,
+                },
+            },
+        }
+    }
+}
+
+/// The acknowledgement of a batch cut into several commits, sent once all applied: its
+/// entries in the order read, and the fields they were recorded under ([`applied`]).
+struct Deferred {
+    entries: Vec<String>,
+    fields: Vec<String>,
+}
+
+/// A batch ready to commit: its parts, and what acknowledges them all if they record.
+struct Parts {
+    parts: Vec<Prepared>,
+    deferred: Option<Deferred>,
+}
+
+impl Parts {
+    fn none() -> Self {
+        Self {
+            parts: Vec::new(),
+            deferred: None,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+}
+
+/// An acknowledgement on its way (`applied::acknowledge`).
+struct Acknowledging(tokio::task::JoinHandle<redis::RedisResult<()>>);
+
+impl Acknowledging {
+    async fn done(self) -> Result<(), CommitError> {
+        match self.0.await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(CommitError::Lost),
         }
     }
 }
@@ -160,6 +211,7 @@ pub struct Consumer {
     /// The state batches are priced under; reloaded when a commit finds it stale.
     state: Option<Snapshot>,
     committer: Committer,
+    fields: Fields,
     metrics: Arc<Metrics>,
 }
 
@@ -177,6 +229,7 @@ impl Consumer {
             config.dedupe_window_secs,
         );
         Self {
+            fields: Fields::new(&config.consumer),
             config,
             conn,
             reads,
@@ -222,6 +275,7 @@ impl Consumer {
                     group_ready = true;
                 }
                 if !own_pending_done {
+                    self.settle_applied().await?;
                     let entries = self.read("0").await?;
                     own_pending_done = entries.is_empty();
                     return self.process(entries).await;
@@ -315,9 +369,36 @@ impl Consumer {
         }
     }
 
+    /// Acknowledges what the record says is applied ([`applied`]), before pending entries are
+    /// read: those must not be applied again.
+    async fn settle_applied(&mut self) -> redis::RedisResult<()> {
+        let settled =
+            applied::settle(&mut self.conn, &self.config.keyspace, &self.config.group).await?;
+        if settled > 0 {
+            tracing::info!(
+                entries = settled,
+                "acknowledged entries a consumer had applied but not yet acknowledged"
+            );
+        }
+        Ok(())
+    }
+
+    /// Sends a batch's deferred acknowledgement, on a task of its own.
+    async fn acknowledge(&self, deferred: Option<Deferred>) -> Option<Acknowledging> {
+        let Deferred { entries, fields } = deferred?;
+        let pipe =
+            applied::acknowledge(&self.config.keyspace, &self.config.group, &entries, &fields);
+        let mut conn = self.conn.clone();
+        Some(Acknowledging(
+            crate::ingest::task::spawn_started(async move { pipe.query_async(&mut conn).await })
+                .await,
+        ))
+    }
+
     /// Takes over entries that other (presumably dead) consumers left pending too long.
     /// In claims of at most [`READ_CHUNK`] entries, as reads are, up to a batch.
     async fn claim(&mut self) -> redis::RedisResult<Vec<Entry>> {
+        self.settle_applied().await?;
         let mut entries: Vec<Entry> = Vec::new();
         let mut cursor = "0-0".to_owned();
         while entries.len() < self.config.batch_size {
@@ -354,14 +435,18 @@ impl Consumer {
     }
 
     async fn process(&mut self, entries: Vec<Entry>) -> Result<(), CommitError> {
-        let parts = self.prepare(entries).await?;
+        let Parts { parts, deferred } = self.prepare(entries).await?;
         if parts.is_empty() {
             return Ok(());
         }
         let staged = self.stage_all(&parts);
         let sending = commit::spawn_send_all(staged, self.conn.clone()).await;
         let (sent, replies) = sending.replies().await.ok_or(CommitError::Lost)?;
-        self.settle_all(parts, sent, replies).await
+        self.settle_all(parts, sent, replies).await?;
+        match self.acknowledge(deferred).await {
+            Some(acknowledging) => acknowledging.done().await,
+            None => Ok(()),
+        }
     }
 
     /// Under a backlog: while Redis runs one batch's commits, the next batch is decoded,
@@ -379,7 +464,9 @@ impl Consumer {
         }
         // The batch after: read now, so that the first commits queue behind it too.
         let mut reading = Some(self.read_ahead(batch_size).await);
-        let mut staged = self.stage_all(&current);
+        let mut staged = self.stage_all(&current.parts);
+        // The acknowledgement of the batch before, in flight while this one is committed.
+        let mut acknowledging: Option<Acknowledging> = None;
         loop {
             // The commits go first: Redis queues them behind the read already started, so they
             // do not wait for that reply to be parsed here.
@@ -394,10 +481,14 @@ impl Consumer {
             }
             let next = async {
                 let next = self.prepare(next_entries?).await?;
-                let next_staged = self.stage_all(&next);
+                let next_staged = self.stage_all(&next.parts);
                 Ok::<_, CommitError>((next, next_staged))
             }
             .await;
+            let acknowledged = match acknowledging.take() {
+                Some(acknowledging) => acknowledging.done().await,
+                None => Ok(()),
+            };
             let Some((sent, replies)) = sending.replies().await else {
                 if let Ok((_, s)) = next {
                     self.committer.forget_all(s);
@@ -412,7 +503,11 @@ impl Consumer {
                 let s = std::mem::take(s);
                 self.committer.forget_all(s);
             }
-            let settled = self.settle_all(current, sent, replies).await;
+            let Parts { parts, deferred } = current;
+            let settled = match self.settle_all(parts, sent, replies).await {
+                Ok(()) => acknowledged,
+                Err(e) => Err(e),
+            };
             let (next, next_staged) = match (settled, next) {
                 (Ok(()), Ok(next)) => next,
                 (Err(e), Ok((_, s))) => {
@@ -421,13 +516,17 @@ impl Consumer {
                 }
                 (Err(e), Err(_)) | (Ok(()), Err(e)) => return Err(e),
             };
+            acknowledging = self.acknowledge(deferred).await;
             if next.is_empty() {
-                return Ok(());
+                return match acknowledging {
+                    Some(acknowledging) => acknowledging.done().await,
+                    None => Ok(()),
+                };
             }
             staged = if all_applied {
                 next_staged
             } else {
-                self.stage_all(&next)
+                self.stage_all(&next.parts)
             };
             current = next;
         }
@@ -436,11 +535,15 @@ impl Consumer {
     /// Decodes a batch (undecodable entries go to the dead-letter stream), drops in-batch
     /// duplicates, splits it into commits by client key and prices each; empty when nothing is
     /// left to commit or acknowledge.
-    async fn prepare(&mut self, entries: Vec<Entry>) -> Result<Vec<Prepared>, CommitError> {
+    async fn prepare(&mut self, entries: Vec<Entry>) -> Result<Parts, CommitError> {
         if entries.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Parts::none());
         }
         let started = std::time::Instant::now();
+        // A batch of more events than one commit takes may be cut into several: then it is
+        // acknowledged as a whole, in the order read.
+        let order: Option<Vec<String>> = (entries.len() > self.config.commit_events)
+            .then(|| entries.iter().map(|e| e.id.clone()).collect());
         // (entry id, arrival ms, event)
         let mut decoded: Vec<(String, i64, UsageEvent)> = Vec::with_capacity(entries.len());
         // Entries no commit applies an event of: dead letters, and copies of an id the batch
@@ -513,6 +616,10 @@ impl Consumer {
             acks.extend(other_acks);
         }
         let last = parts.len() - 1;
+        let deferred = order.filter(|_| parts.len() > 1).map(|entries| Deferred {
+            entries,
+            fields: parts.iter().map(|_| self.fields.next()).collect(),
+        });
         let mut prepared = Vec::with_capacity(parts.len());
         for (i, (acks, events)) in parts.into_iter().enumerate() {
             let in_shadow = InShadow::default();
@@ -520,6 +627,7 @@ impl Consumer {
             prepared.push(Prepared {
                 started: (i == last).then_some(started),
                 acks,
+                field: deferred.as_ref().and_then(|d| d.fields.get(i).cloned()),
                 dead: if i == 0 { dead.len() } else { 0 },
                 duplicates: if i == 0 { duplicates } else { 0 },
                 events,
@@ -527,7 +635,10 @@ impl Consumer {
                 priced,
             });
         }
-        Ok(prepared)
+        Ok(Parts {
+            parts: prepared,
+            deferred,
+        })
     }
 
     /// Prices `events` under the state in force (loaded if unknown) and sums them into cells,

@@ -1,5 +1,6 @@
 //! Stream → decode → price → apply: the live consumer loop and its atomic commit.
 
+pub(crate) mod applied;
 pub(crate) mod commit;
 pub(crate) mod consumer;
 pub(crate) mod groups;

@@ -37,7 +37,7 @@ use shared::{Keyspace, UsageEvent};
 
 use crate::Config;
 use crate::ingest::commit::{
-    self, Batch, CommitError, Committer, Outcome, Replies, Seen, ShadowSeen, Staged,
+    self, Acks, Batch, CommitError, Committer, Outcome, Replies, Seen, ShadowSeen, Staged,
 };
 use crate::ingest::groups;
 use crate::ingest::stream::{Entry, READ_CHUNK, into_string, take_entries, usage_of};
@@ -350,6 +350,10 @@ async fn run_partition(
         .get(3)
         .and_then(|id| parse_id(id))
         .filter(|id| *id > (0, 0));
+    // Entries applied live before the registration but not yet acknowledged would look
+    // pending to the rebuild, which leaves pending entries to the live consumers: they would
+    // reach neither the copy nor, applied already, the live consumers' commits to it.
+    crate::ingest::applied::settle(&mut conn, &keyspace, &config.group).await?;
     let prefix = control::shadow_prefix(rid);
     // Shadows of replays that died are garbage now.
     delete_matching(&mut conn, &keyspace.key("rp*"), &keyspace.key(&prefix)).await?;
@@ -864,7 +868,7 @@ impl Shadow {
             }),
             cells: &cells,
             increments: &increments,
-            acks: &[],
+            acks: Acks::Now(&[]),
         }))
     }
 
