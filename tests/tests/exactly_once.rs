@@ -96,6 +96,17 @@ fn spawn_aggregator_with(
     Process::spawn("aggregator", "aggregator", &env)
 }
 
+/// Entries of `stream` delivered to the aggregators' group and not acknowledged.
+async fn pending(conn: &mut redis::aio::MultiplexedConnection, stream: &str) -> Option<u64> {
+    let summary: (u64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("aggregator")
+        .query_async(conn)
+        .await
+        .ok()?;
+    Some(summary.0)
+}
+
 async fn usage(http: &reqwest::Client, port: u16) -> Option<Value> {
     let url = format!("http://127.0.0.1:{port}/v1/usage?group_by=model");
     http.get(url).send().await.ok()?.json().await.ok()
@@ -216,13 +227,7 @@ async fn kills_restarts_and_two_consumers_change_no_figure(sizes: Sizes) {
             .query_async(&mut conn)
             .await
             .ok()?;
-        let summary: (u64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
-            .arg(&stream)
-            .arg("aggregator")
-            .query_async(&mut conn)
-            .await
-            .ok()?;
-        (dead >= 2 && summary.0 == 0).then_some(())
+        (dead >= 2 && pending(&mut conn, &stream).await? == 0).then_some(())
     })
     .await;
     assert!(a.terminate().success());
@@ -382,12 +387,7 @@ async fn entries_applied_but_not_acknowledged_are_not_counted_again_after_the_se
     let want_requests = all.len() as i64;
     eventually(Duration::from_secs(60), || async {
         let mut conn = conn.clone();
-        let summary: (u64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
-            .arg(&stream)
-            .arg("aggregator")
-            .query_async(&mut conn)
-            .await
-            .ok()?;
+        let pending = pending(&mut conn, &stream).await?;
         let read: u64 = redis::cmd("XINFO")
             .arg("GROUPS")
             .arg(&stream)
@@ -399,7 +399,7 @@ async fn entries_applied_but_not_acknowledged_are_not_counted_again_after_the_se
                 Some(redis::Value::Int(n)) => Some(*n as u64),
                 _ => None,
             })?;
-        (summary.0 == 0 && read >= want_requests as u64).then_some(())
+        (pending == 0 && read >= want_requests as u64).then_some(())
     })
     .await;
     let body = usage(&http, port).await.unwrap();
