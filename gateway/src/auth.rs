@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::GatewayError;
@@ -34,12 +34,38 @@ pub fn new_secret() -> Result<String, getrandom::Error> {
 }
 
 pub fn hash_secret(secret: &str) -> String {
-    hex(&Sha256::digest(secret.as_bytes()))
+    hex(&digest(secret))
 }
 
-/// Lowercase hex by table lookup: this runs on every request (the key cache is keyed by the
-/// hash), and `write!("{b:02x}")` per byte went through the formatting machinery 32 times,
-/// about as many instructions as the SHA-256 itself (callgrind).
+/// A secret's SHA-256, the key cache's key: hex-encoding it (and allocating the string) is
+/// left to the cache misses that look the key up in Redis.
+type SecretDigest = [u8; 32];
+
+fn digest(secret: &str) -> SecretDigest {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// The digest a hex hash (a key record's `hash`) encodes; `None` if it is not one.
+fn parse_hex(hash: &str) -> Option<SecretDigest> {
+    let nibble = |c: u8| {
+        char::from(c)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    let bytes = hash.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+/// Lowercase hex by table lookup: `write!("{b:02x}")` per byte went through the formatting
+/// machinery 32 times, about as many instructions as the SHA-256 itself (callgrind), when this
+/// still ran on every request.
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -66,7 +92,7 @@ type CacheEntry = (Option<Arc<KeyRecord>>, Instant);
 pub struct KeyCache {
     store: Store,
     ttl: Duration,
-    entries: Mutex<HashMap<String, CacheEntry>>,
+    entries: Mutex<HashMap<SecretDigest, CacheEntry>>,
     metrics: Arc<Metrics>,
 }
 
@@ -89,28 +115,36 @@ impl KeyCache {
         let secret = secret
             .filter(|s| !s.is_empty())
             .ok_or(GatewayError::MissingKey)?;
-        let hash = hash_secret(secret);
-        let record = match self.cached(&hash, self.ttl) {
+        let digest = digest(secret);
+        let record = match self.cached(&digest, self.ttl) {
             Some(hit) => hit,
-            None => match self.store.key_by_hash(&hash).await {
-                Ok(fetched) => {
-                    let fetched = fetched.map(Arc::new);
-                    self.insert(hash.clone(), fetched.clone());
-                    fetched
-                }
-                Err(e) => match self.cached(&hash, STALE_GRACE) {
-                    Some(stale) => {
-                        self.metrics.auth_served_stale.inc();
-                        stale
+            None => {
+                let hash = hex(&digest);
+                match self.store.key_by_hash(&hash).await {
+                    Ok(fetched) => {
+                        // The lookup was by hash already; comparing in constant time as well
+                        // keeps timing independent of how much of a forged hash matched, should
+                        // lookups ever change. Done here, so a cached record is known to match.
+                        let fetched = fetched
+                            .filter(|record| {
+                                bool::from(record.hash.as_bytes().ct_eq(hash.as_bytes()))
+                            })
+                            .map(Arc::new);
+                        self.insert(digest, fetched.clone());
+                        fetched
                     }
-                    None => return Err(e),
-                },
-            },
+                    Err(e) => match self.cached(&digest, STALE_GRACE) {
+                        Some(stale) => {
+                            self.metrics.auth_served_stale.inc();
+                            stale
+                        }
+                        None => return Err(e),
+                    },
+                }
+            }
         };
         let record = record.ok_or(GatewayError::InvalidKey)?;
-        // The lookup was by hash already; comparing in constant time as well keeps timing
-        // independent of how much of a forged hash matched, should lookups ever change.
-        if !bool::from(record.hash.as_bytes().ct_eq(hash.as_bytes())) || record.disabled {
+        if record.disabled {
             return Err(GatewayError::InvalidKey);
         }
         if record.expires_at_ms.is_some_and(|at| at <= now_ms) {
@@ -121,23 +155,25 @@ impl KeyCache {
 
     /// Forgets a key at once on this replica (after PATCH or DELETE).
     pub fn invalidate(&self, hash: &str) {
-        if let Ok(mut entries) = self.entries.lock() {
-            entries.remove(hash);
+        if let Some(digest) = parse_hex(hash)
+            && let Ok(mut entries) = self.entries.lock()
+        {
+            entries.remove(&digest);
         }
     }
 
-    fn cached(&self, hash: &str, max_age: Duration) -> Option<Option<Arc<KeyRecord>>> {
+    fn cached(&self, digest: &SecretDigest, max_age: Duration) -> Option<Option<Arc<KeyRecord>>> {
         let entries = self.entries.lock().ok()?;
-        let (record, fetched) = entries.get(hash)?;
+        let (record, fetched) = entries.get(digest)?;
         (fetched.elapsed() < max_age).then(|| record.clone())
     }
 
-    fn insert(&self, hash: String, record: Option<Arc<KeyRecord>>) {
+    fn insert(&self, digest: SecretDigest, record: Option<Arc<KeyRecord>>) {
         if let Ok(mut entries) = self.entries.lock() {
             if entries.len() >= MAX_CACHED {
                 entries.clear();
             }
-            entries.insert(hash, (record, Instant::now()));
+            entries.insert(digest, (record, Instant::now()));
         }
     }
 }
@@ -153,6 +189,14 @@ mod tests {
         assert!(secret.starts_with(SECRET_PREFIX));
         assert_eq!(secret.len(), SECRET_PREFIX.len() + 64);
         assert_ne!(secret, new_secret().unwrap());
+    }
+
+    #[test]
+    fn a_hex_hash_parses_back_to_its_digest() {
+        let digest = digest("abc");
+        assert_eq!(parse_hex(&hex(&digest)), Some(digest));
+        assert_eq!(parse_hex("ba78"), None);
+        assert_eq!(parse_hex(&"zz".repeat(32)), None);
     }
 
     #[test]

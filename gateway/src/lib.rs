@@ -20,6 +20,7 @@ mod limiter;
 mod spend;
 
 mod access_log;
+mod log_format;
 mod proxy;
 mod relay;
 mod sse;
@@ -56,6 +57,7 @@ use tokio::sync::watch;
 
 pub use access_log::log_filter;
 pub use config::{Args, Config, ConfigError};
+pub use log_format::TextFormat;
 
 use accounts::Accounts;
 use auth::KeyCache;

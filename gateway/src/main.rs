@@ -50,7 +50,8 @@ async fn shutdown_signal() {
 }
 
 /// Logs go to stderr: as JSON lines for log shippers (`--log-format json`), else as text,
-/// coloured only on a terminal so that files get plain text.
+/// coloured only on a terminal so that files get plain text. Plain text lines are written by
+/// `TextFormat`, the stock format without its colour machinery (half the access log's cost).
 ///
 /// A thread of their own writes them, as many lines per `write` as are queued: with the access
 /// log's line per request, a `write` per line on the request's thread was a syscall per
@@ -70,7 +71,10 @@ fn init_logs(
         .with_env_filter(gateway::log_filter(rust_log.as_deref(), access_log));
     match format {
         Some("json") => logs.json().init(),
-        _ => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        _ => logs
+            .with_ansi(std::io::stderr().is_terminal())
+            .event_format(gateway::TextFormat::default())
+            .init(),
     }
     guard
 }

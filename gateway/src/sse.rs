@@ -44,7 +44,9 @@ impl SseParser {
                 rest = tail;
             }
         }
-        while let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+        // Every relayed byte passes here; a byte-at-a-time scan was a tenth of the relay's
+        // instructions per event.
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', rest) {
             self.push_line(&rest[..end]);
             let is_cr = rest[end] == b'\r';
             rest = &rest[end + 1..];
@@ -100,7 +102,12 @@ impl SseParser {
                 }
                 None => (&line[..], &[][..]),
             };
-            let value = String::from_utf8_lossy(value);
+            // Valid UTF-8 is the rule, and checking it is much cheaper than `from_utf8_lossy`'s
+            // chunk-by-chunk walk over every data line.
+            let value = match std::str::from_utf8(value) {
+                Ok(value) => std::borrow::Cow::Borrowed(value),
+                Err(_) => String::from_utf8_lossy(value),
+            };
             match field {
                 b"event" => {
                     self.event.clear();

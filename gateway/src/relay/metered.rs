@@ -29,6 +29,8 @@ pub trait ChunkFilter: Send {
 }
 
 pub struct Metered {
+    /// The first chunk, read before the response head was sent (`relay_answer`).
+    first: Option<Bytes>,
     upstream: BoxStream<'static, reqwest::Result<Bytes>>,
     parser: SseParser,
     usage: Box<dyn StreamUsage>,
@@ -41,6 +43,9 @@ pub struct Metered {
     _lease: Lease,
     _concurrency: Option<LeaseGuard>,
     idle: Duration,
+    /// When the last chunk arrived. The idle timer is not pushed back on every chunk (a timer
+    /// update per relayed event); when it fires early it is rearmed from here instead.
+    last_chunk: Instant,
     idle_deadline: Pin<Box<Sleep>>,
     finished: bool,
     /// An upstream failure, held back for one poll (see `poll_next`).
@@ -48,6 +53,7 @@ pub struct Metered {
 }
 
 pub struct MeteredParts {
+    pub first: Bytes,
     pub upstream: BoxStream<'static, reqwest::Result<Bytes>>,
     pub usage: Box<dyn StreamUsage>,
     pub filter: Option<Box<dyn ChunkFilter>>,
@@ -63,6 +69,7 @@ impl Metered {
     pub fn new(parts: MeteredParts) -> Self {
         parts.metrics.streams_open.inc();
         Self {
+            first: Some(parts.first),
             upstream: parts.upstream,
             parser: SseParser::default(),
             usage: parts.usage,
@@ -73,6 +80,7 @@ impl Metered {
             _lease: parts.lease,
             _concurrency: parts.concurrency,
             idle: parts.idle,
+            last_chunk: Instant::now(),
             idle_deadline: Box::pin(tokio::time::sleep(parts.idle)),
             finished: false,
             failed: None,
@@ -100,10 +108,13 @@ impl Stream for Metered {
             if this.finished {
                 return Poll::Ready(None);
             }
-            match this.upstream.poll_next_unpin(cx) {
+            let next = match this.first.take() {
+                Some(first) => Poll::Ready(Some(Ok(first))),
+                None => this.upstream.poll_next_unpin(cx),
+            };
+            match next {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    let idle = this.idle;
-                    this.idle_deadline.as_mut().reset(Instant::now() + idle);
+                    this.last_chunk = Instant::now();
                     this.parser.feed(&chunk, this.usage.as_mut());
                     let out = match this.filter.as_mut() {
                         Some(filter) => Bytes::from(filter.push(&chunk)),
@@ -139,7 +150,14 @@ impl Stream for Metered {
                     return Poll::Ready((!rest.is_empty()).then(|| Ok(Bytes::from(rest))));
                 }
                 Poll::Pending => {
-                    if this.idle_deadline.as_mut().poll(cx).is_ready() {
+                    while this.idle_deadline.as_mut().poll(cx).is_ready() {
+                        let due = this.last_chunk + this.idle;
+                        if Instant::now() < due {
+                            // Chunks came since the timer was set: wait the rest of the idle
+                            // time from the last one (and poll again, to register the waker).
+                            this.idle_deadline.as_mut().reset(due);
+                            continue;
+                        }
                         tracing::warn!(
                             idle_secs = this.idle.as_secs_f64(),
                             "upstream stream went idle"

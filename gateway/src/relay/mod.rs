@@ -257,9 +257,8 @@ async fn relay_answer(
             Err(_) => return reject(call, GatewayError::UpstreamTimeout),
         };
         let metered = Metered::new(MeteredParts {
-            upstream: futures_util::stream::once(async move { Ok(first) })
-                .chain(body)
-                .boxed(),
+            first,
+            upstream: body,
             usage: stream_usage(endpoint),
             filter: hide_usage.then(chunk_filter),
             call,
