@@ -22,10 +22,13 @@
 //! request takes its own lease with today's FIFO.
 //!
 //! A request is decided here only when every counted limit of its key has a block with room;
-//! otherwise it goes to the script, which counts it alone or leases the next block. One block
-//! request per key and kind is in flight at a time; concurrent requests meanwhile go alone.
+//! otherwise it goes to the script, which counts it alone or leases the next block (a request
+//! that holds a block slot already sends only its windows). Once a block of entries is half
+//! used, one request leases the next one ahead while the others keep admitting from the
+//! current one, so a busy key never waits for a round trip between blocks. One block request
+//! per key and kind is in flight at a time; a request finding no room meanwhile goes alone.
 //! Blocks are sized by this replica's recent admissions of the key, so an idle replica asks for
-//! none and a busy one doubles up to the caps.
+//! none and a busy one grows to the caps.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,6 +86,8 @@ pub struct Blocks {
 #[derive(Debug, Default)]
 struct Inner {
     keys: HashMap<String, KeyBlocks>,
+    /// Unused entries of blocks that ended between sweeps, to return at the next one.
+    ended: Vec<Returned>,
     /// Slot blocks replaced while requests still held slots of them: returned once idle.
     retired: Vec<SlotBlock>,
 }
@@ -91,9 +96,34 @@ struct Inner {
 struct KeyBlocks {
     demand: Demand,
     entries: Option<EntryBlock>,
+    /// Leased while `entries` was half used, so that its end stalls nobody: the requests that
+    /// come during the round trip keep admitting from `entries`.
+    next_entries: Option<EntryBlock>,
     slots: Option<SlotBlock>,
     asking_entries: bool,
+    /// `take` sent this request to the script to lease the next block ahead; `ask` asks it.
+    refill_claimed: bool,
     asking_slots: bool,
+}
+
+impl KeyBlocks {
+    /// Makes the next block of entries the current one once the current has no room left.
+    fn promote(&mut self, key: &KeyRecord, now: Instant, ended: &mut Vec<Returned>) {
+        if self.next_entries.is_some()
+            && !self.entries.as_ref().is_some_and(|b| b.has_room(key, now))
+            && let Some(old) = std::mem::replace(&mut self.entries, self.next_entries.take())
+        {
+            ended.extend(old.unused());
+        }
+    }
+
+    fn entries_have_room(&self, key: &KeyRecord, now: Instant) -> bool {
+        self.entries.as_ref().is_some_and(|b| b.has_room(key, now))
+            || self
+                .next_entries
+                .as_ref()
+                .is_some_and(|b| b.has_room(key, now))
+    }
 }
 
 #[derive(Debug)]
@@ -359,11 +389,23 @@ impl Blocks {
             return None;
         }
         let mut inner = self.inner.lock().ok()?;
-        let kb = inner.keys.get_mut(&key.id)?;
+        let Inner { keys, ended, .. } = &mut *inner;
+        let kb = keys.get_mut(&key.id)?;
+        kb.promote(key, now, ended);
         if windows && !kb.entries.as_ref().is_some_and(|b| b.has_room(key, now)) {
             return None;
         }
         if slots && !kb.slots.as_ref().is_some_and(|b| b.has_room(key, now)) {
+            return None;
+        }
+        let half_used = kb
+            .entries
+            .as_ref()
+            .is_some_and(|b| b.size >= 4 && (b.size - b.used) * 2 <= b.size);
+        if windows && half_used && !kb.asking_entries && kb.next_entries.is_none() {
+            // This request leases the next block; the others keep using this one meanwhile.
+            kb.asking_entries = true;
+            kb.refill_claimed = true;
             return None;
         }
         kb.demand.roll(now, self.lifetime);
@@ -390,20 +432,39 @@ impl Blocks {
         Some(Local { budget, slot })
     }
 
+    /// A slot of the key's block for a request that `take` did not admit (its windows need the
+    /// script), so that the script need not lease one: while a block of entries is renewed,
+    /// concurrent requests then cost the script their windows alone, and no release after.
+    pub fn take_slot(&self, key: &KeyRecord, now: Instant) -> Option<Arc<AtomicU64>> {
+        if !self.enabled() || !slots_apply(key) {
+            return None;
+        }
+        let mut inner = self.inner.lock().ok()?;
+        let b = inner.keys.get_mut(&key.id)?.slots.as_mut()?;
+        if !b.has_room(key, now) {
+            return None;
+        }
+        b.in_flight.fetch_add(1, Ordering::AcqRel);
+        b.idle_sweeps = 0;
+        Some(Arc::clone(&b.in_flight))
+    }
+
     /// The blocks to ask for with the script call of a request that `take` did not admit, if
-    /// any: `None` counts the request alone, as without blocks. `keys` names the key's sets.
+    /// any: `None` counts the request alone, as without blocks. `keys` names the key's sets;
+    /// `slot_held`: the request holds a block slot already.
     pub fn ask<'a>(
         &self,
         keeper: &'a Keeper,
         key: &KeyRecord,
         now: Instant,
+        slot_held: bool,
         keys: impl FnOnce() -> BlockKeys,
     ) -> Option<Ask<'a>> {
         if !self.enabled() {
             return None;
         }
         let windows = shape(key).next().is_some();
-        let slots = slots_apply(key);
+        let slots = slots_apply(key) && !slot_held;
         if !windows && !slots {
             return None;
         }
@@ -413,12 +474,13 @@ impl Blocks {
             let kb = inner.keys.entry(key.id.clone()).or_default();
             kb.demand.roll(now, self.lifetime);
             let recent = kb.demand.recent();
+            let claimed = std::mem::take(&mut kb.refill_claimed);
             // A block with room is used first: the request is counted alone meanwhile.
-            if windows
-                && !kb.asking_entries
-                && !kb.entries.as_ref().is_some_and(|b| b.has_room(key, now))
-            {
+            if windows && (claimed || (!kb.asking_entries && !kb.entries_have_room(key, now))) {
                 block.entries = entries_wanted(recent);
+            }
+            if claimed && block.entries <= 1 {
+                kb.asking_entries = false;
             }
             if slots && !kb.asking_slots {
                 let held = match &kb.slots {
@@ -470,7 +532,7 @@ impl Blocks {
         let Ok(mut inner) = self.inner.lock() else {
             return out;
         };
-        let Inner { keys, retired } = &mut *inner;
+        let Inner { keys, retired, .. } = &mut *inner;
         let kb = keys.entry(key.id.clone()).or_default();
         kb.demand.roll(now, self.lifetime);
         kb.demand.this += 1;
@@ -494,7 +556,12 @@ impl Blocks {
                 usable_until: sent + self.lifetime.saturating_sub(self.entry_margin()),
             };
             out.budget = budget(&block.windows, block.size - block.used, Duration::ZERO);
-            if let Some(old) = kb.entries.replace(block) {
+            let replaced = if kb.entries.as_ref().is_some_and(|b| b.has_room(key, now)) {
+                kb.next_entries.replace(block)
+            } else {
+                kb.entries.replace(block)
+            };
+            if let Some(old) = replaced {
                 out.returned.extend(old.unused());
             }
         }
@@ -551,13 +618,23 @@ impl Blocks {
         let Ok(mut inner) = self.inner.lock() else {
             return out;
         };
-        let Inner { keys, retired } = &mut *inner;
+        let Inner {
+            keys,
+            retired,
+            ended,
+        } = &mut *inner;
+        out.append(ended);
         let lifetime = self.lifetime;
         keys.retain(|_, kb| {
-            if (everything || kb.entries.as_ref().is_some_and(|b| now >= b.usable_until))
-                && let Some(b) = kb.entries.take()
-            {
-                out.extend(b.unused());
+            for block in [&mut kb.next_entries, &mut kb.entries] {
+                if (everything || block.as_ref().is_some_and(|b| now >= b.usable_until))
+                    && let Some(b) = block.take()
+                {
+                    out.extend(b.unused());
+                }
+            }
+            if kb.entries.is_none() {
+                kb.entries = kb.next_entries.take();
             }
             if let Some(b) = kb.slots.as_mut() {
                 let idle = b.in_flight.load(Ordering::Acquire) == 0;
@@ -572,6 +649,7 @@ impl Blocks {
                 }
             }
             kb.entries.is_some()
+                || kb.refill_claimed
                 || kb.slots.is_some()
                 || kb.asking_entries
                 || kb.asking_slots
@@ -709,6 +787,52 @@ mod tests {
     }
 
     #[test]
+    fn half_way_through_a_block_one_request_leases_the_next_while_the_others_go_on() {
+        let k = key(1_000, None);
+        let t = Instant::now();
+        let blocks = with_entries(&k, 8, t);
+        for _ in 0..3 {
+            assert!(blocks.take(&k, t).is_some());
+        }
+        assert!(
+            blocks.take(&k, t).is_none(),
+            "half used: this one leases the next"
+        );
+        for _ in 0..4 {
+            assert!(blocks.take(&k, t).is_some(), "the rest meanwhile");
+        }
+        assert!(
+            blocks.take(&k, t).is_none(),
+            "used up, the next not there yet"
+        );
+        let mut inner = blocks.inner.lock().unwrap();
+        let kb = inner.keys.get_mut("key_1").unwrap();
+        assert!(kb.refill_claimed && kb.asking_entries);
+        let mut next = with_entries(&k, 4, t)
+            .inner
+            .lock()
+            .unwrap()
+            .keys
+            .remove("key_1")
+            .unwrap()
+            .entries
+            .unwrap();
+        next.id = "~r.1".into();
+        kb.next_entries = Some(next);
+        kb.asking_entries = false;
+        kb.refill_claimed = false;
+        drop(inner);
+        assert!(blocks.take(&k, t).is_some(), "from the next block");
+        let returned = blocks.sweep(t + Duration::from_secs(1), false);
+        assert_eq!(
+            returned.len(),
+            1,
+            "the first block was used up: {returned:?}"
+        );
+        assert_eq!(returned[0].members, ["~r.1:3", "~r.1:4"]);
+    }
+
+    #[test]
     fn a_block_stops_admitting_before_its_end_and_returns_what_it_did_not_use() {
         let k = key(1_000, None);
         let t = Instant::now();
@@ -738,7 +862,7 @@ mod tests {
     fn a_key_with_concurrency_needs_a_slot_block_too_and_waiting_keys_never_use_blocks() {
         let k = key(1_000, Some(100));
         let t = Instant::now();
-        let blocks = with_entries(&k, 5, t);
+        let blocks = with_entries(&k, 64, t);
         assert!(blocks.take(&k, t).is_none(), "no block of slots yet");
         let in_flight = Arc::new(AtomicU64::new(0));
         blocks
@@ -770,6 +894,34 @@ mod tests {
         let mut waiting = k.clone();
         waiting.concurrency_wait_ms = 1_000;
         assert!(blocks.take(&waiting, t).is_none());
+    }
+
+    #[test]
+    fn a_request_whose_windows_need_the_script_may_still_hold_a_block_slot() {
+        let k = key(1_000, Some(100));
+        let t = Instant::now();
+        let blocks = with_entries(&k, 1, t);
+        assert!(blocks.take_slot(&k, t).is_none(), "no block of slots");
+        let in_flight = Arc::new(AtomicU64::new(0));
+        blocks
+            .inner
+            .lock()
+            .unwrap()
+            .keys
+            .get_mut("key_1")
+            .unwrap()
+            .slots = Some(SlotBlock {
+            max: 100,
+            set: "cc".into(),
+            members: vec!["~r.0:c1".into()],
+            in_flight: Arc::clone(&in_flight),
+            usable_until: t + Duration::from_secs(45),
+            idle_sweeps: 0,
+        });
+        assert!(blocks.take(&k, t).is_none(), "the entries are used up");
+        assert!(blocks.take_slot(&k, t).is_some());
+        assert!(blocks.take_slot(&k, t).is_none(), "one slot, in flight");
+        assert_eq!(in_flight.load(Ordering::Acquire), 1);
     }
 
     #[test]

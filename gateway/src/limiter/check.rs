@@ -215,6 +215,9 @@ pub struct BlockAsk {
     pub id: String,
     /// How long the entries are counted ahead: they are scored `now + lifetime`.
     pub lifetime_ms: u64,
+    /// The request already holds a slot of one of the replica's blocks: the script leaves the
+    /// concurrency limit alone.
+    pub slot_held: bool,
 }
 
 /// What an admitting reply granted. `entries` is 1 when the request was counted alone; the
@@ -391,7 +394,11 @@ impl<'a> Check<'a> {
             invocation.arg(*window_ms).arg(*max);
         }
         invocation
-            .arg(key.max_concurrency.map_or(-1, i64::from))
+            .arg(if ask.slot_held {
+                -1
+            } else {
+                key.max_concurrency.map_or(-1, i64::from)
+            })
             .arg(a.lease_ttl_ms)
             .arg(a.wait_until_ms)
             .arg(ask.entries)

@@ -313,9 +313,15 @@ impl Limiter {
             return Ok((verdict, admission));
         }
         let keyspace = self.partitions.for_key(Some(&key.id));
-        let ask = blocks.ask(&self.keeper, key, read_at, || blocks::BlockKeys {
-            windows: check::window_keys(keyspace, key),
-            lease: check::lease_key(keyspace, &key.id),
+        // Dropped (the slot freed) unless the request is admitted.
+        let slot = blocks
+            .take_slot(key, read_at)
+            .map(|slot| LeaseGuard::block_slot(&self.keeper, slot));
+        let ask = blocks.ask(&self.keeper, key, read_at, slot.is_some(), || {
+            blocks::BlockKeys {
+                windows: check::window_keys(keyspace, key),
+                lease: check::lease_key(keyspace, &key.id),
+            }
         });
         let attempt = Attempt {
             key,
@@ -325,9 +331,10 @@ impl Limiter {
             wait_until_ms,
             read_spend,
         };
-        let block_ask = ask.as_ref().map(|a| a.block.clone()).unwrap_or_default();
+        let mut block_ask = ask.as_ref().map(|a| a.block.clone()).unwrap_or_default();
+        block_ask.slot_held = slot.is_some();
         let check = Check::asking(&self.script, keyspace, &attempt, &block_ask);
-        let pending = key.max_concurrency.map(|_| {
+        let pending = key.max_concurrency.filter(|_| slot.is_none()).map(|_| {
             let lease_key = check::lease_key(self.partitions.for_key(Some(&key.id)), &key.id);
             PendingLease::arm(&self.keeper, request_id, lease_key)
         });
@@ -339,7 +346,7 @@ impl Limiter {
             Err(e) => {
                 // A timeout does not stop the script from running later: release (`pending`
                 // and `ask` drop here) whatever it takes.
-                drop((pending, ask));
+                drop((pending, ask, slot));
                 return self.redis_down(e).map(|admission| {
                     let verdict = Verdict::Admitted {
                         budget: None,
@@ -385,6 +392,7 @@ impl Limiter {
                     self.keeper.give_back(installed.returned);
                 }
                 let lease = match (installed.slot, lease) {
+                    _ if slot.is_some() => slot,
                     // The request holds a slot of the block it leased, not a lease of its own.
                     (Some(slot), pending) => {
                         self.metrics.limit_blocks_slots.inc();
