@@ -224,6 +224,16 @@ async fn two_replicas_leasing_slots_never_have_more_than_max_concurrency_streams
     let http = Arc::new(p.http.clone());
     let lease_set = lease_set(&p.stream, &key_id);
     for wave in 0..2 {
+        // A few quick requests first: a replica leases slots only for a key it saw busy.
+        for addr in replicas {
+            for _ in 0..3 {
+                open_stream(&http, addr, &secret, 0)
+                    .await
+                    .bytes()
+                    .await
+                    .unwrap();
+            }
+        }
         // Every admitted stream is held open until all 70 attempts have been answered, so the
         // admitted ones were all in flight together.
         let responses = join_all((0..70).map(|i| {

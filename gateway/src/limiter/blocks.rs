@@ -432,6 +432,27 @@ impl Blocks {
         Some(Local { budget, slot })
     }
 
+    /// An entry of the key's blocks of entries, for a request the script refused for a full
+    /// window while this replica still holds some: typically the one sent to lease the next
+    /// block ahead. Without it the replicas would admit fewer than `max`. The budget is the
+    /// request's; `None` when there is no entry left.
+    pub fn take_entry(&self, key: &KeyRecord, now: Instant) -> Option<Option<RequestBudget>> {
+        if !self.enabled() {
+            return None;
+        }
+        let mut inner = self.inner.lock().ok()?;
+        let Inner { keys, ended, .. } = &mut *inner;
+        let kb = keys.get_mut(&key.id)?;
+        kb.promote(key, now, ended);
+        let b = kb.entries.as_mut().filter(|b| b.has_room(key, now))?;
+        b.used += 1;
+        Some(budget(
+            &b.windows,
+            b.size - b.used,
+            now.saturating_duration_since(b.granted),
+        ))
+    }
+
     /// A slot of the key's block for a request that `take` did not admit (its windows need the
     /// script), so that the script need not lease one: while a block of entries is renewed,
     /// concurrent requests then cost the script their windows alone, and no release after.

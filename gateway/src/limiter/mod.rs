@@ -378,7 +378,33 @@ impl Limiter {
             }
             _ => None,
         };
-        let verdict = check.decide(&reply)?;
+        let verdict = match check.decide(&reply) {
+            Ok(verdict) => verdict,
+            // Refused for a full window while this replica holds unused entries of it (the
+            // request was sent to lease the next block ahead): those entries are its to use.
+            Err(e)
+                if matches!(reply.as_slice(), [0, window, _] if *window > 0)
+                    && (key.max_concurrency.is_none() || slot.is_some()) =>
+            {
+                let Some(budget) = blocks.take_entry(key, read_at) else {
+                    return Err(e);
+                };
+                self.metrics.limit_local_admissions.inc();
+                let verdict = Verdict::Admitted {
+                    budget,
+                    free_after: 0,
+                    granted: Granted::default(),
+                };
+                return Ok((
+                    verdict,
+                    Admission {
+                        budget,
+                        lease: slot,
+                    },
+                ));
+            }
+            Err(e) => return Err(e),
+        };
         let admission = match &verdict {
             Verdict::Admitted {
                 budget, granted, ..
