@@ -48,6 +48,9 @@ pub struct Config {
     /// limits before the spend counters are read again; zero reads them on every request.
     /// Token, cost and budget enforcement lags the aggregator by up to this much more.
     pub spend_cache: Duration,
+    /// How long a block of a key's `requests` allowance leased by this replica lasts; zero
+    /// turns leased blocks (of requests and of concurrency slots) off.
+    pub limit_block: Duration,
     /// Start even though Redis may evict keys (`shared::redis_policy`), with a logged error.
     pub allow_redis_eviction: bool,
 }
@@ -136,6 +139,11 @@ pub struct Args {
     /// again, milliseconds (default 200; 0 = read on every request).
     #[arg(long, env = "GATEWAY_SPEND_CACHE_MS")]
     pub spend_cache_ms: Option<u64>,
+    /// How long a block of a key's request allowance that a replica leases in one round trip
+    /// lasts, milliseconds (default 500, at most 5000; 0 = no blocks: every request of a
+    /// limited key is checked in Redis).
+    #[arg(long, env = "GATEWAY_LIMIT_BLOCK_MS")]
+    pub limit_block_ms: Option<u64>,
     /// Start even when Redis's maxmemory-policy is not noeviction (evicted keys double-count
     /// or lose usage); without it the gateway refuses to start there.
     #[arg(long, env = "METER_ALLOW_REDIS_EVICTION")]
@@ -176,6 +184,7 @@ struct FileConfig {
     limits_on_redis_down: Option<String>,
     lease_ttl_ms: Option<u64>,
     spend_cache_ms: Option<u64>,
+    limit_block_ms: Option<u64>,
     allow_redis_eviction: Option<bool>,
 }
 
@@ -231,6 +240,16 @@ impl Config {
                 name: "spend-cache-ms",
                 reason: format!(
                     "{spend_cache_ms} ms: token, cost and budget limits must be enforced within 1 s"
+                ),
+            });
+        }
+        let limit_block_ms = args.limit_block_ms.or(file.limit_block_ms).unwrap_or(500);
+        if limit_block_ms > crate::limiter::MAX_BLOCK_MS {
+            return Err(ConfigError::Invalid {
+                name: "limit-block-ms",
+                reason: format!(
+                    "{limit_block_ms} ms: the limiter keeps request logs only {} ms past their window",
+                    crate::limiter::MAX_BLOCK_MS
                 ),
             });
         }
@@ -307,6 +326,7 @@ impl Config {
                 args.cache_ttl_ms.or(file.cache_ttl_ms).unwrap_or(1_000),
             ),
             spend_cache: Duration::from_millis(spend_cache_ms),
+            limit_block: Duration::from_millis(limit_block_ms),
             allow_redis_eviction: args.allow_redis_eviction
                 || file.allow_redis_eviction.unwrap_or(false),
         })

@@ -133,6 +133,7 @@ pub async fn run(
         config.limits_on_redis_down,
         config.lease_ttl,
         config.spend_cache,
+        config.limit_block,
         Arc::clone(&metrics),
     );
     // Not stopped by the shutdown signal: it keeps renewing and releasing the leases of the

@@ -122,6 +122,11 @@ pub struct Metrics {
     /// read the spend counters.
     pub spend_cached: Counter,
     pub spend_reads: Counter,
+    /// Blocks of `requests` window entries and of concurrency slots leased by this replica,
+    /// and requests admitted from them without a round trip.
+    pub limit_blocks_requests: Counter,
+    pub limit_blocks_slots: Counter,
+    pub limit_local_admissions: Counter,
     /// Requests waiting for a concurrency slot (`concurrency_wait_ms`), and how waits ended.
     pub concurrency_waiting: Gauge,
     pub concurrency_wait: Histogram,
@@ -242,6 +247,11 @@ impl Metrics {
                 self.limits_failed_open.get(),
             ),
             (
+                "meter_gateway_limit_local_admissions_total",
+                "Requests admitted from this replica's leased blocks of their key's limits, without a Redis round trip.",
+                self.limit_local_admissions.get(),
+            ),
+            (
                 "meter_gateway_auth_stale_total",
                 "Requests authenticated from a stale cache entry while Redis was unreachable.",
                 self.auth_served_stale.get(),
@@ -260,6 +270,20 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "meter_gateway_limit_spend_checks_total{{source=\"{source}\"}} {}",
+                counter.get()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meter_gateway_limit_blocks_total Blocks of a key's allowance leased by this replica, by kind.\n# TYPE meter_gateway_limit_blocks_total counter"
+        );
+        for (kind, counter) in [
+            ("requests", &self.limit_blocks_requests),
+            ("concurrency", &self.limit_blocks_slots),
+        ] {
+            let _ = writeln!(
+                out,
+                "meter_gateway_limit_blocks_total{{kind=\"{kind}\"}} {}",
                 counter.get()
             );
         }

@@ -16,13 +16,22 @@ use crate::store::{KeyRecord, Limit};
 pub const CONCURRENCY_RETRY_AFTER_SECS: u64 = 1;
 
 /// Checks and counts one request. KEYS: the `requests` windows' logs, the lease set, the wait
-/// queue, then the spend hashes. Replies `{1, free slots left, (count, reset ms) per window}`,
+/// queue, then the spend hashes. Replies `{1, free slots left, entries granted, slots granted,
+/// (count, reset ms) per window}`,
 /// `{0, 0, waiters ahead}` when no concurrency slot is free (queued when ARGV wait_until is in
 /// the future), `{0, i, wait ms}` for requests window i, `{0, -c, wait ms}` for spend limit c,
 /// `{0, -1000000, 0}` for the budget. When it was given spend limits or a budget to read, the
 /// first two replies end with what it read, for the limiter's spend cache (`spend_cache.rs`):
 /// each spend limit's window sum, then the lifetime cost in nanodollars if a budget was read.
 /// The gateway leaves the spend part out while its cached sums are fresh and under every limit.
+///
+/// A replica may ask for a block (`blocks.rs`): ARGV entries > 1 asks for that many entries in
+/// every `requests` window, scored at the block's end `now + block ms` and named
+/// `<block id>:<i>`, granted only while each window stays far from full (at most 1/16 of its
+/// free room); the request takes the first, and an admission granted 1 is counted alone as
+/// before. ARGV slots > 1 asks for that many leases (`<block id>:c<i>`) instead of the
+/// request's own, granted only when nobody waits and half the slots stay free after them.
+/// Logs live `BLOCK_MAX_MS` past their window, so a block's entries outlive it.
 pub const SCRIPT: &str = r#"
 local now = tonumber(ARGV[1])
 local nwin = tonumber(ARGV[2])
@@ -31,6 +40,7 @@ local pos = 4
 
 -- 1. requests windows (read only here)
 local counts = {}
+local maxes = {}
 for i = 1, nwin do
   local window = tonumber(ARGV[pos]); local max = tonumber(ARGV[pos + 1]); pos = pos + 2
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
@@ -42,9 +52,21 @@ for i = 1, nwin do
     return {0, i, wait}
   end
   counts[i] = n
+  maxes[i] = max
 end
 local cc_max = tonumber(ARGV[pos]); local ttl = tonumber(ARGV[pos + 1])
-local wait_until = tonumber(ARGV[pos + 2]); pos = pos + 3
+local wait_until = tonumber(ARGV[pos + 2])
+local want_entries = tonumber(ARGV[pos + 3]); local want_slots = tonumber(ARGV[pos + 4])
+local block = ARGV[pos + 5]; local block_end = now + tonumber(ARGV[pos + 6])
+pos = pos + 7
+local BLOCK_MAX_MS = 5000
+-- a block only far from every window's max, so near it each request is counted alone
+local grant = 1
+if want_entries > 1 then
+  grant = want_entries
+  for i = 1, nwin do grant = math.min(grant, math.floor((maxes[i] - counts[i]) / 16)) end
+  if grant < 2 then grant = 1 end
+end
 
 -- 2. token and cost windows from the aggregator's spend counters. Each window comes as runs
 --    of consecutive buckets of one hash, oldest first: key, first bucket start, width, count,
@@ -101,6 +123,7 @@ end
 --    slot. The queue is scored by each waiter's deadline (arrival + the key's wait), so its
 --    order is arrival order, and a waiter whose deadline passed has given up.
 local free_after = 0
+local slots = 0
 if cc_max >= 0 then
   local k = KEYS[nwin + 1]
   local q = KEYS[nwin + 2]
@@ -123,20 +146,35 @@ if cc_max >= 0 then
     return with_spend({0, 0, ahead})
   end
   if queued then redis.call('ZREM', q, member) end
-  redis.call('ZADD', k, now + ttl, member)
+  if want_slots > 1 and not queued and free - want_slots >= cc_max / 2 then
+    local add = {}
+    for j = 1, want_slots do
+      add[#add + 1] = now + ttl; add[#add + 1] = block .. ':c' .. j
+    end
+    redis.call('ZADD', k, unpack(add))
+    slots = want_slots
+  else
+    redis.call('ZADD', k, now + ttl, member)
+  end
   redis.call('PEXPIRE', k, ttl * 2)
-  free_after = free - 1
+  free_after = free - math.max(slots, 1)
 end
 
--- 5. admitted: count the request in every window
-local out = {1, free_after}
+-- 5. admitted: count the request (or a block) in every window
+local out = {1, free_after, grant, slots}
 pos = 4
 for i = 1, nwin do
   local window = tonumber(ARGV[pos]); pos = pos + 2
-  redis.call('ZADD', KEYS[i], now, member)
-  redis.call('PEXPIRE', KEYS[i], window)
+  if grant > 1 then
+    local add = {}
+    for j = 1, grant do add[#add + 1] = block_end; add[#add + 1] = block .. ':' .. j end
+    redis.call('ZADD', KEYS[i], unpack(add))
+  else
+    redis.call('ZADD', KEYS[i], now, member)
+  end
+  redis.call('PEXPIRE', KEYS[i], window + BLOCK_MAX_MS)
   local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-  out[#out + 1] = counts[i] + 1
+  out[#out + 1] = counts[i] + grant
   out[#out + 1] = tonumber(oldest[2]) + window - now
 end
 return with_spend(out)
@@ -158,9 +196,46 @@ pub enum Verdict {
         budget: Option<RequestBudget>,
         /// Concurrency slots still free after this one: another waiter may go too.
         free_after: u64,
+        /// What the script leased to this replica beyond the request itself.
+        granted: Granted,
     },
     /// Every concurrency slot is taken (or claimed by earlier waiters).
     Full { ahead: u64 },
+}
+
+/// A block asked of the script with an attempt (`blocks.rs`); sizes of 0 or 1 ask for none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockAsk {
+    /// Entries in every `requests` window.
+    pub entries: u64,
+    /// Concurrency slots.
+    pub slots: u64,
+    /// Unique per block: its members are `<id>:<i>` in the windows and `<id>:c<i>` in the
+    /// lease set.
+    pub id: String,
+    /// How long the entries are counted ahead: they are scored `now + lifetime`.
+    pub lifetime_ms: u64,
+    /// The request already holds a slot of one of the replica's blocks: the script leaves the
+    /// concurrency limit alone.
+    pub slot_held: bool,
+}
+
+/// What an admitting reply granted. `entries` is 1 when the request was counted alone; the
+/// request takes the first entry, and the first of the `slots` when any were granted (then it
+/// has no lease of its own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Granted {
+    pub entries: u64,
+    pub slots: u64,
+}
+
+/// One `requests` window as the admitting reply left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowCount {
+    pub max: u64,
+    /// Entries counted, this request's (or its block's) included.
+    pub count: u64,
+    pub reset_ms: u64,
 }
 
 /// The lease set, the wait queue and the spend hashes of a key.
@@ -178,6 +253,15 @@ pub fn spend_key(keyspace: &Keyspace, key_id: &str) -> String {
 
 pub fn window_key(keyspace: &Keyspace, key_id: &str, window_secs: u64) -> String {
     keyspace.key(&format!("rl:{key_id}:{window_secs}"))
+}
+
+/// The logs of a key's `requests` windows, in the key's order.
+pub fn window_keys(keyspace: &Keyspace, key: &KeyRecord) -> Vec<String> {
+    key.limits
+        .iter()
+        .filter(|l| l.metric == "requests")
+        .map(|l| window_key(keyspace, &key.id, l.window_secs))
+        .collect()
 }
 
 /// The inputs of one attempt.
@@ -265,7 +349,17 @@ pub struct Spent {
 }
 
 impl<'a> Check<'a> {
+    /// A check that asks for no block.
     pub fn new(script: &'a Script, keyspace: &Keyspace, a: &Attempt<'a>) -> Self {
+        Self::asking(script, keyspace, a, &BlockAsk::default())
+    }
+
+    pub fn asking(
+        script: &'a Script,
+        keyspace: &Keyspace,
+        a: &Attempt<'a>,
+        ask: &BlockAsk,
+    ) -> Self {
         let key = a.key;
         let windows: Vec<(u64, u64)> = key
             .limits
@@ -300,9 +394,17 @@ impl<'a> Check<'a> {
             invocation.arg(*window_ms).arg(*max);
         }
         invocation
-            .arg(key.max_concurrency.map_or(-1, i64::from))
+            .arg(if ask.slot_held {
+                -1
+            } else {
+                key.max_concurrency.map_or(-1, i64::from)
+            })
             .arg(a.lease_ttl_ms)
-            .arg(a.wait_until_ms);
+            .arg(a.wait_until_ms)
+            .arg(ask.entries)
+            .arg(ask.slots)
+            .arg(ask.id.as_str())
+            .arg(ask.lifetime_ms);
         // Without spend reads the script sees no spend limit and no budget; the tiling, the
         // bulk of this function's time, is skipped too.
         let read = if a.read_spend { &spend[..] } else { &[] };
@@ -357,7 +459,7 @@ impl<'a> Check<'a> {
             return None;
         }
         let tail = match reply {
-            [1, _, rest @ ..] => rest.get(2 * self.windows.len()..)?,
+            [1, _, _, _, rest @ ..] => rest.get(2 * self.windows.len()..)?,
             [0, 0, _, rest @ ..] => rest,
             _ => return None,
         };
@@ -380,6 +482,25 @@ impl<'a> Check<'a> {
         })
     }
 
+    /// Each `requests` window of an admitting reply, in the key's order.
+    pub fn window_counts(&self, reply: &[i64]) -> Vec<WindowCount> {
+        let [1, _, _, _, counts @ ..] = reply else {
+            return Vec::new();
+        };
+        // Any spend sums follow the windows' pairs; `zip` stops before them.
+        self.windows
+            .iter()
+            .zip(counts.chunks_exact(2))
+            .filter_map(|((_, max), c)| {
+                Some(WindowCount {
+                    max: *max,
+                    count: u64::try_from(*c.first()?).ok()?,
+                    reset_ms: u64::try_from(*c.get(1)?).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
     /// Whether the reply refused the request for a token or cost window or the budget.
     pub fn refused_for_spend(reply: &[i64]) -> bool {
         matches!(reply, [0, index, _] if *index < 0)
@@ -392,24 +513,23 @@ impl<'a> Check<'a> {
         // Round up: arriving a moment early would be refused again.
         let secs_up = |ms: i64| Some(u64::try_from(ms).unwrap_or(0).div_ceil(1000).max(1));
         match reply {
-            [1, free_after, counts @ ..] => {
-                // Any spend sums follow the windows' pairs; `zip` stops before them.
+            [1, free_after, entries, slots, ..] => {
                 let budget = self
-                    .windows
-                    .iter()
-                    .zip(counts.chunks_exact(2))
-                    .filter_map(|((_, max), c)| {
-                        let used = u64::try_from(*c.first()?).ok()?;
-                        Some(RequestBudget {
-                            limit: *max,
-                            remaining: max.saturating_sub(used),
-                            reset_ms: u64::try_from(*c.get(1)?).unwrap_or(0),
-                        })
+                    .window_counts(reply)
+                    .into_iter()
+                    .map(|w| RequestBudget {
+                        limit: w.max,
+                        remaining: w.max.saturating_sub(w.count),
+                        reset_ms: w.reset_ms,
                     })
                     .min_by_key(|b| b.remaining);
                 Ok(Verdict::Admitted {
                     budget,
                     free_after: u64::try_from(*free_after).unwrap_or(0),
+                    granted: Granted {
+                        entries: u64::try_from(*entries).unwrap_or(1),
+                        slots: u64::try_from(*slots).unwrap_or(0),
+                    },
                 })
             }
             [0, 0, ahead, ..] => Ok(Verdict::Full {
@@ -580,7 +700,7 @@ mod tests {
 
     #[test]
     fn an_admitting_reply_ends_with_each_spend_window_sum_then_the_lifetime_cost() {
-        let (verdict, spent) = read(true, &[1, 1, 3, 40_000, 10, 3_000_000, 123, 456]);
+        let (verdict, spent) = read(true, &[1, 1, 1, 0, 3, 40_000, 10, 3_000_000, 123, 456]);
         assert!(
             matches!(verdict, Ok(Verdict::Admitted { budget: Some(b), .. }) if b.remaining == 2)
         );
@@ -602,14 +722,14 @@ mod tests {
 
     #[test]
     fn a_check_decided_by_the_spend_cache_reads_no_spend() {
-        let (verdict, spent) = read(false, &[1, 1, 3, 40_000, 10, 3_000_000]);
+        let (verdict, spent) = read(false, &[1, 1, 1, 0, 3, 40_000, 10, 3_000_000]);
         assert!(matches!(verdict, Ok(Verdict::Admitted { .. })));
         assert_eq!(spent, None);
     }
 
     #[test]
     fn a_reply_missing_its_spend_caches_nothing() {
-        assert_eq!(read(true, &[1, 1, 3, 40_000, 10, 3_000_000]).1, None);
+        assert_eq!(read(true, &[1, 1, 1, 0, 3, 40_000, 10, 3_000_000]).1, None);
     }
 
     #[test]
@@ -622,7 +742,7 @@ mod tests {
 
     #[test]
     fn an_admitted_request_reports_its_most_constrained_window() {
-        let verdict = check(&[1, 1, 3, 40_000, 10, 3_000_000]).unwrap();
+        let verdict = check(&[1, 1, 1, 0, 3, 40_000, 10, 3_000_000]).unwrap();
         assert_eq!(
             verdict,
             Verdict::Admitted {
@@ -631,7 +751,11 @@ mod tests {
                     remaining: 2,
                     reset_ms: 40_000
                 }),
-                free_after: 1
+                free_after: 1,
+                granted: Granted {
+                    entries: 1,
+                    slots: 0
+                },
             }
         );
     }

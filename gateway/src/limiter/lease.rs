@@ -1,31 +1,59 @@
 //! Concurrency leases on this replica: the guard a request holds, the guard an attempt holds
 //! while its script may be taking a lease, and the keeper task that renews held leases and
-//! releases finished ones (and wait-queue entries of requests that stopped waiting).
+//! releases finished ones (and wait-queue entries of requests that stopped waiting), and
+//! returns what this replica's blocks (`blocks.rs`) leased and no longer need.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shared::RedisConn;
 use tokio::sync::mpsc;
 
+use super::blocks::{Blocks, Returned};
 use super::wait;
 use crate::metrics::Metrics;
 
 /// Releases sent to Redis in one pipeline at most.
 const RELEASE_BATCH: usize = 1024;
 
-/// A concurrency slot; released when dropped.
+/// How often ended blocks of entries and idle blocks of slots are returned.
+const SWEEP: Duration = Duration::from_millis(100);
+
+/// A concurrency slot; released when dropped. It holds the keeper so that the keeper task
+/// outlives every request holding a slot (block slots included, whose leases it renews).
 #[derive(Debug)]
 pub struct LeaseGuard {
-    id: String,
-    key: String,
+    held: Held,
     keeper: Arc<Keeper>,
+}
+
+#[derive(Debug)]
+enum Held {
+    /// The request's own lease: its id in the lease set.
+    Own { id: String, key: String },
+    /// A slot of one of this replica's blocks: its count of requests in flight.
+    Block(Arc<AtomicU64>),
+}
+
+impl LeaseGuard {
+    pub fn block_slot(keeper: &Arc<Keeper>, in_flight: Arc<AtomicU64>) -> Self {
+        Self {
+            held: Held::Block(in_flight),
+            keeper: Arc::clone(keeper),
+        }
+    }
 }
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
-        self.keeper.release(&self.id, &self.key);
+        match &self.held {
+            Held::Own { id, key } => self.keeper.release(id, key),
+            Held::Block(in_flight) => {
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
     }
 }
 
@@ -57,8 +85,10 @@ impl<'a> PendingLease<'a> {
         self.armed = false;
         self.keeper.hold(self.id, &self.key);
         LeaseGuard {
-            id: self.id.to_owned(),
-            key: std::mem::take(&mut self.key),
+            held: Held::Own {
+                id: self.id.to_owned(),
+                key: std::mem::take(&mut self.key),
+            },
             keeper: Arc::clone(self.keeper),
         }
     }
@@ -87,6 +117,8 @@ enum Release {
     Lease(String, String),
     /// A wait-queue entry (request id, queue) of a request that stopped waiting.
     QueueEntry(String, String),
+    /// What a block leased and did not use, or may have leased for a failed ask.
+    Returned(Returned),
 }
 
 /// The leases this replica holds, renewed in the background and released on drop. Held by
@@ -99,21 +131,27 @@ pub struct Keeper {
 }
 
 /// What the keeper task shares with the limiter and its leases.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Ledger {
     /// Lease id → lease set, for renewal.
     held: Mutex<HashMap<String, String>>,
     room: Arc<wait::Room>,
+    blocks: Blocks,
 }
 
 impl Keeper {
     pub fn new(
         conn: RedisConn,
         lease_ttl: Duration,
+        block_lifetime: Duration,
         metrics: Arc<Metrics>,
     ) -> (Arc<Self>, KeeperTask) {
         let (releases, rx) = mpsc::unbounded_channel();
-        let ledger = Arc::new(Ledger::default());
+        let ledger = Arc::new(Ledger {
+            held: Mutex::default(),
+            room: Arc::default(),
+            blocks: Blocks::new(block_lifetime, lease_ttl),
+        });
         let keeper = Arc::new(Self {
             ledger: Arc::clone(&ledger),
             releases,
@@ -131,6 +169,28 @@ impl Keeper {
     /// This replica's requests waiting for a slot.
     pub fn room(&self) -> &Arc<wait::Room> {
         &self.ledger.room
+    }
+
+    /// This replica's blocks of the keys' allowances.
+    pub fn blocks(&self) -> &Blocks {
+        &self.ledger.blocks
+    }
+
+    /// Renews the leases of a block of slots from now on.
+    pub fn hold_block(&self, set: &str, members: &[String]) {
+        if let Ok(mut held) = self.ledger.held.lock() {
+            for m in members {
+                held.insert(m.clone(), set.to_owned());
+            }
+        }
+    }
+
+    /// Stops renewing and removes what blocks leased and no longer need.
+    pub fn give_back(&self, returned: Vec<Returned>) {
+        forget(&self.ledger, &returned);
+        for r in returned {
+            let _ = self.releases.send(Release::Returned(r));
+        }
     }
 
     /// Removes a request that stopped waiting from the Redis queue `queue`.
@@ -156,6 +216,15 @@ impl Keeper {
     }
 }
 
+/// Stops renewing returned leases (window entries were never renewed; removing them is a no-op).
+fn forget(ledger: &Ledger, returned: &[Returned]) {
+    if let Ok(mut held) = ledger.held.lock() {
+        for m in returned.iter().flat_map(|r| &r.members) {
+            held.remove(m);
+        }
+    }
+}
+
 /// Renews the held leases and releases finished ones. It has no shutdown signal of its own:
 /// it runs until the limiter and the last lease are dropped, i.e. until the server has drained
 /// every request after a graceful shutdown began, and releases everything queued before it
@@ -176,6 +245,8 @@ impl KeeperTask {
     pub async fn run(mut self) {
         // Renewed four times per TTL, so a slow round trip or two cannot let a live lease lapse.
         let mut renew = tokio::time::interval(self.lease_ttl / 4);
+        let mut sweep = tokio::time::interval(SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::new();
         loop {
             tokio::select! {
@@ -188,8 +259,24 @@ impl KeeperTask {
                     self.release(&mut batch).await;
                 }
                 _ = renew.tick() => self.renew().await,
+                _ = sweep.tick() => self.sweep(false).await,
             }
         }
+        // Every request is done: what the blocks still hold goes back now rather than lapse.
+        self.sweep(true).await;
+    }
+
+    async fn sweep(&mut self, everything: bool) {
+        let returned = self
+            .ledger
+            .blocks
+            .sweep(tokio::time::Instant::now().into_std(), everything);
+        if returned.is_empty() {
+            return;
+        }
+        forget(&self.ledger, &returned);
+        let mut batch = returned.into_iter().map(Release::Returned).collect();
+        self.release(&mut batch).await;
     }
 
     /// Removes every release queued so far in one pipeline. One ZREM round trip per release
@@ -207,9 +294,19 @@ impl KeeperTask {
                     (id, key)
                 }
                 Release::QueueEntry(id, queue) => (id, queue),
+                Release::Returned(r) => {
+                    if !r.members.is_empty() {
+                        let cmd = redis::cmd("ZREM").arg(&r.set).arg(&r.members).to_owned();
+                        cmds.push((r.set, cmd));
+                    }
+                    continue;
+                }
             };
             let cmd = redis::cmd("ZREM").arg(&key).arg(id).to_owned();
             cmds.push((key, cmd));
+        }
+        if cmds.is_empty() {
+            return;
         }
         self.metrics.redis_round_trips.inc();
         if let Err(e) = self.conn.run_ignored(cmds).await {
@@ -233,6 +330,7 @@ impl KeeperTask {
         if held.is_empty() {
             return;
         }
+        let from = std::time::Instant::now();
         let until = chrono::Utc::now().timestamp_millis() + self.lease_ttl.as_millis() as i64;
         let mut cmds = Vec::with_capacity(held.len() * 2);
         self.metrics.redis_round_trips.inc();
@@ -250,8 +348,11 @@ impl KeeperTask {
             cmds.push((key.clone(), renew));
             cmds.push((key.clone(), keep));
         }
-        if let Err(e) = self.conn.run_ignored(cmds).await {
-            tracing::warn!(error = %e, leases = held.len(), "renewing concurrency leases failed");
+        match self.conn.run_ignored(cmds).await {
+            Ok(()) => self.ledger.blocks.renewed(from, std::time::Instant::now()),
+            Err(e) => {
+                tracing::warn!(error = %e, leases = held.len(), "renewing concurrency leases failed")
+            }
         }
     }
 }

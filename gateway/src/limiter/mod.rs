@@ -2,7 +2,10 @@
 //! `cost_usd` per rolling window, the lifetime budget, and `max_concurrency`.
 //!
 //! All live in Redis and are checked and counted by one Lua script, so all checks of a request
-//! cost one round trip and N replicas together admit exactly `max`.
+//! cost one round trip at most and N replicas together admit exactly `max`. A replica admitting
+//! many requests of a key far from its `requests` and concurrency limits leases blocks of them
+//! with that script call and admits from the blocks locally, with no round trip, while they last
+//! (`blocks`, which says why that stays exact); near a limit every request is checked alone.
 //! - A `requests` window is a sliding log: a sorted set of the admitted requests' times. It is
 //!   exact (no boundary burst as with fixed windows) and costs memory in proportion to `max`.
 //! - Concurrency is a sorted set of leases scored by their expiry. A lease is removed when its
@@ -35,6 +38,7 @@
 //! `closed` refuses. Never a per-replica fallback, which would multiply the limit by the number
 //! of replicas.
 
+mod blocks;
 mod check;
 mod lease;
 mod spend_cache;
@@ -53,7 +57,8 @@ use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::store::KeyRecord;
 
-pub use check::{Attempt, Check, RequestBudget, SCRIPT, Spent, Verdict, is_limited};
+pub use blocks::MAX_BLOCK_MS;
+pub use check::{Attempt, Check, Granted, RequestBudget, SCRIPT, Spent, Verdict, is_limited};
 use lease::{Keeper, PendingLease};
 pub use lease::{KeeperTask, LeaseGuard};
 pub use spend_cache::SpendCache;
@@ -154,9 +159,15 @@ impl Limiter {
         policy: RedisDownPolicy,
         lease_ttl: Duration,
         spend_cache: Duration,
+        block_lifetime: Duration,
         metrics: Arc<Metrics>,
     ) -> (Self, KeeperTask) {
-        let (keeper, task) = Keeper::new(conn.clone(), lease_ttl, Arc::clone(&metrics));
+        let (keeper, task) = Keeper::new(
+            conn.clone(),
+            lease_ttl,
+            block_lifetime,
+            Arc::clone(&metrics),
+        );
         let limiter = Self {
             conn,
             partitions,
@@ -280,9 +291,38 @@ impl Limiter {
             let verdict = Verdict::Admitted {
                 budget: None,
                 free_after: 0,
+                granted: Granted::default(),
             };
             return Ok((verdict, Admission::default()));
         }
+        let blocks = self.keeper.blocks();
+        if !read_spend && let Some(local) = blocks.take(key, read_at) {
+            // Every counted limit has room in this replica's blocks: no round trip.
+            self.metrics.limit_local_admissions.inc();
+            let verdict = Verdict::Admitted {
+                budget: local.budget,
+                free_after: 0,
+                granted: Granted::default(),
+            };
+            let admission = Admission {
+                budget: local.budget,
+                lease: local
+                    .slot
+                    .map(|slot| LeaseGuard::block_slot(&self.keeper, slot)),
+            };
+            return Ok((verdict, admission));
+        }
+        let keyspace = self.partitions.for_key(Some(&key.id));
+        // Dropped (the slot freed) unless the request is admitted.
+        let slot = blocks
+            .take_slot(key, read_at)
+            .map(|slot| LeaseGuard::block_slot(&self.keeper, slot));
+        let ask = blocks.ask(&self.keeper, key, read_at, slot.is_some(), || {
+            blocks::BlockKeys {
+                windows: check::window_keys(keyspace, key),
+                lease: check::lease_key(keyspace, &key.id),
+            }
+        });
         let attempt = Attempt {
             key,
             request_id,
@@ -291,27 +331,27 @@ impl Limiter {
             wait_until_ms,
             read_spend,
         };
-        let check = Check::new(
-            &self.script,
-            self.partitions.for_key(Some(&attempt.key.id)),
-            &attempt,
-        );
-        let pending = key.max_concurrency.map(|_| {
+        let mut block_ask = ask.as_ref().map(|a| a.block.clone()).unwrap_or_default();
+        block_ask.slot_held = slot.is_some();
+        let check = Check::asking(&self.script, keyspace, &attempt, &block_ask);
+        let pending = key.max_concurrency.filter(|_| slot.is_none()).map(|_| {
             let lease_key = check::lease_key(self.partitions.for_key(Some(&key.id)), &key.id);
             PendingLease::arm(&self.keeper, request_id, lease_key)
         });
+        let mut ask = ask;
         self.metrics.redis_round_trips.inc();
         let mut conn = self.conn.clone();
         let reply: Vec<i64> = match check.invocation.invoke_async(&mut conn).await {
             Ok(reply) => reply,
             Err(e) => {
                 // A timeout does not stop the script from running later: release (`pending`
-                // drops here) whatever it takes.
-                drop(pending);
+                // and `ask` drop here) whatever it takes.
+                drop((pending, ask, slot));
                 return self.redis_down(e).map(|admission| {
                     let verdict = Verdict::Admitted {
                         budget: None,
                         free_after: 0,
+                        granted: Granted::default(),
                     };
                     (verdict, admission)
                 });
@@ -326,21 +366,77 @@ impl Limiter {
         // refusal, each returned before the script takes a lease. Anything else (a reply we do
         // not understand) leaves `pending` armed, and the lease is released.
         let lease = match reply.first() {
-            Some(1) => pending.map(PendingLease::hold),
+            Some(1) => pending,
             Some(0) => {
                 if let Some(pending) = pending {
                     pending.disarm();
+                }
+                if let Some(ask) = ask.take() {
+                    ask.refused();
                 }
                 None
             }
             _ => None,
         };
-        let verdict = check.decide(&reply)?;
+        let verdict = match check.decide(&reply) {
+            Ok(verdict) => verdict,
+            // Refused for a full window while this replica holds unused entries of it (the
+            // request was sent to lease the next block ahead): those entries are its to use.
+            Err(e)
+                if matches!(reply.as_slice(), [0, window, _] if *window > 0)
+                    && (key.max_concurrency.is_none() || slot.is_some()) =>
+            {
+                let Some(budget) = blocks.take_entry(key, read_at) else {
+                    return Err(e);
+                };
+                self.metrics.limit_local_admissions.inc();
+                let verdict = Verdict::Admitted {
+                    budget,
+                    free_after: 0,
+                    granted: Granted::default(),
+                };
+                return Ok((
+                    verdict,
+                    Admission {
+                        budget,
+                        lease: slot,
+                    },
+                ));
+            }
+            Err(e) => return Err(e),
+        };
         let admission = match &verdict {
-            Verdict::Admitted { budget, .. } => Admission {
-                budget: *budget,
-                lease,
-            },
+            Verdict::Admitted {
+                budget, granted, ..
+            } => {
+                let installed =
+                    blocks.install(ask, key, *granted, check.window_counts(&reply), read_at);
+                if granted.entries > 1 {
+                    self.metrics.limit_blocks_requests.inc();
+                }
+                if !installed.returned.is_empty() {
+                    self.keeper.give_back(installed.returned);
+                }
+                let lease = match (installed.slot, lease) {
+                    _ if slot.is_some() => slot,
+                    // The request holds a slot of the block it leased, not a lease of its own.
+                    (Some(slot), pending) => {
+                        self.metrics.limit_blocks_slots.inc();
+                        if let Some(pending) = pending {
+                            pending.disarm();
+                        }
+                        if let Some((set, members)) = &installed.leases {
+                            self.keeper.hold_block(set, members);
+                        }
+                        Some(LeaseGuard::block_slot(&self.keeper, slot))
+                    }
+                    (None, pending) => pending.map(PendingLease::hold),
+                };
+                Admission {
+                    budget: installed.budget.or(*budget),
+                    lease,
+                }
+            }
             Verdict::Full { .. } => Admission::default(),
         };
         Ok((verdict, admission))
