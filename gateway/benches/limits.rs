@@ -15,8 +15,6 @@ fn key(limits: &[(&str, f64, u64)], budget: Option<f64>) -> KeyRecord {
     KeyRecord {
         id: "key_0192f1c2d3e4f5a6b7c8d9e0f1a2b3c4".into(),
         name: "bench".into(),
-        hash: String::new(),
-        prefix: String::new(),
         limits: limits
             .iter()
             .map(|(metric, max, window_secs)| Limit {
@@ -27,12 +25,7 @@ fn key(limits: &[(&str, f64, u64)], budget: Option<f64>) -> KeyRecord {
             .collect(),
         budget_usd: budget,
         max_concurrency: Some(4),
-        concurrency_wait_ms: 0,
-        models: None,
-        expires_at_ms: None,
-        disabled: false,
-        deleted: false,
-        created_at_ms: 0,
+        ..KeyRecord::default()
     }
 }
 

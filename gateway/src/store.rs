@@ -27,7 +27,7 @@ pub struct Limit {
     pub window_secs: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct KeyRecord {
     pub id: String,
     pub name: String,

@@ -392,8 +392,8 @@ pub async fn wait_ready(http: &reqwest::Client, addr: SocketAddr) {
     .await;
 }
 
-/// The value of an unlabelled counter or gauge in the `/metrics` of the server at `addr`
-/// (`host:port`), if it is there.
+/// The value of a counter or gauge in the `/metrics` of the server at `addr` (`host:port`), if
+/// it is there; `name` is the whole series, labels included (`name{kind="x"}`).
 pub async fn metric<T: std::str::FromStr>(
     http: &reqwest::Client,
     addr: impl std::fmt::Display,

@@ -402,20 +402,9 @@ async fn deleting_a_key_on_one_replica_stops_it_on_another_once_its_1_s_cache_ex
 /// A line's value from the gateway's `/metrics` at `addr`, e.g.
 /// `meter_gateway_concurrency_waits_total{outcome="admitted"}`.
 async fn metric(p: &Pipeline, addr: std::net::SocketAddr, series: &str) -> f64 {
-    let text = p
-        .http
-        .get(format!("http://{addr}/metrics"))
-        .send()
+    tests::harness::metric(&p.http, addr, series)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .unwrap_or_else(|| panic!("no {series} in /metrics"))
-        .parse()
-        .unwrap()
 }
 
 /// Waits until `series` on the gateway at `addr` reads `want`.

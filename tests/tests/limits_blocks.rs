@@ -21,19 +21,9 @@ fn message(stream: bool, extra: Value) -> Value {
 
 /// A `/metrics` line's value, e.g. `meter_gateway_limit_blocks_total{kind="requests"}`.
 async fn metric(http: &reqwest::Client, addr: SocketAddr, series: &str) -> f64 {
-    let text = http
-        .get(format!("http://{addr}/metrics"))
-        .send()
+    tests::harness::metric(http, addr, series)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .unwrap_or_else(|| panic!("no {series} in /metrics"))
-        .parse()
-        .unwrap()
 }
 
 const REQUEST_BLOCKS: &str = "meter_gateway_limit_blocks_total{kind=\"requests\"}";

@@ -697,21 +697,13 @@ mod tests {
         KeyRecord {
             id: "key_1".into(),
             name: "k".into(),
-            hash: String::new(),
-            prefix: String::new(),
             limits: vec![Limit {
                 metric: "requests".into(),
                 max: max_requests as f64,
                 window_secs: 60,
             }],
-            budget_usd: None,
             max_concurrency,
-            concurrency_wait_ms: 0,
-            models: None,
-            expires_at_ms: None,
-            disabled: false,
-            deleted: false,
-            created_at_ms: 0,
+            ..KeyRecord::default()
         }
     }
 

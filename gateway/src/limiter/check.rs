@@ -645,8 +645,6 @@ mod tests {
         KeyRecord {
             id: "key_1".into(),
             name: "k".into(),
-            hash: String::new(),
-            prefix: String::new(),
             limits: vec![
                 Limit {
                     metric: "requests".into(),
@@ -667,11 +665,7 @@ mod tests {
             budget_usd: Some(10.0),
             max_concurrency: Some(2),
             concurrency_wait_ms: 1000,
-            models: None,
-            expires_at_ms: None,
-            disabled: false,
-            deleted: false,
-            created_at_ms: 0,
+            ..KeyRecord::default()
         }
     }
 

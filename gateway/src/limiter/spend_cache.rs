@@ -175,8 +175,6 @@ mod tests {
         KeyRecord {
             id: "key_1".into(),
             name: "k".into(),
-            hash: String::new(),
-            prefix: String::new(),
             limits: vec![
                 Limit {
                     metric: "requests".into(),
@@ -195,13 +193,7 @@ mod tests {
                 },
             ],
             budget_usd: Some(2.0),
-            max_concurrency: None,
-            concurrency_wait_ms: 0,
-            models: None,
-            expires_at_ms: None,
-            disabled: false,
-            deleted: false,
-            created_at_ms: 0,
+            ..KeyRecord::default()
         }
     }
 

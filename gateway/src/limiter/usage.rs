@@ -285,8 +285,6 @@ mod tests {
         KeyRecord {
             id: "k".into(),
             name: "k".into(),
-            hash: String::new(),
-            prefix: String::new(),
             limits: vec![
                 Limit {
                     metric: "requests".into(),
@@ -301,12 +299,7 @@ mod tests {
             ],
             budget_usd: Some(2.0),
             max_concurrency: Some(1),
-            concurrency_wait_ms: 0,
-            models: None,
-            expires_at_ms: None,
-            disabled: false,
-            deleted: false,
-            created_at_ms: 0,
+            ..KeyRecord::default()
         }
     }
 

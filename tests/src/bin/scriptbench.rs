@@ -49,8 +49,6 @@ fn key(id: &str, limits: &[(&str, f64, u64)], budget: Option<f64>) -> KeyRecord 
     KeyRecord {
         id: id.into(),
         name: "bench".into(),
-        hash: String::new(),
-        prefix: String::new(),
         limits: limits
             .iter()
             .map(|(metric, max, window_secs)| Limit {
@@ -61,12 +59,7 @@ fn key(id: &str, limits: &[(&str, f64, u64)], budget: Option<f64>) -> KeyRecord 
             .collect(),
         budget_usd: budget,
         max_concurrency: Some(10_000),
-        concurrency_wait_ms: 0,
-        models: None,
-        expires_at_ms: None,
-        disabled: false,
-        deleted: false,
-        created_at_ms: 0,
+        ..KeyRecord::default()
     }
 }
 
