@@ -5,7 +5,7 @@
 # warms it up, the counters are zeroed, wrk sends load for SECS seconds, and the profile is
 # dumped and divided by the requests the gateway counted in that window. Kernel time (syscalls,
 # loopback TCP) is not in these counts; compare utime and stime for that.
-# Usage: scripts/profile-gateway.sh [seconds of measured load, default 20] [concurrency, default 8]
+# Usage: [GATEWAY_BIN=path/to/gateway] scripts/profile-gateway.sh [seconds of measured load, default 20] [concurrency, default 8]
 # Leaves the profile in $OUT (default /tmp/callgrind.gateway.out; annotate with callgrind_annotate --inclusive=yes).
 set -euo pipefail
 cd "$(dirname "$0")/.."

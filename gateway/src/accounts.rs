@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use axum::http::Uri;
 use tokio::sync::watch;
 
 use crate::error::GatewayError;
@@ -26,7 +27,7 @@ pub struct Account {
     pub record: AccountRecord,
     pub provider: Provider,
     /// The upstream URL of each endpoint, parsed once here rather than on every request.
-    urls: [Option<reqwest::Url>; Endpoint::ALL.len()],
+    urls: [Option<Uri>; Endpoint::ALL.len()],
     in_flight: Arc<AtomicU32>,
     /// Unix ms until which the account rests (0 = not resting).
     cooling_until: Arc<AtomicI64>,
@@ -40,7 +41,10 @@ impl Account {
         cooling_until: Arc<AtomicI64>,
     ) -> Self {
         let urls = Endpoint::ALL.map(|endpoint| {
-            reqwest::Url::parse(&format!("{}{}", record.base_url, endpoint.upstream_path())).ok()
+            // Through `url` first: it normalises what `Uri` would take as it is or refuse
+            // (international host names, default ports, dot segments).
+            let url = url::Url::parse(&format!("{}{}", record.base_url, endpoint.upstream_path()));
+            Uri::try_from(url.ok()?.as_str()).ok()
         });
         Self {
             record,
@@ -53,7 +57,7 @@ impl Account {
 
     /// Where `endpoint` is on this account's upstream; `None` for a base URL that does not
     /// parse (the admin API refuses those, so only a hand-edited record can have one).
-    pub fn url(&self, endpoint: Endpoint) -> Option<&reqwest::Url> {
+    pub fn url(&self, endpoint: Endpoint) -> Option<&Uri> {
         self.urls[endpoint as usize].as_ref()
     }
 
@@ -271,13 +275,15 @@ mod tests {
     fn each_endpoints_upstream_url_is_parsed_once_below_the_base_url() {
         let mut a = Arc::try_unwrap(account("a", 0, 0, 0)).unwrap();
         assert_eq!(
-            a.url(Endpoint::ChatCompletions).map(reqwest::Url::as_str),
+            a.url(Endpoint::ChatCompletions)
+                .map(Uri::to_string)
+                .as_deref(),
             Some("http://x/v1/chat/completions")
         );
         a.record.base_url = "https://gw.example.com/anthropic".into();
         let mut a = Account::new(a.record, a.provider, a.in_flight, a.cooling_until);
         assert_eq!(
-            a.url(Endpoint::CountTokens).map(reqwest::Url::as_str),
+            a.url(Endpoint::CountTokens).map(Uri::to_string).as_deref(),
             Some("https://gw.example.com/anthropic/v1/messages/count_tokens")
         );
         a.record.base_url.clear();

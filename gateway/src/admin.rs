@@ -144,7 +144,7 @@ impl From<&AccountRecord> for AccountView {
 
 /// `https://api.anthropic.com/v1/` → `https://api.anthropic.com`: routes append `/v1/...`.
 fn normalize_base_url(raw: &str) -> Result<String, GatewayError> {
-    let url = reqwest::Url::parse(raw.trim()).map_err(|e| invalid(format!("base_url: {e}")))?;
+    let url = url::Url::parse(raw.trim()).map_err(|e| invalid(format!("base_url: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
         return Err(invalid("base_url: must be an http(s) URL"));
     }

@@ -75,8 +75,8 @@ pub enum StartError {
     EvictingRedis(#[from] shared::redis_policy::EvictingRedis),
     #[error(transparent)]
     Deployment(#[from] shared::deployment::DeploymentError),
-    #[error("cannot build the HTTP client: {0}")]
-    Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Http(#[from] relay::ClientError),
     #[error("cannot open the event spool: {0}")]
     Spool(#[from] spool::SpoolError),
     #[error("server failed: {0}")]
@@ -141,14 +141,7 @@ pub async fn run(
     // is dropped.
     let keeper = tokio::spawn(keeper.run());
 
-    let http = reqwest::Client::builder()
-        // A relay answers with what the upstream said, as any reverse proxy does; following a
-        // redirect would also turn a POST into a GET, and costs a URL parse per request.
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(config.upstream_connect_timeout)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .build()?;
+    let http = relay::UpstreamClient::new(config.upstream_connect_timeout)?;
     let state = AppState::new(state::Shared {
         limiter: Arc::new(limiter),
         metrics: Arc::clone(&metrics),

@@ -18,7 +18,7 @@ pub struct AppState(Arc<Shared>);
 
 pub struct Shared {
     pub config: Arc<Config>,
-    pub http: reqwest::Client,
+    pub http: crate::relay::UpstreamClient,
     pub store: Store,
     pub keys: Arc<KeyCache>,
     pub accounts: Arc<Accounts>,

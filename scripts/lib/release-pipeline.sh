@@ -22,8 +22,9 @@ start_release_pipeline() {
   # MOCK_ARGS=--canned: a fixed reply without parsing, the fast fake upstream.
   "$BIN/mock-upstream" --listen "$MOCK" ${MOCK_ARGS:-} >/dev/null 2>&1 & pids+=($!)
   "$BIN/aggregator" --listen "$AG" >"$DIR/agg.log" 2>&1 & pids+=($!)
-  # GATEWAY_WRAPPER: a command to run the gateway under, such as valgrind (scripts/profile-gateway.sh).
-  ${GATEWAY_WRAPPER:-} "$BIN/gateway" --listen "$GW" >"$DIR/gw.log" 2>&1 & pids+=($!)
+  # GATEWAY_WRAPPER: a command to run the gateway under, such as valgrind (scripts/profile-gateway.sh);
+  # GATEWAY_BIN: another gateway build to run in place of this tree's (an A/B of two builds).
+  ${GATEWAY_WRAPPER:-} "${GATEWAY_BIN:-$BIN/gateway}" --listen "$GW" >"$DIR/gw.log" 2>&1 & pids+=($!)
   REDIS_PID=${pids[0]} MOCK_PID=${pids[1]} AG_PID=${pids[2]} GW_PID=${pids[3]}
   for _ in $(seq 1 600); do curl -fs "http://$GW/readyz" >/dev/null && break; sleep 0.1; done
   local admin=(curl -fsS -H "authorization: Bearer $ADMIN_TOKEN" -H 'content-type: application/json')

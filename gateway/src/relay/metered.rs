@@ -11,7 +11,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use futures_util::stream::{BoxStream, Stream, StreamExt};
+use futures_util::stream::Stream;
+use hyper::body::{Body, Incoming};
 use tokio::time::{Instant, Sleep};
 
 use super::StreamUsage;
@@ -31,7 +32,7 @@ pub trait ChunkFilter: Send {
 pub struct Metered {
     /// The first chunk, read before the response head was sent (`relay_answer`).
     first: Option<Bytes>,
-    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    upstream: Incoming,
     parser: SseParser,
     usage: Box<dyn StreamUsage>,
     filter: Option<Box<dyn ChunkFilter>>,
@@ -54,7 +55,7 @@ pub struct Metered {
 
 pub struct MeteredParts {
     pub first: Bytes,
-    pub upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    pub upstream: Incoming,
     pub usage: Box<dyn StreamUsage>,
     pub filter: Option<Box<dyn ChunkFilter>>,
     pub call: Call,
@@ -110,7 +111,7 @@ impl Stream for Metered {
             }
             let next = match this.first.take() {
                 Some(first) => Poll::Ready(Some(Ok(first))),
-                None => this.upstream.poll_next_unpin(cx),
+                None => poll_data(Pin::new(&mut this.upstream), cx),
             };
             match next {
                 Poll::Ready(Some(Ok(chunk))) => {
@@ -172,6 +173,23 @@ impl Stream for Metered {
                 }
             }
         }
+    }
+}
+
+/// The body's next chunk of data; trailers (which no provider sends on a stream) are skipped.
+pub(crate) fn poll_data(
+    mut body: Pin<&mut Incoming>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Bytes, hyper::Error>>> {
+    loop {
+        return match std::task::ready!(body.as_mut().poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => Poll::Ready(Some(Ok(data))),
+                Err(_trailers) => continue,
+            },
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
+            None => Poll::Ready(None),
+        };
     }
 }
 

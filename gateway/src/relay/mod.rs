@@ -8,6 +8,7 @@
 //! publishes exactly one.
 
 mod anthropic;
+mod client;
 mod headers;
 mod openai;
 
@@ -17,13 +18,14 @@ pub mod socket;
 #[cfg(test)]
 mod fuzz;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
-use futures_util::stream::StreamExt;
+use http_body_util::BodyExt;
 
 use crate::accounts::{Account, Lease, Want};
 use crate::error::GatewayError;
@@ -34,6 +36,8 @@ use crate::state::AppState;
 use crate::usage::{Call, Usage};
 use headers::{client_response_headers, upstream_headers};
 use metered::{ChunkFilter, Metered, MeteredParts};
+
+pub use client::{ClientError, UpstreamClient};
 
 /// Accumulates usage from a provider's stream events.
 pub trait StreamUsage: SseHandler + Send {
@@ -178,27 +182,22 @@ async fn send(
     endpoint: Endpoint,
     account: &Account,
     out: &Outbound<'_>,
-) -> Result<reqwest::Response, GatewayError> {
-    let mut url = account.url(endpoint).cloned().ok_or_else(|| {
+) -> Result<client::Answer, GatewayError> {
+    let invalid = || {
         GatewayError::UpstreamUnreachable(format!(
             "account {} has an invalid base_url",
             account.record.id
         ))
-    })?;
-    if out.query.is_some() {
-        url.set_query(out.query);
-    }
+    };
+    let url = account.url(endpoint).ok_or_else(invalid)?;
+    let url = match out.query {
+        // The client's query came through our own server's URI parser, so it is valid in one.
+        Some(query) => client::with_query(url, query).ok_or_else(invalid)?,
+        None => url.clone(),
+    };
     let account = &account.record;
-    let request = state
-        .http
-        .post(url)
-        .headers(upstream_headers(
-            endpoint.provider(),
-            out.client_headers,
-            &account.api_key,
-        ))
-        .body(out.body.clone())
-        .send();
+    let headers = upstream_headers(endpoint.provider(), out.client_headers, &account.api_key);
+    let request = state.http.post(url, headers, out.body.clone());
     match tokio::time::timeout(state.config.upstream_first_byte_timeout, request).await {
         Err(_) => {
             tracing::warn!(account = %account.id, "upstream did not answer in time");
@@ -206,11 +205,7 @@ async fn send(
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, account = %account.id, "upstream request failed");
-            Err(if e.is_timeout() {
-                GatewayError::UpstreamTimeout
-            } else {
-                GatewayError::UpstreamUnreachable(e.to_string())
-            })
+            Err(e)
         }
         Ok(Ok(response)) => Ok(response),
     }
@@ -221,14 +216,15 @@ async fn relay_answer(
     state: &AppState,
     mut call: Call,
     (lease, concurrency): (Lease, Option<LeaseGuard>),
-    upstream: reqwest::Response,
+    upstream: client::Answer,
     hide_usage: bool,
 ) -> Response {
     let endpoint = call.endpoint;
-    let status = upstream.status();
-    let headers = client_response_headers(upstream.headers());
-    let is_sse = upstream
-        .headers()
+    let (head, mut body) = upstream.into_parts();
+    let status = head.status;
+    let headers = client_response_headers(&head.headers);
+    let is_sse = head
+        .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
@@ -238,10 +234,8 @@ async fn relay_answer(
         // byte of it, the client still gets a well-formed error instead of a connection closed
         // without an answer (and the event says so). No byte waits: the first one is the reason
         // to answer at all.
-        let mut body = upstream.bytes_stream().boxed();
-        let first = match tokio::time::timeout(state.config.upstream_idle_timeout, body.next())
-            .await
-        {
+        let next = std::future::poll_fn(|cx| metered::poll_data(Pin::new(&mut body), cx));
+        let first = match tokio::time::timeout(state.config.upstream_idle_timeout, next).await {
             Ok(Some(Ok(chunk))) => chunk,
             Ok(Some(Err(e))) => {
                 tracing::warn!(error = %e, account = %lease.account.record.id, "upstream stream failed before its first event");
@@ -271,10 +265,9 @@ async fn relay_answer(
         return respond(status, headers, Body::from_stream(metered));
     }
 
-    let body = match tokio::time::timeout(state.config.upstream_idle_timeout, upstream.bytes())
-        .await
+    let body = match tokio::time::timeout(state.config.upstream_idle_timeout, body.collect()).await
     {
-        Ok(Ok(body)) => body,
+        Ok(Ok(body)) => body.to_bytes(),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, account = %lease.account.record.id, "reading the upstream body failed");
             return reject(call, GatewayError::UpstreamUnreachable(e.to_string()));

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Uri};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -40,7 +40,7 @@ pub(crate) async fn connect(
             account.record.id
         )))
     })?;
-    let mut request = url.as_str().into_client_request().map_err(|e| {
+    let mut request = url.into_client_request().map_err(|e| {
         Refused::Failed(GatewayError::UpstreamUnreachable(format!(
             "cannot build the upgrade request: {e}"
         )))
@@ -70,18 +70,17 @@ pub(crate) async fn connect(
 }
 
 /// The account's Responses URL with its scheme turned into the WebSocket one.
-fn socket_url(account: &Account) -> Option<reqwest::Url> {
-    as_socket_url(account.url(Endpoint::Responses)?.clone())
+fn socket_url(account: &Account) -> Option<String> {
+    as_socket_url(account.url(Endpoint::Responses)?)
 }
 
-fn as_socket_url(mut url: reqwest::Url) -> Option<reqwest::Url> {
-    let scheme = match url.scheme() {
+fn as_socket_url(url: &Uri) -> Option<String> {
+    let scheme = match url.scheme_str()? {
         "https" => "wss",
         "http" => "ws",
         _ => return None,
     };
-    url.set_scheme(scheme).ok()?;
-    Some(url)
+    Some(format!("{scheme}://{}{}", url.authority()?, url.path()))
 }
 
 /// The headers of the upstream upgrade: the HTTP relay's rule for a request (the account's
@@ -123,7 +122,7 @@ mod tests {
 
     #[test]
     fn http_becomes_ws_and_https_wss() {
-        let url = |s: &str| as_socket_url(reqwest::Url::parse(s).unwrap()).map(String::from);
+        let url = |s: &str| as_socket_url(&s.parse().unwrap());
         assert_eq!(
             url("https://api.openai.com/v1/responses").as_deref(),
             Some("wss://api.openai.com/v1/responses")
