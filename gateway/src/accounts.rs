@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::http::Uri;
+use axum::http::{HeaderValue, Uri};
 use tokio::sync::watch;
 
 use crate::error::GatewayError;
@@ -28,6 +28,9 @@ pub struct Account {
     pub provider: Provider,
     /// The upstream URL of each endpoint, parsed once here rather than on every request.
     urls: [Option<Uri>; Endpoint::ALL.len()],
+    /// The `Host` header of every upstream request (`host[:port]`, as in the URLs), made once:
+    /// the HTTP client would otherwise format it per request.
+    host: Option<HeaderValue>,
     in_flight: Arc<AtomicU32>,
     /// Unix ms until which the account rests (0 = not resting).
     cooling_until: Arc<AtomicI64>,
@@ -46,10 +49,15 @@ impl Account {
             let url = url::Url::parse(&format!("{}{}", record.base_url, endpoint.upstream_path()));
             Uri::try_from(url.ok()?.as_str()).ok()
         });
+        let host = urls
+            .iter()
+            .flatten()
+            .find_map(|url| HeaderValue::from_str(url.authority()?.as_str()).ok());
         Self {
             record,
             provider,
             urls,
+            host,
             in_flight,
             cooling_until,
         }
@@ -59,6 +67,10 @@ impl Account {
     /// parse (the admin API refuses those, so only a hand-edited record can have one).
     pub fn url(&self, endpoint: Endpoint) -> Option<&Uri> {
         self.urls[endpoint as usize].as_ref()
+    }
+
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
     }
 
     /// `model` `None`: any model (a Responses socket is opened before its first model is known).
@@ -286,6 +298,10 @@ mod tests {
             a.url(Endpoint::CountTokens).map(Uri::to_string).as_deref(),
             Some("https://gw.example.com/anthropic/v1/messages/count_tokens")
         );
+        assert_eq!(a.host().unwrap(), "gw.example.com");
+        a.record.base_url = "http://127.0.0.1:8080".into();
+        let mut a = Account::new(a.record, a.provider, a.in_flight, a.cooling_until);
+        assert_eq!(a.host().unwrap(), "127.0.0.1:8080");
         a.record.base_url.clear();
         let a = Account::new(a.record, a.provider, a.in_flight, a.cooling_until);
         assert!(a.url(Endpoint::Messages).is_none(), "no scheme, no URL");

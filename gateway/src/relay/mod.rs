@@ -195,8 +195,15 @@ async fn send(
         Some(query) => client::with_query(url, query).ok_or_else(invalid)?,
         None => url.clone(),
     };
+    let mut headers = upstream_headers(
+        endpoint.provider(),
+        out.client_headers,
+        &account.record.api_key,
+    );
+    if let Some(host) = account.host() {
+        headers.insert(header::HOST, host.clone());
+    }
     let account = &account.record;
-    let headers = upstream_headers(endpoint.provider(), out.client_headers, &account.api_key);
     let request = state.http.post(url, headers, out.body.clone());
     match tokio::time::timeout(state.config.upstream_first_byte_timeout, request).await {
         Err(_) => {
