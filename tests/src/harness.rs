@@ -392,6 +392,50 @@ pub async fn wait_ready(http: &reqwest::Client, addr: SocketAddr) {
     .await;
 }
 
+/// The `gateway` binary on `127.0.0.1:port`, for a test that kills or restarts one: the
+/// [`ADMIN_TOKEN`], its spool in `spool`, and `extra` settings on top. Ready once [`wait_ready`]
+/// returns.
+pub fn gateway_process(
+    redis_url: &str,
+    stream: &str,
+    port: u16,
+    spool: &std::path::Path,
+    extra: &[(&str, String)],
+) -> crate::process::Process {
+    let mut env = vec![
+        ("REDIS_URL", redis_url.to_owned()),
+        ("METER_STREAM", stream.to_owned()),
+        ("GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
+        ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+        ("GATEWAY_SPOOL_DIR", spool.display().to_string()),
+    ];
+    env.extend(extra.iter().cloned());
+    crate::process::Process::spawn("gateway", "gateway", &env)
+}
+
+/// Through the admin API of the gateway at `addr`: an Anthropic account at `upstream` (a base
+/// URL), then a key made from `key`. Returns the key as created (`key` is the secret).
+pub async fn account_and_key(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    upstream: &str,
+    key: Value,
+) -> Value {
+    let admin = |path: &str, body: Value| {
+        http.post(format!("http://{addr}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+    let account =
+        json!({"name": "m", "provider": "anthropic", "base_url": upstream, "api_key": "sk-m"});
+    let created = admin("/admin/accounts", account).await.unwrap();
+    assert_eq!(created.status(), 201);
+    let created = admin("/admin/keys", key).await.unwrap();
+    assert_eq!(created.status(), 201);
+    created.json().await.unwrap()
+}
+
 /// The value of a counter or gauge in the `/metrics` of the server at `addr` (`host:port`), if
 /// it is there; `name` is the whole series, labels included (`name{kind="x"}`).
 pub async fn metric<T: std::str::FromStr>(

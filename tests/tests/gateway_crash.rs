@@ -6,28 +6,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tests::harness::{
-    ADMIN_TOKEN, RedisServer, eventually, free_port, metric, spawn_aggregator, unique_stream,
+    RedisServer, account_and_key, eventually, free_port, gateway_process, metric, spawn_aggregator,
+    unique_stream, wait_ready,
 };
 use tests::mock_upstream::MockUpstream;
-use tests::process::Process;
-
-fn spawn_gateway(
-    redis_url: &str,
-    stream: &str,
-    port: u16,
-    spool: &std::path::Path,
-    extra: &[(&str, String)],
-) -> Process {
-    let mut env = vec![
-        ("REDIS_URL", redis_url.to_owned()),
-        ("METER_STREAM", stream.to_owned()),
-        ("GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
-        ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
-        ("GATEWAY_SPOOL_DIR", spool.display().to_string()),
-    ];
-    env.extend(extra.iter().cloned());
-    Process::spawn("gateway", "gateway", &env)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_spooled_by_a_killed_gateway_are_published_by_the_next_one() {
@@ -38,34 +20,11 @@ async fn events_spooled_by_a_killed_gateway_are_published_by_the_next_one() {
     let (aggregator, _stop) = spawn_aggregator(&redis.url(), &stream).await;
     let http = reqwest::Client::new();
     let port = free_port();
-    let gateway = spawn_gateway(&redis.url(), &stream, port, &spool, &[]);
+    let gateway = gateway_process(&redis.url(), &stream, port, &spool, &[]);
     let base = format!("http://127.0.0.1:{port}");
-    eventually(Duration::from_secs(20), || async {
-        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
-
-    let admin = |path: &str, body: Value| {
-        http.post(format!("{base}{path}"))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&body)
-            .send()
-    };
-    let created = admin(
-        "/admin/accounts",
-        json!({"name": "m", "provider": "anthropic",
-        "base_url": upstream.base_url(), "api_key": "sk-m"}),
-    )
-    .await
-    .unwrap();
-    assert_eq!(created.status(), 201);
-    let key: Value = admin("/admin/keys", json!({"name": "k"}))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_ready(&http, addr).await;
+    let key = account_and_key(&http, addr, &upstream.base_url(), json!({"name": "k"})).await;
     let secret = key["key"].as_str().unwrap().to_owned();
     let send = || async {
         let response = http
@@ -108,7 +67,7 @@ async fn events_spooled_by_a_killed_gateway_are_published_by_the_next_one() {
     gateway.kill();
 
     redis.restart();
-    let _next = spawn_gateway(&redis.url(), &stream, port, &spool, &[]);
+    let _next = gateway_process(&redis.url(), &stream, port, &spool, &[]);
     let usage_url = format!("http://{aggregator}/v1/usage");
     let row = eventually(Duration::from_secs(30), || async {
         let usage: Value = http.get(&usage_url).send().await.ok()?.json().await.ok()?;
@@ -138,35 +97,23 @@ async fn a_concurrency_lease_held_by_a_killed_gateway_frees_within_its_ttl() {
     let port = free_port();
     let spool = std::env::temp_dir().join(format!("meter-lease-spool-{stream}"));
     let redis_url = tests::harness::redis_url();
-    let doomed = spawn_gateway(
+    let doomed = gateway_process(
         redis_url,
         &stream,
         port,
         &spool,
         &[("GATEWAY_LEASE_TTL_MS", "2000".to_owned())],
     );
-
     let base = format!("http://127.0.0.1:{port}");
-    eventually(Duration::from_secs(20), || async {
-        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_ready(&http, addr).await;
+    let key = account_and_key(
+        &http,
+        addr,
+        &upstream.base_url(),
+        json!({"name": "one", "max_concurrency": 1}),
+    )
     .await;
-    let admin = |path: &str, body: Value| {
-        http.post(format!("{base}{path}"))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&body)
-            .send()
-    };
-    admin("/admin/accounts", json!({"name": "m", "provider": "anthropic", "base_url": upstream.base_url(), "api_key": "sk-m"}))
-        .await
-        .unwrap();
-    let key: Value = admin("/admin/keys", json!({"name": "one", "max_concurrency": 1}))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     let secret = key["key"].as_str().unwrap().to_owned();
     let (survivor, _stop) = tests::harness::spawn_gateway(redis_url, &stream, |args| {
         args.lease_ttl_ms = Some(2000);

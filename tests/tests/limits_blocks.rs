@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 use tests::harness::{
-    ADMIN_TOKEN, Pipeline, eventually, free_port, spawn_gateway, unique_stream, wait_ready,
+    Pipeline, account_and_key, eventually, free_port, gateway_process, spawn_gateway,
+    unique_stream, wait_ready,
 };
 use tests::mock_upstream::MockUpstream;
-use tests::process::Process;
 
 fn message(stream: bool, extra: Value) -> Value {
     json!({"model": "claude-haiku-4-5", "max_tokens": 5, "stream": stream, "messages": [], "mock": extra})
@@ -268,43 +268,22 @@ async fn a_block_of_slots_held_by_a_killed_gateway_frees_within_the_lease_ttl() 
     let port = free_port();
     let spool = std::env::temp_dir().join(format!("meter-block-spool-{stream}"));
     let redis_url = tests::harness::redis_url();
-    let doomed = Process::spawn(
-        "gateway",
-        "gateway",
-        &[
-            ("REDIS_URL", redis_url.to_owned()),
-            ("METER_STREAM", stream.clone()),
-            ("GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
-            ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
-            ("GATEWAY_SPOOL_DIR", spool.display().to_string()),
-            ("GATEWAY_LEASE_TTL_MS", "2000".to_owned()),
-        ],
+    let doomed = gateway_process(
+        redis_url,
+        &stream,
+        port,
+        &spool,
+        &[("GATEWAY_LEASE_TTL_MS", "2000".to_owned())],
     );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let base = format!("http://{addr}");
-    eventually(Duration::from_secs(20), || async {
-        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
-    let admin = |path: &str, body: Value| {
-        http.post(format!("{base}{path}"))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&body)
-            .send()
-    };
-    admin("/admin/accounts", json!({"name": "m", "provider": "anthropic", "base_url": upstream.base_url(), "api_key": "sk-m"}))
-        .await
-        .unwrap();
-    let key: Value = admin(
-        "/admin/keys",
+    wait_ready(&http, addr).await;
+    let key = account_and_key(
+        &http,
+        addr,
+        &upstream.base_url(),
         json!({"name": "wide", "max_concurrency": 20}),
     )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     let secret = key["key"].as_str().unwrap().to_owned();
     let key_id = key["id"].as_str().unwrap().to_owned();
 
