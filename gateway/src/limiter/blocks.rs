@@ -736,6 +736,23 @@ mod tests {
         blocks
     }
 
+    /// Gives `key_1` (which `with_entries` made) a block of `slots` concurrency slots with
+    /// `in_flight` requests holding them, usable until `until`; returns the in-flight count.
+    fn with_slots(blocks: &Blocks, slots: usize, in_flight: u64, until: Instant) -> Arc<AtomicU64> {
+        let count = Arc::new(AtomicU64::new(in_flight));
+        let mut inner = blocks.inner.lock().unwrap();
+        let key = inner.keys.get_mut("key_1").unwrap();
+        key.slots = Some(SlotBlock {
+            max: 100,
+            set: "cc".into(),
+            members: (1..=slots).map(|i| format!("~r.0:c{i}")).collect(),
+            in_flight: Arc::clone(&count),
+            usable_until: until,
+            idle_sweeps: 0,
+        });
+        count
+    }
+
     #[test]
     fn a_replica_asks_for_no_block_until_it_admits_twice_in_a_lifetime_then_for_its_demand() {
         assert_eq!(entries_wanted(0), 1);
@@ -877,22 +894,7 @@ mod tests {
         let t = Instant::now();
         let blocks = with_entries(&k, 64, t);
         assert!(blocks.take(&k, t).is_none(), "no block of slots yet");
-        let in_flight = Arc::new(AtomicU64::new(0));
-        blocks
-            .inner
-            .lock()
-            .unwrap()
-            .keys
-            .get_mut("key_1")
-            .unwrap()
-            .slots = Some(SlotBlock {
-            max: 100,
-            set: "cc".into(),
-            members: vec!["~r.0:c1".into(), "~r.0:c2".into()],
-            in_flight: Arc::clone(&in_flight),
-            usable_until: t + Duration::from_secs(45),
-            idle_sweeps: 0,
-        });
+        let in_flight = with_slots(&blocks, 2, 0, t + Duration::from_secs(45));
         let a = blocks.take(&k, t).unwrap();
         let b = blocks.take(&k, t).unwrap();
         assert!(blocks.take(&k, t).is_none(), "both slots in flight");
@@ -915,22 +917,7 @@ mod tests {
         let t = Instant::now();
         let blocks = with_entries(&k, 1, t);
         assert!(blocks.take_slot(&k, t).is_none(), "no block of slots");
-        let in_flight = Arc::new(AtomicU64::new(0));
-        blocks
-            .inner
-            .lock()
-            .unwrap()
-            .keys
-            .get_mut("key_1")
-            .unwrap()
-            .slots = Some(SlotBlock {
-            max: 100,
-            set: "cc".into(),
-            members: vec!["~r.0:c1".into()],
-            in_flight: Arc::clone(&in_flight),
-            usable_until: t + Duration::from_secs(45),
-            idle_sweeps: 0,
-        });
+        let in_flight = with_slots(&blocks, 1, 0, t + Duration::from_secs(45));
         assert!(blocks.take(&k, t).is_none(), "the entries are used up");
         assert!(blocks.take_slot(&k, t).is_some());
         assert!(blocks.take_slot(&k, t).is_none(), "one slot, in flight");
@@ -942,22 +929,7 @@ mod tests {
         let k = key(1_000, Some(100));
         let t = Instant::now();
         let blocks = with_entries(&k, 5, t);
-        let in_flight = Arc::new(AtomicU64::new(1));
-        blocks
-            .inner
-            .lock()
-            .unwrap()
-            .keys
-            .get_mut("key_1")
-            .unwrap()
-            .slots = Some(SlotBlock {
-            max: 100,
-            set: "cc".into(),
-            members: vec!["~r.0:c1".into(), "~r.0:c2".into()],
-            in_flight: Arc::clone(&in_flight),
-            usable_until: t + Duration::from_secs(45),
-            idle_sweeps: 0,
-        });
+        let in_flight = with_slots(&blocks, 2, 1, t + Duration::from_secs(45));
         for _ in 0..5 {
             let back = blocks.sweep(t, false);
             assert!(back.iter().all(|r| r.set != "cc"), "in use");
@@ -977,21 +949,7 @@ mod tests {
         let k = key(1_000, Some(100));
         let t = Instant::now();
         let blocks = with_entries(&k, 64, t);
-        blocks
-            .inner
-            .lock()
-            .unwrap()
-            .keys
-            .get_mut("key_1")
-            .unwrap()
-            .slots = Some(SlotBlock {
-            max: 100,
-            set: "cc".into(),
-            members: vec!["~r.0:c1".into(), "~r.0:c2".into()],
-            in_flight: Arc::new(AtomicU64::new(0)),
-            usable_until: t + Duration::from_millis(100),
-            idle_sweeps: 0,
-        });
+        with_slots(&blocks, 2, 0, t + Duration::from_millis(100));
         // A renewal that answered after the block's leases may have lapsed revives nothing.
         blocks.renewed(t, t + Duration::from_millis(200));
         assert!(blocks.take(&k, t + Duration::from_millis(200)).is_none());
