@@ -55,21 +55,7 @@ pub struct Config {
     pub allow_redis_eviction: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    ReadFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: {source}")]
-    ParseFile {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
-    #[error("invalid {name}: {reason}")]
-    Invalid { name: &'static str, reason: String },
-}
+pub use shared::settings::SettingsError as ConfigError;
 
 /// Command line; every flag also reads the environment variable of the same meaning.
 #[derive(Debug, Parser, Default)]
@@ -196,38 +182,16 @@ impl Config {
 
     pub fn build(args: Args) -> Result<Self, ConfigError> {
         let file = match &args.config {
-            Some(path) => read_file(path)?,
+            Some(path) => shared::settings::read_file(path)?,
             None => FileConfig::default(),
         };
-        let listen = args
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| "127.0.0.1:8080".into());
-        let listen = listen.parse().map_err(|e| ConfigError::Invalid {
-            name: "listen address",
-            reason: format!("{listen:?}: {e}"),
-        })?;
-        let redis_url = args
-            .redis_url
-            .or(file.redis_url)
-            .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
-        let redis = Target::parse(
-            &redis_url,
+        let listen = shared::settings::listen(args.listen.or(file.listen), "127.0.0.1:8080")?;
+        let shared::settings::Deployment { redis, partitions } = shared::settings::deployment(
+            args.redis_url.or(file.redis_url),
             args.redis_cluster || file.redis_cluster.unwrap_or(false),
-        )
-        .map_err(|e| ConfigError::Invalid {
-            name: "REDIS_URL",
-            reason: e.to_string(),
-        })?;
-        let stream = args
-            .stream
-            .or(file.stream)
-            .unwrap_or_else(|| shared::DEFAULT_STREAM.into());
-        let partitions = Partitions::new(&stream, args.partitions.or(file.partitions).unwrap_or(1))
-            .map_err(|e| ConfigError::Invalid {
-                name: "stream/partitions",
-                reason: e.to_string(),
-            })?;
+            args.stream.or(file.stream),
+            args.partitions.or(file.partitions),
+        )?;
         let admin_token = args
             .admin_token
             .or(file.admin_token)
@@ -343,17 +307,6 @@ impl Config {
             ..Args::default()
         })
     }
-}
-
-fn read_file(path: &PathBuf) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
-        path: path.clone(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|source| ConfigError::ParseFile {
-        path: path.clone(),
-        source: Box::new(source),
-    })
 }
 
 #[cfg(test)]
