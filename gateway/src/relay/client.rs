@@ -23,7 +23,7 @@ use crate::error::GatewayError;
 /// An upstream answer with its body still to be read.
 pub(crate) type Answer = Response<Incoming>;
 
-/// Idle pooled connections close after this, well before the providers' own keep-alive limits.
+/// Idle pooled connections close after this (the value the gateway used with reqwest).
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
 /// Read buffer of an upstream HTTP/1 connection. An SSE event is a few hundred bytes, and a
