@@ -99,6 +99,7 @@ pub async fn run(
         conn.clone(),
         config.partitions.global().clone(),
         Arc::clone(&metrics),
+        config.min_replicas,
     );
     let spool = spool::Spool::open_with(
         &config.spool_dir,

@@ -72,15 +72,52 @@ pub struct Store {
     conn: RedisConn,
     keyspace: Keyspace,
     metrics: Arc<Metrics>,
+    /// `METER_MIN_REPLICAS`: an admin write is confirmed only once this many replicas have it.
+    min_replicas: u32,
 }
 
+/// How long an admin write waits for its replicas before it is reported as not confirmed.
+const REPLICA_WAIT_MS: u64 = 5_000;
+
 impl Store {
-    pub fn new(conn: RedisConn, keyspace: Keyspace, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        conn: RedisConn,
+        keyspace: Keyspace,
+        metrics: Arc<Metrics>,
+        min_replicas: u32,
+    ) -> Self {
         Self {
             conn,
             keyspace,
             metrics,
+            min_replicas,
         }
+    }
+
+    /// Waits until `min_replicas` replicas have this connection's writes to the master that
+    /// holds the deployment's records. Without it, a key the admin API has just confirmed
+    /// could vanish with a master that dies before replicating it (the promoted replica would
+    /// answer that the key does not exist).
+    async fn replicated(&self, conn: &mut RedisConn) -> Result<(), GatewayError> {
+        if self.min_replicas == 0 {
+            return Ok(());
+        }
+        let wait = redis::cmd("WAIT")
+            .arg(self.min_replicas)
+            .arg(REPLICA_WAIT_MS)
+            .clone();
+        let acknowledged: u32 = conn.query_at(&self.keyspace.key("keys"), &wait).await?;
+        if acknowledged < self.min_replicas {
+            return Err(GatewayError::Store(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "the write is not on enough replicas",
+                format!(
+                    "{acknowledged} of {} replica(s) acknowledged it within {REPLICA_WAIT_MS} ms",
+                    self.min_replicas
+                ),
+            ))));
+        }
+        Ok(())
     }
 
     pub fn connection(&self) -> RedisConn {
@@ -132,7 +169,7 @@ impl Store {
             .sadd(self.keyspace.key("keys"), &record.id)
             .query_async::<()>(&mut conn)
             .await?;
-        Ok(())
+        self.replicated(&mut conn).await
     }
 
     pub async fn account(&self, id: &str) -> Result<Option<AccountRecord>, GatewayError> {
@@ -151,7 +188,7 @@ impl Store {
             .sadd(self.keyspace.key("accounts"), &record.id)
             .query_async::<()>(&mut conn)
             .await?;
-        Ok(())
+        self.replicated(&mut conn).await
     }
 
     pub async fn delete_account(&self, id: &str) -> Result<bool, GatewayError> {
@@ -163,6 +200,7 @@ impl Store {
             .ignore()
             .query_async(&mut conn)
             .await?;
+        self.replicated(&mut conn).await?;
         Ok(deleted > 0)
     }
 
