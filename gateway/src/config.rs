@@ -16,7 +16,8 @@ pub struct Config {
     pub redis: Target,
     /// The deployment's keyspaces: the global one and one per partition.
     pub partitions: Partitions,
-    /// An event batch counts as published only once this many replicas have it (`WAIT`).
+    /// An event batch counts as published, and an admin write as confirmed, only once this
+    /// many replicas have it (`WAIT`).
     pub min_replicas: u32,
     /// `None` disables the admin API.
     pub admin_token: Option<String>,

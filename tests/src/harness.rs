@@ -392,16 +392,16 @@ pub async fn wait_ready(http: &reqwest::Client, addr: SocketAddr) {
     .await;
 }
 
-/// The `gateway` binary on `127.0.0.1:port`, for a test that kills or restarts one: the
-/// [`ADMIN_TOKEN`], its spool in `spool`, and `extra` settings on top. Ready once [`wait_ready`]
-/// returns.
+/// The `gateway` binary on `127.0.0.1:port` (returned as its address too), for a test that
+/// kills or restarts one: the [`ADMIN_TOKEN`], its spool in `spool`, and `extra` settings on
+/// top. Ready once [`wait_ready`] returns.
 pub fn gateway_process(
     redis_url: &str,
     stream: &str,
     port: u16,
     spool: &std::path::Path,
     extra: &[(&str, String)],
-) -> crate::process::Process {
+) -> (crate::process::Process, SocketAddr) {
     let mut env = vec![
         ("REDIS_URL", redis_url.to_owned()),
         ("METER_STREAM", stream.to_owned()),
@@ -410,7 +410,8 @@ pub fn gateway_process(
         ("GATEWAY_SPOOL_DIR", spool.display().to_string()),
     ];
     env.extend(extra.iter().cloned());
-    crate::process::Process::spawn("gateway", "gateway", &env)
+    let process = crate::process::Process::spawn("gateway", "gateway", &env);
+    (process, SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 /// Through the admin API of the gateway at `addr`: an Anthropic account at `upstream` (a base

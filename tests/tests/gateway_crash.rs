@@ -20,9 +20,8 @@ async fn events_spooled_by_a_killed_gateway_are_published_by_the_next_one() {
     let (aggregator, _stop) = spawn_aggregator(&redis.url(), &stream).await;
     let http = reqwest::Client::new();
     let port = free_port();
-    let gateway = gateway_process(&redis.url(), &stream, port, &spool, &[]);
-    let base = format!("http://127.0.0.1:{port}");
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (gateway, addr) = gateway_process(&redis.url(), &stream, port, &spool, &[]);
+    let base = format!("http://{addr}");
     wait_ready(&http, addr).await;
     let key = account_and_key(&http, addr, &upstream.base_url(), json!({"name": "k"})).await;
     let secret = key["key"].as_str().unwrap().to_owned();
@@ -67,7 +66,7 @@ async fn events_spooled_by_a_killed_gateway_are_published_by_the_next_one() {
     gateway.kill();
 
     redis.restart();
-    let _next = gateway_process(&redis.url(), &stream, port, &spool, &[]);
+    let (_next, _) = gateway_process(&redis.url(), &stream, port, &spool, &[]);
     let usage_url = format!("http://{aggregator}/v1/usage");
     let row = eventually(Duration::from_secs(30), || async {
         let usage: Value = http.get(&usage_url).send().await.ok()?.json().await.ok()?;
@@ -97,15 +96,14 @@ async fn a_concurrency_lease_held_by_a_killed_gateway_frees_within_its_ttl() {
     let port = free_port();
     let spool = std::env::temp_dir().join(format!("meter-lease-spool-{stream}"));
     let redis_url = tests::harness::redis_url();
-    let doomed = gateway_process(
+    let (doomed, addr) = gateway_process(
         redis_url,
         &stream,
         port,
         &spool,
         &[("GATEWAY_LEASE_TTL_MS", "2000".to_owned())],
     );
-    let base = format!("http://127.0.0.1:{port}");
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let base = format!("http://{addr}");
     wait_ready(&http, addr).await;
     let key = account_and_key(
         &http,

@@ -268,14 +268,13 @@ async fn a_block_of_slots_held_by_a_killed_gateway_frees_within_the_lease_ttl() 
     let port = free_port();
     let spool = std::env::temp_dir().join(format!("meter-block-spool-{stream}"));
     let redis_url = tests::harness::redis_url();
-    let doomed = gateway_process(
+    let (doomed, addr) = gateway_process(
         redis_url,
         &stream,
         port,
         &spool,
         &[("GATEWAY_LEASE_TTL_MS", "2000".to_owned())],
     );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_ready(&http, addr).await;
     let key = account_and_key(
         &http,
